@@ -1,0 +1,101 @@
+"""Orbax checkpoints, one manager per training stage, plus the workdir's config record.
+
+Layout of a workdir:
+    config.json                 the config it was trained with (refuses a different one)
+    backbone/ckpt/<step>/       Orbax steps: {"state": pytree, "meta": json}
+    backbone/result.json        written when the stage finished (test accuracies, time)
+    expert/ckpt/<step>/ ...     same for the expert stage
+    metrics.jsonl               one JSON line per logged step / evaluation
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cnneb_jax.configs import Config
+
+# Fields that only change how a run goes, not the shapes or meaning of what it trains.
+_RUN_FIELDS = {"checkpoint_every_steps", "eval_batch_size", "name"}
+
+
+class CheckpointError(RuntimeError):
+    """A workdir that cannot be used (other config, damaged checkpoints)."""
+
+
+def manager(stage_dir: Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                        enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(stage_dir).absolute() / "ckpt", options=opts)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+    """Orbax writes into a temporary folder and renames it: a kill never leaves half a step."""
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+
+
+def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest step, or None when there is none."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                     meta=ocp.args.JsonRestore()))
+    return step, out["state"], dict(out["meta"])
+
+
+def check_config(workdir: Path, cfg: Config) -> None:
+    """Records the config in a new workdir; refuses a workdir trained with another one."""
+    path = Path(workdir) / "config.json"
+    mine = dataclasses.asdict(cfg)
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        diff = [k for k in mine if k not in _RUN_FIELDS
+                and json.dumps(theirs.get(k)) != json.dumps(mine[k])]
+        if diff:
+            details = ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} here" for k in diff)
+            raise CheckpointError(f"workdir {workdir} was trained with another config ({details}); "
+                                  "use a new --workdir or the same config")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, mine)
+
+
+def load_config(workdir: Path) -> Config:
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{workdir} has no config.json: not a cnneb-jax workdir")
+    raw = json.loads(path.read_text())
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields}
+    return Config(**kw)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_to_py))
+    os.replace(tmp, path)
+
+
+def log_metrics(workdir: Path, record: dict) -> None:
+    with open(Path(workdir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.time(), **record}, default=_to_py) + "\n")
+
+
+def _to_py(x: Any) -> Any:
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    if hasattr(x, "tolist"):
+        return np.asarray(x).tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")

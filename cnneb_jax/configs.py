@@ -1,0 +1,122 @@
+"""Configs are data: one default (`cifar`) and variants that override a few fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# Inception v3 blocks in order, named as in the paper / TF-slim.
+BLOCKS: tuple[str, ...] = (
+    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_3a_3x3",
+    "Conv2d_3b_1x1", "Conv2d_4a_3x3", "MaxPool_5a_3x3",
+    "Mixed_5b", "Mixed_5c", "Mixed_5d",
+    "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+    "Mixed_7a", "Mixed_7b", "Mixed_7c",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "cifar"
+    # --- model ---
+    num_classes: int = 10
+    image_size: int = 32
+    width: float = 0.25            # multiplier on every Inception v3 channel count
+    # Padding of the stride-2 / "valid" convs and pools. Original Inception v3: VALID.
+    # CIFAR: SAME, so 32x32 inputs keep even sizes (16 -> 8 -> 4).
+    padding: str = "SAME"
+    stem_stride: int = 1           # stride of Conv2d_1a_3x3 (2 in the original)
+    use_pool_5a: bool = False      # MaxPool_5a_3x3 (stride 2) before Mixed_5b
+    branch_points: tuple[str, ...] = ("Mixed_5b",)
+    # O1 avg-pool (original aux head: 5x5, stride 3). On a 16x16 CIFAR grid 3x3/2 keeps a
+    # 7x7 map for the head's 5x5 conv instead of a 4x4 one.
+    aux_pool: int = 3
+    aux_pool_stride: int = 2
+    aux_channels: int = 128        # O1 1x1 conv (scaled by width)
+    aux_hidden: int = 768          # O1 kxk conv (scaled by width)
+    expert_hidden: int = 64        # E1 dense layer after the concat; 0 = a single dense
+    dropout: float = 0.0
+    bn_momentum: float = 0.9
+    # --- data ---
+    dataset: str = "cifar10"
+    val_size: int = 6000           # held out of train: expert labels and calibration
+    calib_size: int = 2000         # last part of val, kept for threshold calibration
+    pad_crop: int = 2              # random-crop padding; light augmentation suits a short run
+    # --- backbone stage ---
+    batch_size: int = 256
+    epochs: int = 7                # ~45 min on 2 CPU cores at width 0.25
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    aux_weight: float = 0.5        # loss = CE(O2) + aux_weight * CE(O1)
+    # --- expert stage ---
+    expert_epochs: int = 30
+    expert_batch_size: int = 256
+    expert_lr: float = 1e-3
+    expert_weight_decay: float = 1e-4
+    # --- bookkeeping ---
+    seed: int = 0
+    checkpoint_every_steps: int = 200
+    eval_batch_size: int = 500
+    max_train_examples: int = 0    # >0: use only this many training images (tests, smoke runs)
+    max_test_examples: int = 0
+
+    def replace(self, **kw: Any) -> "Config":
+        return dataclasses.replace(self, **kw)
+
+
+_DEFAULT = Config()
+
+CONFIGS: dict[str, Config] = {
+    "cifar": _DEFAULT,
+    # Second exit at Mixed_6e: m=3 outputs, 2 experts.
+    "cifar_2exit": _DEFAULT.replace(name="cifar_2exit", branch_points=("Mixed_5b", "Mixed_6e")),
+    # Faithful Inception v3 at 299x299 with the original widths (ImageNet-sized).
+    "full": _DEFAULT.replace(
+        name="full", num_classes=1000, image_size=299, width=1.0, padding="VALID",
+        stem_stride=2, use_pool_5a=True, aux_pool=5, aux_pool_stride=3,
+        expert_hidden=128, dataset="imagenet2012", batch_size=64, pad_crop=0,
+        bn_momentum=0.99),
+    # Tiny: for tests on a handful of images.
+    "tiny": _DEFAULT.replace(
+        name="tiny", width=0.0625, aux_channels=64, aux_hidden=128, expert_hidden=8,
+        batch_size=8, epochs=1, expert_epochs=1, expert_batch_size=8, val_size=16,
+        calib_size=8, eval_batch_size=16, checkpoint_every_steps=2,
+        max_train_examples=48, max_test_examples=16),
+}
+
+
+def parse_value(current: Any, text: str) -> Any:
+    """Parses a `--set key=value` string to the type of the field's current value."""
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, tuple):
+        return tuple(s for s in text.split(",") if s)
+    return type(current)(text)
+
+
+def get_config(name: str, overrides: dict[str, str] | None = None) -> Config:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose one of {sorted(CONFIGS)}")
+    cfg = CONFIGS[name]
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for key, text in (overrides or {}).items():
+        if key not in fields:
+            raise ValueError(f"unknown config field {key!r}; fields: {sorted(fields)}")
+        try:
+            value = parse_value(getattr(cfg, key), text)
+        except ValueError as e:
+            raise ValueError(f"bad value for {key}: {e}") from None
+        cfg = cfg.replace(**{key: value})
+    for bp in cfg.branch_points:
+        if bp not in BLOCKS or not bp.startswith("Mixed"):
+            raise ValueError(f"branch point {bp!r} must be one of the Mixed_* blocks")
+    if list(cfg.branch_points) != sorted(cfg.branch_points, key=BLOCKS.index):
+        raise ValueError("branch_points must be in network order")
+    return cfg

@@ -1,0 +1,156 @@
+"""The CNN-EB: backbone segments, exits O1..Om and experts E1..E(m-1), as explicit pytrees.
+
+Variables are a plain dict:
+    {"segments": {"stem->Mixed_5b": {...}, "Mixed_5b->end": {...}},
+     "heads":    {"O1": {...}, "O2": {...}},
+     "experts":  {"E1": {...}},          # the proposed expert (concat with O1)
+     "aux5b":    {"E1": {...}}}          # the "Auxiliary+5b" expert
+each leaf dict holding Flax collections "params" and "batch_stats".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cnneb_jax.configs import Config
+from cnneb_jax.heads import Aux5bExpert, AuxHead, ExpertHead, MainHead
+from cnneb_jax.segments import Segment
+
+Variables = dict[str, Any]
+BACKBONE_GROUPS = ("segments", "heads")
+EXPERT_GROUPS = ("experts", "aux5b")
+
+
+def segment_bounds(cfg: Config) -> list[tuple[str | None, str | None]]:
+    pts = list(cfg.branch_points)
+    return list(zip([None] + pts, pts + [None]))
+
+
+def segment_name(start: str | None, end: str | None) -> str:
+    return f"{start or 'stem'}->{end or 'end'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Static structure (Flax modules); the numbers live in a separate Variables dict."""
+    cfg: Config
+    segments: dict[str, Segment]
+    heads: dict[str, Any]
+    experts: dict[str, ExpertHead]
+    aux5b: dict[str, Aux5bExpert]
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    @property
+    def segment_names(self) -> list[str]:
+        return list(self.segments)
+
+
+def build_model(cfg: Config) -> Model:
+    bounds = segment_bounds(cfg)
+    m = len(bounds)
+    segments = {segment_name(s, e): Segment(cfg, s, e) for s, e in bounds}
+    heads = {f"O{i + 1}": AuxHead(cfg) for i in range(m - 1)}
+    heads[f"O{m}"] = MainHead(cfg)
+    experts = {f"E{i + 1}": ExpertHead(cfg) for i in range(m - 1)}
+    aux5b = {f"E{i + 1}": Aux5bExpert(cfg) for i in range(m - 1)}
+    return Model(cfg, segments, heads, experts, aux5b)
+
+
+def init_variables(model: Model, rng: jax.Array) -> Variables:
+    cfg = model.cfg
+    x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    keys = iter(jax.random.split(rng, 4 * model.num_exits))
+    out: Variables = {"segments": {}, "heads": {}, "experts": {}, "aux5b": {}}
+    feats = []
+    for name, seg in model.segments.items():
+        out["segments"][name] = seg.init(next(keys), x)
+        x = seg.apply(out["segments"][name], x)
+        feats.append(x)
+    for i, (name, head) in enumerate(model.heads.items()):
+        out["heads"][name] = head.init(next(keys), feats[i])
+    for i, name in enumerate(model.experts):
+        o = jnp.zeros((1, cfg.num_classes), jnp.float32)
+        out["experts"][name] = model.experts[name].init(next(keys), feats[i], o)
+        out["aux5b"][name] = model.aux5b[name].init(next(keys), feats[i])
+    return jax.tree_util.tree_map(jnp.asarray, out)
+
+
+def split_collections(variables: Variables) -> tuple[Variables, Variables]:
+    """{group: {name: {"params", "batch_stats"}}} -> (params tree, batch_stats tree)."""
+    params = {g: {n: v["params"] for n, v in d.items()} for g, d in variables.items()}
+    stats = {g: {n: v.get("batch_stats", {}) for n, v in d.items()} for g, d in variables.items()}
+    return params, stats
+
+
+def merge_collections(params: Variables, stats: Variables) -> Variables:
+    out: Variables = {}
+    for g, d in params.items():
+        out[g] = {}
+        for n, p in d.items():
+            s = stats[g][n]
+            out[g][n] = {"params": p, "batch_stats": s} if s else {"params": p}
+    return out
+
+
+def backbone_forward(model: Model, params: Variables, stats: Variables, x: jax.Array,
+                     train: bool, rng: jax.Array | None = None):
+    """Runs all segments and exits O1..Om. Returns (list of logits, new batch_stats)."""
+    new_stats = {"segments": {}, "heads": {}}
+    feats = []
+    for name, seg in model.segments.items():
+        x, upd = _apply(seg, params["segments"][name], stats["segments"][name], train, rng, x)
+        new_stats["segments"][name] = upd
+        feats.append(x)
+    logits = []
+    for i, (name, head) in enumerate(model.heads.items()):
+        y, upd = _apply(head, params["heads"][name], stats["heads"][name], train, rng, feats[i])
+        new_stats["heads"][name] = upd
+        logits.append(y)
+    return logits, feats, new_stats
+
+
+def _apply(module, params, stats, train, rng, *args):
+    variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
+    rngs = {"dropout": rng} if (train and rng is not None) else None
+    if train and stats:
+        y, upd = module.apply(variables, *args, train=True, mutable=["batch_stats"], rngs=rngs)
+        return y, upd["batch_stats"]
+    return module.apply(variables, *args, train=train, rngs=rngs), stats
+
+
+def expert_forward(model: Model, params: Variables, stats: Variables, kind: str, index: int,
+                   feat: jax.Array, o1_logits: jax.Array, train: bool):
+    """Expert logits {FT, Other} of expert `kind` ("experts" or "aux5b") at exit `index`."""
+    name = f"E{index + 1}"
+    module = getattr(model, kind)[name]
+    args = (feat, o1_logits) if kind == "experts" else (feat,)
+    return _apply(module, params[kind][name], stats[kind][name], train, None, *args)
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def segment_fns(model: Model) -> dict[str, Any]:
+    """Eval-mode functions, one per segment/head/expert, each jit-compiled on its own.
+
+    seg:<name>(vars, x) -> features; head:<O_i>(vars, feats) -> logits;
+    expert:<E_i>(vars, feats, o_logits) -> logits; aux5b:<E_i>(vars, feats) -> logits.
+    """
+    fns: dict[str, Any] = {}
+    for name, seg in model.segments.items():
+        fns[f"seg:{name}"] = jax.jit(lambda v, x, m=seg: m.apply(v, x, train=False))
+    for name, head in model.heads.items():
+        fns[f"head:{name}"] = jax.jit(lambda v, h, m=head: m.apply(v, h, train=False))
+    for name, e in model.experts.items():
+        fns[f"expert:{name}"] = jax.jit(lambda v, h, o, m=e: m.apply(v, h, o, train=False))
+    for name, e in model.aux5b.items():
+        fns[f"aux5b:{name}"] = jax.jit(lambda v, h, m=e: m.apply(v, h, train=False))
+    return fns

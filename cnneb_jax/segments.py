@@ -1,0 +1,259 @@
+"""Inception v3 backbone in Flax, cut into segments at the branch points.
+
+A segment runs the blocks strictly after `start` up to and including `end`
+(`start=None` means from the image). Layer shapes follow Keras/TF-slim Inception v3:
+conv without bias, BatchNorm without scale (eps 1e-3), ReLU.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnneb_jax.configs import BLOCKS, Config
+
+
+def channels(c: int, width: float) -> int:
+    """Scales a channel count; narrow nets round to multiples of 8 (cheaper on CPU/GPU)."""
+    if width == 1.0:
+        return c
+    return max(8, int(round(c * width / 8)) * 8)
+
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, w, strides: int, padding: str):
+    return jax.lax.conv_general_dilated(x, w, (strides, strides), padding, dimension_numbers=_DN)
+
+
+@jax.custom_vjp
+def conv_same_s1(x, w):
+    """Stride-1 SAME conv whose weight gradient is k*k shifted matmuls.
+
+    XLA's CPU backend computes the weight gradient of small convs 1.5-2x slower than
+    the matmul formulation; training time on CPU is dominated by it.
+    """
+    return _conv(x, w, 1, "SAME")
+
+
+def _conv_fwd(x, w):
+    return _conv(x, w, 1, "SAME"), (x, w)
+
+
+def _conv_bwd(res, dy):
+    x, w = res
+    kh, kw, cin, cout = w.shape
+    dx = jax.vjp(lambda x_: _conv(x_, w, 1, "SAME"), x)[1](dy)[0]
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+    h, wd = x.shape[1], x.shape[2]
+    dy2 = dy.reshape(-1, cout)
+    taps = [jnp.dot(xp[:, i:i + h, j:j + wd, :].reshape(-1, cin).T, dy2)
+            for i in range(kh) for j in range(kw)]
+    return dx, jnp.stack(taps).reshape(kh, kw, cin, cout)
+
+
+conv_same_s1.defvjp(_conv_fwd, _conv_bwd)
+
+
+class Conv(nn.Module):
+    """Bias-free conv with an HWIO kernel (the shapes of nn.Conv / Keras Conv2D).
+
+    1x1 convs run as matmuls, stride-1 SAME kxk convs use the matmul weight gradient:
+    same numbers as lax.conv, up to float rounding, much faster to train on CPU.
+    """
+    features: int
+    kernel_size: tuple[int, int]
+    strides: int = 1
+    padding: str = "SAME"
+
+    @nn.compact
+    def __call__(self, x):
+        cin = x.shape[-1]
+        w = self.param("kernel", nn.initializers.lecun_normal(),
+                       (*self.kernel_size, cin, self.features))
+        if self.kernel_size == (1, 1) and self.strides == 1:
+            return jnp.dot(x, w.reshape(cin, self.features))
+        if self.strides == 1 and self.padding == "SAME" and self.kernel_size[0] * self.kernel_size[1] <= 9:
+            return conv_same_s1(x, w)
+        return _conv(x, w, self.strides, self.padding)
+
+
+class ConvBN(nn.Module):
+    features: int
+    kernel: tuple[int, int]
+    strides: int = 1
+    padding: str = "SAME"
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = Conv(self.features, self.kernel, self.strides, self.padding, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, use_scale=False, epsilon=1e-3,
+                         momentum=self.bn_momentum, name="bn")(x)
+        return nn.relu(x)
+
+
+def _avg_pool_same(x):
+    # TF's SAME average pooling divides by the number of real (unpadded) inputs.
+    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME", count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b/5c/5d: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
+    pool_features: int
+    width: float
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = lambda n: channels(n, self.width)
+        conv = lambda f, k, name: ConvBN(c(f), k, bn_momentum=self.bn_momentum, name=name)
+        b0 = conv(64, (1, 1), "Branch_0_Conv2d_0a_1x1")(x, train)
+        b1 = conv(48, (1, 1), "Branch_1_Conv2d_0a_1x1")(x, train)
+        b1 = conv(64, (5, 5), "Branch_1_Conv2d_0b_5x5")(b1, train)
+        b2 = conv(64, (1, 1), "Branch_2_Conv2d_0a_1x1")(x, train)
+        b2 = conv(96, (3, 3), "Branch_2_Conv2d_0b_3x3")(b2, train)
+        b2 = conv(96, (3, 3), "Branch_2_Conv2d_0c_3x3")(b2, train)
+        b3 = conv(self.pool_features, (1, 1), "Branch_3_Conv2d_0b_1x1")(_avg_pool_same(x), train)
+        return jnp.concatenate([b0, b1, b2, b3], axis=-1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a: grid reduction 35 -> 17 (16 -> 8 on CIFAR)."""
+    width: float
+    padding: str
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = lambda n: channels(n, self.width)
+        m = self.bn_momentum
+        b0 = ConvBN(c(384), (3, 3), 2, self.padding, m, name="Branch_0_Conv2d_1a_3x3")(x, train)
+        b1 = ConvBN(c(64), (1, 1), bn_momentum=m, name="Branch_1_Conv2d_0a_1x1")(x, train)
+        b1 = ConvBN(c(96), (3, 3), bn_momentum=m, name="Branch_1_Conv2d_0b_3x3")(b1, train)
+        b1 = ConvBN(c(96), (3, 3), 2, self.padding, m, name="Branch_1_Conv2d_1a_1x1")(b1, train)
+        b2 = nn.max_pool(x, (3, 3), strides=(2, 2), padding=self.padding)
+        return jnp.concatenate([b0, b1, b2], axis=-1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b..6e: factorised 7x7 convolutions."""
+    channels_7x7: int
+    width: float
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = lambda n: channels(n, self.width)
+        conv = lambda f, k, name: ConvBN(f, k, bn_momentum=self.bn_momentum, name=name)
+        c7 = c(self.channels_7x7)
+        b0 = conv(c(192), (1, 1), "Branch_0_Conv2d_0a_1x1")(x, train)
+        b1 = conv(c7, (1, 1), "Branch_1_Conv2d_0a_1x1")(x, train)
+        b1 = conv(c7, (1, 7), "Branch_1_Conv2d_0b_1x7")(b1, train)
+        b1 = conv(c(192), (7, 1), "Branch_1_Conv2d_0c_7x1")(b1, train)
+        b2 = conv(c7, (1, 1), "Branch_2_Conv2d_0a_1x1")(x, train)
+        b2 = conv(c7, (7, 1), "Branch_2_Conv2d_0b_7x1")(b2, train)
+        b2 = conv(c7, (1, 7), "Branch_2_Conv2d_0c_1x7")(b2, train)
+        b2 = conv(c7, (7, 1), "Branch_2_Conv2d_0d_7x1")(b2, train)
+        b2 = conv(c(192), (1, 7), "Branch_2_Conv2d_0e_1x7")(b2, train)
+        b3 = conv(c(192), (1, 1), "Branch_3_Conv2d_0b_1x1")(_avg_pool_same(x), train)
+        return jnp.concatenate([b0, b1, b2, b3], axis=-1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a: grid reduction 17 -> 8 (8 -> 4 on CIFAR)."""
+    width: float
+    padding: str
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = lambda n: channels(n, self.width)
+        m = self.bn_momentum
+        b0 = ConvBN(c(192), (1, 1), bn_momentum=m, name="Branch_0_Conv2d_0a_1x1")(x, train)
+        b0 = ConvBN(c(320), (3, 3), 2, self.padding, m, name="Branch_0_Conv2d_1a_3x3")(b0, train)
+        b1 = ConvBN(c(192), (1, 1), bn_momentum=m, name="Branch_1_Conv2d_0a_1x1")(x, train)
+        b1 = ConvBN(c(192), (1, 7), bn_momentum=m, name="Branch_1_Conv2d_0b_1x7")(b1, train)
+        b1 = ConvBN(c(192), (7, 1), bn_momentum=m, name="Branch_1_Conv2d_0c_7x1")(b1, train)
+        b1 = ConvBN(c(192), (3, 3), 2, self.padding, m, name="Branch_1_Conv2d_1a_3x3")(b1, train)
+        b2 = nn.max_pool(x, (3, 3), strides=(2, 2), padding=self.padding)
+        return jnp.concatenate([b0, b1, b2], axis=-1)
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b/7c: expanded filter banks."""
+    width: float
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = lambda n: channels(n, self.width)
+        conv = lambda f, k, name: ConvBN(c(f), k, bn_momentum=self.bn_momentum, name=name)
+        b0 = conv(320, (1, 1), "Branch_0_Conv2d_0a_1x1")(x, train)
+        b1 = conv(384, (1, 1), "Branch_1_Conv2d_0a_1x1")(x, train)
+        b1 = jnp.concatenate([conv(384, (1, 3), "Branch_1_Conv2d_0b_1x3")(b1, train),
+                              conv(384, (3, 1), "Branch_1_Conv2d_0c_3x1")(b1, train)], -1)
+        b2 = conv(448, (1, 1), "Branch_2_Conv2d_0a_1x1")(x, train)
+        b2 = conv(384, (3, 3), "Branch_2_Conv2d_0b_3x3")(b2, train)
+        b2 = jnp.concatenate([conv(384, (1, 3), "Branch_2_Conv2d_0c_1x3")(b2, train),
+                              conv(384, (3, 1), "Branch_2_Conv2d_0d_3x1")(b2, train)], -1)
+        b3 = conv(192, (1, 1), "Branch_3_Conv2d_0b_1x1")(_avg_pool_same(x), train)
+        return jnp.concatenate([b0, b1, b2, b3], axis=-1)
+
+
+def make_block(name: str, cfg: Config) -> nn.Module:
+    """One named Inception v3 block (or a plain function for the pools)."""
+    w, pad, m = cfg.width, cfg.padding, cfg.bn_momentum
+    c = lambda n: channels(n, w)
+    stem = {
+        "Conv2d_1a_3x3": lambda: ConvBN(c(32), (3, 3), cfg.stem_stride, pad, m, name=name),
+        "Conv2d_2a_3x3": lambda: ConvBN(c(32), (3, 3), 1, pad, m, name=name),
+        "Conv2d_2b_3x3": lambda: ConvBN(c(64), (3, 3), 1, "SAME", m, name=name),
+        "Conv2d_3b_1x1": lambda: ConvBN(c(80), (1, 1), 1, pad, m, name=name),
+        "Conv2d_4a_3x3": lambda: ConvBN(c(192), (3, 3), 1, pad, m, name=name),
+    }
+    if name in stem:
+        return stem[name]()
+    if name.startswith("Mixed_5"):
+        return InceptionA(32 if name == "Mixed_5b" else 64, w, m, name=name)
+    if name == "Mixed_6a":
+        return InceptionB(w, pad, m, name=name)
+    if name.startswith("Mixed_6"):
+        c7 = {"Mixed_6b": 128, "Mixed_6c": 160, "Mixed_6d": 160, "Mixed_6e": 192}[name]
+        return InceptionC(c7, w, m, name=name)
+    if name == "Mixed_7a":
+        return InceptionD(w, pad, m, name=name)
+    if name.startswith("Mixed_7"):
+        return InceptionE(w, m, name=name)
+    raise ValueError(f"not a parametrised block: {name}")
+
+
+def segment_blocks(start: str | None, end: str | None) -> Sequence[str]:
+    """Block names strictly after `start` up to and including `end` (None: ends)."""
+    i = 0 if start is None else BLOCKS.index(start) + 1
+    j = len(BLOCKS) if end is None else BLOCKS.index(end) + 1
+    return BLOCKS[i:j]
+
+
+class Segment(nn.Module):
+    """A contiguous run of backbone blocks, e.g. stem -> Mixed_5b or Mixed_5b -> end."""
+    cfg: Config
+    start: str | None
+    end: str | None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for name in segment_blocks(self.start, self.end):
+            if name == "MaxPool_3a_3x3":
+                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=self.cfg.padding)
+            elif name == "MaxPool_5a_3x3":
+                if self.cfg.use_pool_5a:
+                    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=self.cfg.padding)
+            else:
+                x = make_block(name, self.cfg)(x, train)
+        return x

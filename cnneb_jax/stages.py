@@ -1,0 +1,366 @@
+"""Staged training with optax.
+
+* `backbone`: stem, trunk, O1..O(m-1) and O_m jointly; loss = CE(O_m) + w * sum CE(O_i).
+* `expert`:   backbone and exits frozen; the proposed experts E_i and the "Auxiliary+5b"
+              experts learn FT vs Other on held-out images the backbone never trained on.
+Each stage checkpoints with Orbax every `checkpoint_every_steps`, resumes from the latest
+step when rerun, and ends by writing `<stage>/result.json` (then it is not retrained unless
+`retrain=True`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cnneb_jax import checkpoints as ckpt
+from cnneb_jax.configs import Config
+from cnneb_jax.data import augment, epoch_batches, normalize
+from cnneb_jax.heads import FT, OTHER
+from cnneb_jax.metrics import ft_labels, roc_auc
+from cnneb_jax.model import (BACKBONE_GROUPS, EXPERT_GROUPS, Model, Variables,
+                             backbone_forward, build_model, expert_forward, init_variables,
+                             merge_collections, split_collections)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, missing earlier stage)."""
+
+
+def _subset(tree: Variables, groups: tuple[str, ...]) -> Variables:
+    return {g: tree[g] for g in groups}
+
+
+def _decay_mask(params: Any) -> Any:
+    # Weight decay on conv/dense kernels only, not on biases or BatchNorm offsets.
+    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay: float,
+                   momentum: float | None) -> optax.GradientTransformation:
+    """Linear warm-up, then linear decay to zero; SGD+Nesterov (momentum) or Adam (None)."""
+    warmup_steps = max(1, min(warmup_steps, total_steps - 1))
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup_steps),
+         optax.linear_schedule(lr, 0.0, max(1, total_steps - warmup_steps))], [warmup_steps])
+    base = (optax.sgd(sched, momentum, nesterov=True) if momentum is not None
+            else optax.adam(sched))
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=_decay_mask), base)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def make_predict_fn(model: Model):
+    """Eval-mode outputs of every exit and expert for a batch (one jit, for evaluation).
+
+    The early-exit controller uses the per-segment functions instead; this one computes
+    everything and is only for measuring heads and experts.
+    """
+    m = model.num_exits
+
+    @jax.jit
+    def predict(variables, images):
+        params, stats = split_collections(variables)
+        x = normalize(images)
+        logits, feats, _ = backbone_forward(model, params, stats, x, train=False)
+        out = {"exits": logits}
+        if "experts" in params and params["experts"]:
+            out["experts"] = [expert_forward(model, params, stats, "experts", i, feats[i],
+                                             logits[i], False)[0] for i in range(m - 1)]
+            out["aux5b"] = [expert_forward(model, params, stats, "aux5b", i, feats[i],
+                                           logits[i], False)[0] for i in range(m - 1)]
+        return out
+
+    return predict
+
+
+def predict_all(model: Model, variables: Variables, images: np.ndarray, batch_size: int,
+                desc: str | None = None) -> dict[str, list[np.ndarray]]:
+    """Runs `make_predict_fn` over a whole split; pads the last batch to a fixed shape."""
+    predict = make_predict_fn(model)
+    chunks: list[Any] = []
+    n = len(images)
+    for s in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=desc is None):
+        batch = images[s:s + batch_size]
+        pad = batch_size - len(batch)
+        if pad:
+            batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
+        out = jax.device_get(predict(variables, batch))
+        chunks.append(jax.tree_util.tree_map(lambda a: a[:len(a) - pad] if pad else a, out))
+    return {k: [np.concatenate([c[k][i] for c in chunks]) for i in range(len(chunks[0][k]))]
+            for k in chunks[0]}
+
+
+def exit_accuracies(outputs: dict, labels: np.ndarray) -> dict[str, float]:
+    return {f"O{i + 1}": float((o.argmax(-1) == labels).mean())
+            for i, o in enumerate(outputs["exits"])}
+
+
+# ----------------------------------------------------------------------------- backbone
+
+def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformation):
+    m = model.num_exits
+
+    def loss_fn(params, stats, x, y, rng):
+        logits, _, new_stats = backbone_forward(model, params, stats, x, True, rng)
+        targets = optax.smooth_labels(jax.nn.one_hot(y, cfg.num_classes), cfg.label_smoothing)
+        ce = [optax.softmax_cross_entropy(l, targets).mean() for l in logits]
+        loss = ce[-1] + cfg.aux_weight * sum(ce[:-1])
+        accs = [jnp.mean(l.argmax(-1) == y) for l in logits]
+        return loss, (new_stats, ce, accs)
+
+    @jax.jit
+    def step(state, images, labels, rng):
+        k_aug, k_drop = jax.random.split(rng)
+        x = normalize(augment(k_aug, images, cfg.pad_crop))
+        (loss, (new_stats, ce, accs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["stats"], x, labels, k_drop)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, **{f"acc_O{i + 1}": accs[i] for i in range(m)}}
+        return {"params": params, "stats": new_stats, "opt": opt}, metrics
+
+    return step
+
+
+def _stage_done(stage_dir: Path) -> dict | None:
+    path = stage_dir / "result.json"
+    if path.exists():
+        import json
+        return json.loads(path.read_text())
+    return None
+
+
+def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, images: np.ndarray,
+              labels: np.ndarray, batch_size: int, epochs: int, extra_args: tuple = ()) -> dict:
+    """The shared loop: shuffling, resume, progress bar, metrics log, checkpoints."""
+    stage_dir = workdir / stage
+    mngr = ckpt.manager(stage_dir)
+    n = len(images)
+    steps_per_epoch = n // batch_size
+    total = epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{stage}: {n} images are fewer than one batch of {batch_size}")
+    start = 0
+    restored = ckpt.restore_latest(mngr, state)
+    if restored is not None:
+        start, state, _ = restored
+        print(f"[{stage}] resuming from step {start}/{total}")
+    key = jax.random.PRNGKey(cfg.seed)
+    pbar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True)
+    perm, t0, seen, last = None, time.perf_counter(), 0, {}
+    for step in range(start, total):
+        epoch, i = divmod(step, steps_per_epoch)
+        if perm is None or i == 0:
+            # The order depends only on (seed, epoch): a resumed run sees the same batches.
+            perm = epoch_batches(np.random.default_rng([cfg.seed, epoch]), n, batch_size)
+        idx = perm[i]
+        state, metrics = step_fn(state, images[idx], labels[idx],
+                                 jax.random.fold_in(key, step), *extra_args)
+        seen += batch_size
+        done = step + 1
+        if done % 10 == 0 or done == total:
+            last = {k: float(v) for k, v in metrics.items()}
+            if not math.isfinite(last["loss"]):
+                raise TrainingError(f"{stage}: loss became {last['loss']} at step {done}; "
+                                    f"the last good checkpoint is kept in {stage_dir / 'ckpt'}")
+            rate = seen / (time.perf_counter() - t0)
+            pbar.set_postfix({**{k: f"{v:.3f}" for k, v in last.items()}, "img/s": f"{rate:.0f}"})
+            ckpt.log_metrics(workdir, {"stage": stage, "step": done, "epoch": epoch,
+                                       "img_per_s": rate, **last})
+        pbar.update(1)
+        if done % cfg.checkpoint_every_steps == 0 or done == total:
+            ckpt.save(mngr, done, state, {"step": done, "stage": stage})
+    pbar.close()
+    mngr.close()
+    return state
+
+
+def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
+    workdir = Path(workdir)
+    stage_dir = workdir / "backbone"
+    ckpt.check_config(workdir, cfg)
+    done = _stage_done(stage_dir)
+    if done is not None and not retrain:
+        print(f"[backbone] already trained in {stage_dir} (use --retrain to train again)")
+        return done
+    if retrain and stage_dir.exists():
+        import shutil
+        shutil.rmtree(stage_dir)
+    t_start = time.time()
+    model = build_model(cfg)
+    variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
+    params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
+    n = len(data["train_images"])
+    total = cfg.epochs * (n // cfg.batch_size)
+    warmup = int(cfg.warmup_epochs * (n // cfg.batch_size))
+    tx = make_optimizer(cfg.lr, total, warmup, cfg.weight_decay, cfg.momentum)
+    state = {"params": params, "stats": stats, "opt": tx.init(params)}
+    state = _run_loop("backbone", workdir, cfg, state, make_backbone_step(model, cfg, tx),
+                      data["train_images"], data["train_labels"], cfg.batch_size, cfg.epochs)
+    variables = merge_collections(state["params"], state["stats"])
+    outputs = predict_all(model, variables, data["test_images"], cfg.eval_batch_size, "test")
+    result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
+              "train_seconds": time.time() - t_start, "steps": total,
+              "train_images": n}
+    ckpt.write_json(stage_dir / "result.json", result)
+    ckpt.log_metrics(workdir, {"stage": "backbone", "event": "test", **result})
+    print(f"[backbone] test accuracy: " +
+          ", ".join(f"{k} {v:.4f}" for k, v in result["test_accuracy"].items()))
+    return result
+
+
+def _restore_stage(workdir: Path, stage: str, params: Variables, stats: Variables,
+                   momentum: float | None) -> dict:
+    """Latest {"params", "stats", "opt"} of a finished stage (the optimizer state structure
+    comes from a throw-away optimizer of the same kind)."""
+    tx = make_optimizer(1.0, 10, 1, 0.0, momentum)
+    like = {"params": params, "stats": stats, "opt": tx.init(params)}
+    mngr = ckpt.manager(workdir / stage)
+    try:
+        restored = ckpt.restore_latest(mngr, like)
+    finally:
+        mngr.close()
+    if restored is None:
+        raise TrainingError(f"{workdir / stage} has no checkpoint")
+    return restored[1]
+
+
+def load_backbone(workdir: str | Path, cfg: Config) -> tuple[Model, Variables]:
+    """The finished backbone of a workdir (segments and exits, eval-ready)."""
+    workdir = Path(workdir)
+    if _stage_done(workdir / "backbone") is None:
+        raise TrainingError(f"{workdir} has no finished backbone stage; "
+                            "run `python train.py --stage backbone` first")
+    model = build_model(cfg)
+    variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
+    params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
+    st = _restore_stage(workdir, "backbone", params, stats, cfg.momentum)
+    return model, merge_collections(st["params"], st["stats"])
+
+
+# ----------------------------------------------------------------------------- expert
+
+def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation,
+                     backbone: Variables):
+    m = model.num_exits
+    b_params, b_stats = split_collections(backbone)
+
+    def loss_fn(params, stats, x, y, class_w):
+        logits, feats, _ = backbone_forward(model, b_params, b_stats, x, train=False)
+        preds = [l.argmax(-1) for l in logits]
+        full_params = {**b_params, **params}
+        full_stats = {**b_stats, **stats}
+        new_stats = {g: {} for g in EXPERT_GROUPS}
+        loss, metrics = 0.0, {}
+        for i in range(m - 1):
+            right_later = jnp.zeros_like(y, dtype=bool)
+            for p in preds[i + 1:]:
+                right_later |= p == y
+            is_ft = (preds[i] != y) & right_later
+            target = jnp.where(is_ft, FT, OTHER)
+            w = jnp.where(is_ft, class_w[i, FT], class_w[i, OTHER])
+            for kind in EXPERT_GROUPS:
+                e_logits, upd = expert_forward(model, full_params, full_stats, kind, i,
+                                               feats[i], logits[i], train=True)
+                new_stats[kind][f"E{i + 1}"] = upd
+                ce = optax.softmax_cross_entropy_with_integer_labels(e_logits, target)
+                loss = loss + jnp.sum(w * ce) / jnp.sum(w)
+                metrics[f"acc_{kind}_E{i + 1}"] = jnp.mean(e_logits.argmax(-1) == target)
+            metrics[f"ft_rate_E{i + 1}"] = jnp.mean(is_ft)
+        return loss, (new_stats, metrics)
+
+    @jax.jit
+    def step(state, images, labels, rng, class_w):
+        x = normalize(augment(rng, images, cfg.pad_crop))
+        (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["stats"], x, labels, class_w)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "stats": new_stats, "opt": opt}, {"loss": loss, **metrics}
+
+    return step
+
+
+def expert_aucs(outputs: dict, labels: np.ndarray) -> dict[str, float]:
+    """ROC AUC of each expert score for Other (positive) vs FT, next to O_i's max softmax."""
+    preds = [o.argmax(-1) for o in outputs["exits"]]
+    out: dict[str, float] = {}
+    for i in range(len(preds) - 1):
+        other = ft_labels(preds, labels, i) == 0
+        p_o = jax.nn.softmax(outputs["exits"][i], axis=-1)
+        out[f"max_softmax_O{i + 1}"] = roc_auc(np.max(p_o, -1), other)
+        for kind in EXPERT_GROUPS:
+            d = jax.nn.softmax(outputs[kind][i], axis=-1)
+            out[f"{kind}_E{i + 1}"] = roc_auc(np.asarray(d[:, OTHER]), other)
+        out[f"ft_rate_E{i + 1}"] = float(1.0 - other.mean())
+    return out
+
+
+def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
+    workdir = Path(workdir)
+    stage_dir = workdir / "expert"
+    ckpt.check_config(workdir, cfg)
+    done = _stage_done(stage_dir)
+    if done is not None and not retrain:
+        print(f"[expert] already trained in {stage_dir} (use --retrain to train again)")
+        return done
+    if retrain and stage_dir.exists():
+        import shutil
+        shutil.rmtree(stage_dir)
+    t_start = time.time()
+    model, backbone = load_backbone(workdir, cfg)
+    if model.num_exits < 2:
+        raise TrainingError("the config has no branch point, so there is no expert to train")
+    # Class balance from the un-augmented held-out images: FT is the rare class.
+    val_out = predict_all(model, backbone, data["val_images"], cfg.eval_batch_size, "FT labels")
+    preds = [o.argmax(-1) for o in val_out["exits"]]
+    class_w = np.zeros((model.num_exits - 1, 2), np.float32)
+    for i in range(model.num_exits - 1):
+        p_ft = float(np.clip(ft_labels(preds, data["val_labels"], i).mean(), 1e-3, 1 - 1e-3))
+        class_w[i] = [0.5 / p_ft, 0.5 / (1 - p_ft)]
+    print(f"[expert] FT rate on held-out images: {1 / (2 * class_w[:, 0])}")
+
+    variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1))
+    params, stats = split_collections(_subset(variables, EXPERT_GROUPS))
+    n = len(data["val_images"])
+    bs = min(cfg.expert_batch_size, n)
+    total = cfg.expert_epochs * (n // bs)
+    tx = make_optimizer(cfg.expert_lr, total, total // 20, cfg.expert_weight_decay, None)
+    state = {"params": params, "stats": stats, "opt": tx.init(params)}
+    step_fn = make_expert_step(model, cfg, tx, backbone)
+    state = _run_loop("expert", workdir, cfg, state, step_fn, data["val_images"],
+                      data["val_labels"], bs, cfg.expert_epochs,
+                      extra_args=(jnp.asarray(class_w),))
+    full = {**backbone, **merge_collections(state["params"], state["stats"])}
+    outputs = predict_all(model, full, data["test_images"], cfg.eval_batch_size, "test")
+    result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
+              "test_auc_other_vs_ft": expert_aucs(outputs, data["test_labels"]),
+              "train_seconds": time.time() - t_start, "steps": total, "train_images": n}
+    ckpt.write_json(stage_dir / "result.json", result)
+    ckpt.log_metrics(workdir, {"stage": "expert", "event": "test", **result})
+    print("[expert] test AUC (Other vs FT): " +
+          ", ".join(f"{k} {v:.4f}" for k, v in result["test_auc_other_vs_ft"].items()))
+    return result
+
+
+def load_trained(workdir: str | Path) -> tuple[Model, Variables]:
+    """Backbone and experts of a finished workdir, for evaluation and the API."""
+    workdir = Path(workdir)
+    cfg = ckpt.load_config(workdir)
+    model, backbone = load_backbone(workdir, cfg)
+    if _stage_done(workdir / "expert") is None:
+        raise TrainingError(f"{workdir} has no finished expert stage; "
+                            "run `python train.py --stage expert` first")
+    variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1))
+    params, stats = split_collections(_subset(variables, EXPERT_GROUPS))
+    st = _restore_stage(workdir, "expert", params, stats, None)
+    return model, {**backbone, **merge_collections(st["params"], st["stats"])}

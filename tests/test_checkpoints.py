@@ -1,0 +1,40 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnneb_jax import checkpoints as ckpt
+from cnneb_jax.configs import get_config
+
+
+def test_round_trip_keeps_values_and_structure(tmp_path):
+    import optax
+    state = {"params": {"a": jnp.arange(6.0).reshape(2, 3)}, "stats": {"m": jnp.ones(3)},
+             "opt": optax.sgd(0.1, 0.9).init({"a": jnp.zeros((2, 3))})}
+    mngr = ckpt.manager(tmp_path / "stage")
+    ckpt.save(mngr, 7, state, {"step": 7})
+    like = jax.tree_util.tree_map(jnp.zeros_like, state)
+    step, restored, meta = ckpt.restore_latest(mngr, like)
+    assert step == 7 and meta["step"] == 7
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
+        np.testing.assert_array_equal(a, b)
+    assert type(restored["opt"]) is type(state["opt"])
+
+
+def test_latest_of_several_and_empty(tmp_path):
+    mngr = ckpt.manager(tmp_path / "s")
+    assert ckpt.restore_latest(mngr, {"x": jnp.zeros(2)}) is None
+    for step in (2, 4, 6, 8):
+        ckpt.save(mngr, step, {"x": jnp.full(2, float(step))}, {"step": step})
+    step, state, _ = ckpt.restore_latest(mngr, {"x": jnp.zeros(2)})
+    assert step == 8 and float(state["x"][0]) == 8.0
+    assert len(mngr.all_steps()) == 3  # max_to_keep
+
+
+def test_workdir_refuses_another_config(tmp_path):
+    cfg = get_config("tiny")
+    ckpt.check_config(tmp_path, cfg)
+    ckpt.check_config(tmp_path, cfg.replace(eval_batch_size=3))  # run-only field: fine
+    with pytest.raises(ckpt.CheckpointError, match="num_classes: 10 there vs 100 here"):
+        ckpt.check_config(tmp_path, cfg.replace(num_classes=100))
+    assert ckpt.load_config(tmp_path) == cfg

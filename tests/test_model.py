@@ -1,0 +1,76 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnneb_jax.configs import get_config
+from cnneb_jax.model import (backbone_forward, build_model, count_params, init_variables,
+                             segment_fns, split_collections)
+
+
+def test_segments_and_exits_of_default_layout(tiny_cfg):
+    model = build_model(tiny_cfg)
+    assert model.segment_names == ["stem->Mixed_5b", "Mixed_5b->end"]
+    assert list(model.heads) == ["O1", "O2"] and list(model.experts) == ["E1"]
+
+
+def test_chained_segments_equal_joint_forward(tiny_cfg):
+    """Each segment is jitted on its own; chained they give the joint network's outputs."""
+    model = build_model(tiny_cfg)
+    v = init_variables(model, jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    fns = segment_fns(model)
+    h = fns["seg:stem->Mixed_5b"](v["segments"]["stem->Mixed_5b"], x)
+    o1 = fns["head:O1"](v["heads"]["O1"], h)
+    e1 = fns["expert:E1"](v["experts"]["E1"], h, o1)
+    a5 = fns["aux5b:E1"](v["aux5b"]["E1"], h)
+    o2 = fns["head:O2"](v["heads"]["O2"], fns["seg:Mixed_5b->end"](v["segments"]["Mixed_5b->end"], h))
+    p, s = split_collections(v)
+    logits, feats, _ = jax.jit(lambda p, s, x: backbone_forward(model, p, s, x, False))(p, s, x)
+    np.testing.assert_allclose(o1, logits[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o2, logits[1], rtol=1e-5, atol=1e-5)
+    assert e1.shape == (4, 2) and a5.shape == (4, 2)
+
+
+def test_two_exit_config_builds_and_runs():
+    cfg = get_config("tiny", {"branch_points": "Mixed_5b,Mixed_6e"})
+    model = build_model(cfg)
+    assert model.segment_names == ["stem->Mixed_5b", "Mixed_5b->Mixed_6e", "Mixed_6e->end"]
+    v = init_variables(model, jax.random.PRNGKey(0))
+    p, s = split_collections(v)
+    logits, feats, _ = backbone_forward(model, p, s, jnp.zeros((2, 32, 32, 3)), False)
+    assert [l.shape for l in logits] == [(2, 10)] * 3
+    assert feats[1].shape[1:3] == (8, 8)
+    assert set(v["experts"]) == {"E1", "E2"}
+
+
+def test_batchnorm_train_vs_eval(tiny_cfg):
+    model = build_model(tiny_cfg)
+    p, s = split_collections(init_variables(model, jax.random.PRNGKey(0)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3)) * 3 + 1
+    _, _, s_eval = backbone_forward(model, p, s, x, train=False)
+    _, _, s_train = backbone_forward(model, p, s, x, train=True)
+    same = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), s["segments"],
+                                  s_eval["segments"])
+    assert all(jax.tree_util.tree_leaves(same))          # eval leaves statistics alone
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), s["segments"],
+                                     s_train["segments"])
+    assert not all(jax.tree_util.tree_leaves(changed))   # train updates them
+
+
+def test_cifar_prefix_is_cheap():
+    """Issue budget: stem -> Mixed_5b + O1 + E1 costs at most 35% of the whole network."""
+    from cnneb_jax.metrics import xla_flops
+    cfg = get_config("cifar")
+    model = build_model(cfg)
+    v = init_variables(model, jax.random.PRNGKey(0))
+    x = jnp.zeros((1, 32, 32, 3))
+    seg0, seg1 = model.segments.values()
+    h = seg0.apply(v["segments"]["stem->Mixed_5b"], x)
+    o = jnp.zeros((1, 10))
+    f_pre = xla_flops(lambda v, x: seg0.apply(v, x), v["segments"]["stem->Mixed_5b"], x)
+    f_o1 = xla_flops(lambda v, h: model.heads["O1"].apply(v, h), v["heads"]["O1"], h)
+    f_e1 = xla_flops(lambda v, h, o: model.experts["E1"].apply(v, h, o), v["experts"]["E1"], h, o)
+    f_deep = xla_flops(lambda v, h: seg1.apply(v, h), v["segments"]["Mixed_5b->end"], h)
+    share = (f_pre + f_o1 + f_e1) / (f_pre + f_o1 + f_e1 + f_deep)
+    assert 0 < share <= 0.35
+    assert count_params(v["segments"]) > 1_000_000

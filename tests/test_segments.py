@@ -1,0 +1,92 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnneb_jax.configs import BLOCKS, get_config
+from cnneb_jax.segments import Segment, channels, conv_same_s1, segment_blocks
+
+
+def _conv_kernels(tree) -> list[tuple[int, ...]]:
+    """Conv kernel shapes in creation order (dicts keep insertion order; tree_leaves sorts)."""
+    out = []
+    for key, value in tree.items():
+        if key == "conv":
+            out.append(tuple(value["kernel"].shape))
+        elif isinstance(value, dict):
+            out.extend(_conv_kernels(value))
+    return out
+
+
+def test_segment_blocks_cover_the_network():
+    assert segment_blocks(None, "Mixed_5b")[-1] == "Mixed_5b"
+    assert segment_blocks("Mixed_5b", None)[0] == "Mixed_5c"
+    assert list(segment_blocks(None, "Mixed_5b")) + list(segment_blocks("Mixed_5b", None)) \
+        == list(BLOCKS)
+
+
+def test_cifar_grid_sizes(tiny_cfg):
+    x = jnp.zeros((2, 32, 32, 3))
+    sizes = {}
+    prev = None
+    for name in ("Mixed_5b", "Mixed_6e", "Mixed_7c"):
+        seg = Segment(tiny_cfg, prev, name)
+        v = seg.init(jax.random.PRNGKey(0), x)
+        x = seg.apply(v, x)
+        sizes[name] = x.shape[1:3]
+        prev = name
+    assert sizes == {"Mixed_5b": (16, 16), "Mixed_6e": (8, 8), "Mixed_7c": (4, 4)}
+
+
+def test_channels_scaling():
+    assert channels(192, 1.0) == 192
+    assert channels(192, 0.25) == 48
+    assert channels(32, 0.0625) == 8  # never below 8
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 7), (7, 1), (1, 3)])
+def test_fast_conv_gradient_matches_lax(kernel):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=kernel + (5, 6)), jnp.float32)
+    ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+    np.testing.assert_allclose(conv_same_s1(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    g_fast = jax.grad(loss(conv_same_s1), argnums=(0, 1))(x, w)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+    for a, b in zip(g_fast, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_full_config_matches_keras_inception_v3():
+    """Backbone + main head of the `full` config against keras.applications.InceptionV3:
+    same conv kernel shapes in the same order, same Mixed-block output shapes, same
+    parameter count (Keras counts BatchNorm moving statistics as parameters)."""
+    keras = pytest.importorskip("keras")
+    from cnneb_jax.heads import MainHead
+    from cnneb_jax.model import count_params
+
+    kmodel = keras.applications.InceptionV3(weights=None)
+    k_kernels = [tuple(l.kernel.shape) for l in kmodel.layers if type(l).__name__ == "Conv2D"]
+    k_mixed = [tuple(kmodel.get_layer(f"mixed{i}").output.shape[1:]) for i in range(11)]
+
+    cfg = get_config("full")
+    x = jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32)
+    seg = Segment(cfg, None, None)
+    variables = jax.eval_shape(lambda: seg.init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
+    ours_kernels = _conv_kernels(variables["params"])
+    assert ours_kernels == k_kernels
+
+    ours_mixed, prev, h = [], None, x
+    for name in [b for b in BLOCKS if b.startswith("Mixed")]:
+        s = Segment(cfg, prev, name)
+        h = jax.eval_shape(lambda h: s.apply(s.init(jax.random.PRNGKey(0), h), h),
+                           jax.ShapeDtypeStruct(h.shape, jnp.float32))
+        ours_mixed.append(tuple(h.shape[1:]))
+        prev = name
+    assert ours_mixed == k_mixed
+
+    head = MainHead(cfg)
+    hv = jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0), jnp.zeros(h.shape)))
+    assert count_params(variables) + count_params(hv) == kmodel.count_params() == 23851784
