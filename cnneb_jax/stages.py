@@ -10,7 +10,9 @@ step when rerun, and ends by writing `<stage>/result.json` (then it is not retra
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -134,8 +136,21 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
 def _stage_done(stage_dir: Path) -> dict | None:
     path = stage_dir / "result.json"
     if path.exists():
-        import json
         return json.loads(path.read_text())
+    return None
+
+
+def _begin_stage(cfg: Config, workdir: Path, stage: str, retrain: bool) -> dict | None:
+    """Checks the workdir's config; returns the stage's result if it already finished
+    (and `retrain` is off); with `retrain`, removes the stage's checkpoints."""
+    ckpt.check_config(workdir, cfg)
+    stage_dir = workdir / stage
+    done = _stage_done(stage_dir)
+    if done is not None and not retrain:
+        print(f"[{stage}] already trained in {stage_dir} (use --retrain to train again)")
+        return done
+    if retrain and stage_dir.exists():
+        shutil.rmtree(stage_dir)
     return None
 
 
@@ -187,14 +202,9 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
 def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
     workdir = Path(workdir)
     stage_dir = workdir / "backbone"
-    ckpt.check_config(workdir, cfg)
-    done = _stage_done(stage_dir)
-    if done is not None and not retrain:
-        print(f"[backbone] already trained in {stage_dir} (use --retrain to train again)")
+    done = _begin_stage(cfg, workdir, "backbone", retrain)
+    if done is not None:
         return done
-    if retrain and stage_dir.exists():
-        import shutil
-        shutil.rmtree(stage_dir)
     t_start = time.time()
     model = build_model(cfg)
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
@@ -308,14 +318,9 @@ def expert_aucs(outputs: dict, labels: np.ndarray) -> dict[str, float]:
 def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
     workdir = Path(workdir)
     stage_dir = workdir / "expert"
-    ckpt.check_config(workdir, cfg)
-    done = _stage_done(stage_dir)
-    if done is not None and not retrain:
-        print(f"[expert] already trained in {stage_dir} (use --retrain to train again)")
+    done = _begin_stage(cfg, workdir, "expert", retrain)
+    if done is not None:
         return done
-    if retrain and stage_dir.exists():
-        import shutil
-        shutil.rmtree(stage_dir)
     t_start = time.time()
     model, backbone = load_backbone(workdir, cfg)
     if model.num_exits < 2:

@@ -68,7 +68,10 @@ def test_full_config_matches_keras_inception_v3():
     from cnneb_jax.model import count_params
 
     kmodel = keras.applications.InceptionV3(weights=None)
-    k_kernels = [tuple(l.kernel.shape) for l in kmodel.layers if type(l).__name__ == "Conv2D"]
+    convs = [l for l in kmodel.layers if type(l).__name__ == "Conv2D"]
+    # model.layers is in graph order; the auto names conv2d, conv2d_1, ... give creation order.
+    created = lambda l: int(l.name.rsplit("_", 1)[1]) if "_" in l.name else 0
+    k_kernels = [tuple(l.kernel.shape) for l in sorted(convs, key=created)]
     k_mixed = [tuple(kmodel.get_layer(f"mixed{i}").output.shape[1:]) for i in range(11)]
 
     cfg = get_config("full")

@@ -1,0 +1,284 @@
+"""`evaluate.py --sweep`: measure every rule over a threshold grid and write Table 2,
+the paper's figures, and every point as CSV/JSON.
+
+Accuracy, exit shares and FLOPs of every grid point come from the outputs of every exit
+(exact, see sweep.py). Time is measured by running the real cascade: batch mode (images/s,
+median of repeats after warm-up) on a timing subset, and single-image latency on a few images.
+Operating points are chosen on the calibration split (held out from training, never seen
+by the experts) and then measured on test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cnneb_jax.controller import (Cascade, all_outputs, first_exit_flops, last_exit_flops,
+                                  path_flops, run_cascade, softmax_np)
+from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, evaluate_point,
+                             pr_roc, sweep_rule, threshold_grid)
+
+RULE_NAMES = {"expert": "Proposed Expert Branch", "aux5b": "Auxiliary+5b as Expert Branch",
+              "max_softmax": "Auxiliary as Expert Branch", "entropy": "Entropy of O1 (BranchyNet)",
+              "oracle": "Oracle router (upper bound)"}
+DROPS = (0.005, 0.01, 0.02)
+
+
+def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
+    """The network without branches, up to one exit: segments 0..exit_index and that head."""
+    fns, v = c.fns, c.variables
+    segs, heads = list(c.model.segments), list(c.model.heads)
+    out = []
+    for s in range(0, len(images), c.max_batch):
+        chunk = np.asarray(images[s:s + c.max_batch], np.float32)
+        size = next(b for b in c.buckets if b >= len(chunk))
+        pad = np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)
+        h = fns["normalize"](np.concatenate([chunk, pad]) if len(pad) else chunk)
+        for i in range(exit_index + 1):
+            h = fns[f"seg:{segs[i]}"](v["segments"][segs[i]], h)
+        out.append(np.asarray(fns[f"head:{heads[exit_index]}"](v["heads"][heads[exit_index]], h))
+                   [:len(chunk)])
+    return np.concatenate(out)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def time_batch(c: Cascade, images: np.ndarray, run, repeats: int) -> float:
+    """Milliseconds per image in batch mode (median over repeats, after one warm pass)."""
+    run(images[:c.max_batch])
+    return 1000.0 * _median_seconds(lambda: run(images), repeats) / len(images)
+
+
+def time_single(c: Cascade, images: np.ndarray, run) -> float:
+    """Median milliseconds for one image at a time."""
+    run(images[:1])
+    ts = []
+    for x in images:
+        t = time.perf_counter()
+        run(x[None])
+        ts.append(time.perf_counter() - t)
+    return 1000.0 * float(np.median(ts))
+
+
+def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images: int = 2000,
+          single_images: int = 50, timed_points: int = 9) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x_test, y_test = data["test_images"], data["test_labels"]
+    x_cal, y_cal = data["calib_images"], data["calib_labels"]
+    x_time = x_test[:timing_images]
+    x_single = x_test[:single_images]
+    print(f"[sweep] outputs of every exit: test {len(x_test)}, calibration {len(x_cal)}")
+    out_test = all_outputs(c, x_test)
+    out_cal = all_outputs(c, x_cal)
+    m = c.model.num_exits
+    acc = [float((o.argmax(-1) == y_test).mean()) for o in out_test["exits"]]
+    f_o1, f_last = first_exit_flops(c), last_exit_flops(c)
+
+    print("[sweep] timing the plain networks (O1 only, last exit only)")
+    base = {}
+    for name, idx, flops in (("O1 only", 0, f_o1), (f"O{m} only", m - 1, f_last)):
+        run = lambda x, i=idx: run_plain(c, x, i)
+        base[name] = {"accuracy": acc[idx], "flops": flops,
+                      "ms_batch": time_batch(c, x_time, run, repeats),
+                      "ms_single": time_single(c, x_single, run)}
+    ref = base[f"O{m} only"]
+
+    points: list[dict] = []
+    rules = list(EXPERT_RULES) + ["oracle"]
+    grids = {}
+    for rule in rules:
+        costs = path_flops(c, rule)
+        grids[rule] = threshold_grid(branch_scores(out_test, rule, y_test))
+        points += sweep_rule(out_test, y_test, rule, costs, grids[rule])
+    # Wall-clock on a subset of each rule's grid (the oracle is a bound: FLOPs only).
+    timed = [p for rule in EXPERT_RULES for p in _spread([q for q in points if q["rule"] == rule],
+                                                         timed_points)]
+    out_time = _head_rows(out_test, len(x_time))
+    y_time = y_test[:len(x_time)]
+    scores_time = {r: branch_scores(out_time, r) for r in EXPERT_RULES}
+    for p in tqdm(timed, desc="timing sweep points"):
+        run = lambda x, p=p: run_cascade(c, x, p["rule"], p["threshold"])
+        p["ms_batch"] = time_batch(c, x_time, run, repeats)
+        p["flops_timing_subset"] = evaluate_point(out_time, y_time, scores_time[p["rule"]],
+                                                  p["threshold"], path_flops(c, p["rule"]))["flops"]
+    for p in points:
+        p["flops_saving"] = 1.0 - p["flops"] / ref["flops"]
+        if "ms_batch" in p:
+            p["time_saving"] = 1.0 - p["ms_batch"] / ref["ms_batch"]
+            # > 1 means routing, gathering and padding cost more than the FLOPs say.
+            p["time_over_flops"] = ((p["ms_batch"] / ref["ms_batch"])
+                                    / (p["flops_timing_subset"] / ref["flops"]))
+
+    print("[sweep] operating points chosen on the calibration split, measured on test")
+    table = []
+    oracle_pts = [p for p in points if p["rule"] == "oracle"]
+    for drop in DROPS:
+        for rule in EXPERT_RULES:
+            costs = path_flops(c, rule)
+            cal_pts = sweep_rule(out_cal, y_cal, rule, costs)
+            cal_ref = float((out_cal["exits"][-1].argmax(-1) == y_cal).mean())
+            chosen = choose_threshold(cal_pts, cal_ref, max_drop=drop)
+            if chosen is None:
+                continue
+            t = chosen["threshold"]
+            real = run_cascade(c, x_test, rule, t)  # the real cascade on the whole test split
+            test_acc = float((real["logits"].argmax(-1) == y_test).mean())
+            run = lambda x, r=rule, t=t: run_cascade(c, x, r, t)
+            row = {"rule": rule, "target_drop": drop, "threshold": t, "accuracy": test_acc,
+                   "flops": float(real["flops"].mean()),
+                   "share_exit1": float((real["exit"] == 0).mean()),
+                   "ms_batch": time_batch(c, x_time, run, repeats),
+                   "ms_single": time_single(c, x_single, run)}
+            row["time_saving"] = 1 - row["ms_batch"] / ref["ms_batch"]
+            row["single_saving"] = 1 - row["ms_single"] / ref["ms_single"]
+            row["flops_saving"] = 1 - row["flops"] / ref["flops"]
+            # Batch-mode time is measured on the timing subset: compare with its FLOPs.
+            f_sub = evaluate_point(out_time, y_time, scores_time[rule], t, costs)["flops"]
+            row["time_over_flops"] = (row["ms_batch"] / ref["ms_batch"]) / (f_sub / ref["flops"])
+            # Consistency: the real cascade's accuracy equals the one the exit outputs give.
+            row["accuracy_from_outputs"] = evaluate_point(
+                out_test, y_test, branch_scores(out_test, rule), t, costs)["accuracy"]
+            o = choose_threshold(oracle_pts, test_acc, flops_budget=None, max_drop=0.0)
+            row["oracle_flops_saving_same_acc"] = (1 - o["flops"] / ref["flops"]) if o else None
+            table.append(row)
+
+    result = {"exits_accuracy": acc, "baselines": base, "table2": table, "points": points,
+              "flops": c.flops, "repeats": repeats, "timing_images": len(x_time),
+              "single_images": len(x_single)}
+    _write_points(out_dir, points)
+    (out_dir / "sweep.json").write_text(json.dumps(result, indent=2))
+    _write_table2(out_dir / "table2.md", base, table, m)
+    _plots(out_dir, c, out_test, y_test, data, points, base, m)
+    return result
+
+
+def _head_rows(outputs: dict, n: int) -> dict:
+    return {k: [a[:n] for a in v] for k, v in outputs.items()}
+
+
+def _spread(pts: list[dict], k: int) -> list[dict]:
+    idx = np.unique(np.linspace(0, len(pts) - 1, k).round().astype(int))
+    return [pts[i] for i in idx]
+
+
+def _write_points(out_dir: Path, points: list[dict]) -> None:
+    keys = sorted({k for p in points for k in p}, key=lambda k: (k != "rule", k))
+    with open(out_dir / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(points)
+
+
+def _write_table2(path: Path, base: dict, table: list[dict], m: int) -> None:
+    ref = base[f"O{m} only"]
+    lines = ["| Method | target drop (val) | Accuracy | Time (ms/img, batch) | Time (ms, single) "
+             "| Accuracy decrease | Time saving | FLOPs saving | Oracle FLOPs saving at same acc. "
+             "| share at O1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, b in base.items():
+        lines.append(f"| Inception v3 {name} | - | {b['accuracy']:.2%} | {b['ms_batch']:.3f} | "
+                     f"{b['ms_single']:.2f} | - | - | - | - | - |")
+    for r in table:
+        oracle = "-" if r["oracle_flops_saving_same_acc"] is None \
+            else f"{r['oracle_flops_saving_same_acc']:.1%}"
+        lines.append(
+            f"| {RULE_NAMES[r['rule']]} | {r['target_drop'] * 100:.1f} pt | {r['accuracy']:.2%} | "
+            f"{r['ms_batch']:.3f} | {r['ms_single']:.2f} | "
+            f"{(ref['accuracy'] - r['accuracy']) * 100:.2f} pt | {r['time_saving']:.1%} | "
+            f"{r['flops_saving']:.1%} | {oracle} | {r['share_exit1']:.1%} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plots(out_dir: Path, c: Cascade, out_test: dict, y: np.ndarray, data: dict,
+           points: list[dict], base: dict, m: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {r: pr_roc(out_test, y, r) for r in EXPERT_RULES}
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r, cv in curves.items():
+        ax.plot(cv["recall"], cv["precision"], label=RULE_NAMES[r])
+    ax.set_xlabel("recall (Other)")
+    ax.set_ylabel("precision (Other)")
+    ax.set_title("Experts at branch 1: precision vs recall")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "pr.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r, cv in curves.items():
+        ax.plot(cv["fpr"], cv["tpr"], label=f"{RULE_NAMES[r]} (AUC {cv['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("Experts at branch 1: ROC (Other positive)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "roc.png", dpi=120)
+    plt.close(fig)
+
+    ref = base[f"O{m} only"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in EXPERT_RULES:
+        pts = [p for p in points if p["rule"] == r and "ms_batch" in p]
+        ax.plot([p["ms_batch"] for p in pts], [p["accuracy"] for p in pts], "o-", ms=3,
+                label=RULE_NAMES[r])
+    orc = [p for p in points if p["rule"] == "oracle"]
+    ax.plot([ref["ms_batch"] * p["flops"] / ref["flops"] for p in orc],
+            [p["accuracy"] for p in orc], "k--", lw=1, label="Oracle (time from FLOPs)")
+    b1, b2 = base["O1 only"], ref
+    ax.plot([b1["ms_batch"], b2["ms_batch"]], [b1["accuracy"], b2["accuracy"]], ":", c="gray",
+            label="linear O1 only - O2 only")
+    ax.plot([b1["ms_batch"]], [b1["accuracy"]], "s", c="gray")
+    ax.plot([b2["ms_batch"]], [b2["accuracy"]], "D", c="black")
+    ax.set_xlabel("measured time per image, batch mode (ms)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "acc_vs_time.png", dpi=120)
+    plt.close(fig)
+
+    _gallery(out_dir / "gallery.png", out_test, y, data["test_images"], data["class_names"])
+
+
+def _gallery(path: Path, out: dict, y: np.ndarray, images: np.ndarray, names) -> None:
+    import matplotlib.pyplot as plt
+    p1 = out["exits"][0].argmax(-1)
+    p2 = out["exits"][-1].argmax(-1)
+    conf1 = softmax_np(out["exits"][0]).max(-1)
+    classes = list(range(min(5, len(names))))
+    per = 3
+    fig, axes = plt.subplots(len(classes), 2 * per, figsize=(2 * per * 1.2, len(classes) * 1.3))
+    for r, cls in enumerate(classes):
+        easy = np.nonzero((y == cls) & (p1 == y) & (p2 == y))[0]
+        easy = easy[np.argsort(-conf1[easy])][:per]
+        hard = np.nonzero((y == cls) & (p1 != y) & (p2 == y))[0][:per]
+        for k in range(2 * per):
+            ax = axes[r, k]
+            ax.axis("off")
+            idx = easy if k < per else hard
+            j = k % per
+            if j < len(idx):
+                ax.imshow(images[idx[j]])
+                if k >= per:
+                    ax.set_title(f"O1: {names[p1[idx[j]]]}"[:14], fontsize=6)
+        axes[r, 0].set_title(str(names[cls]), fontsize=7, loc="left")
+    fig.suptitle("left: easy (O1 and O2 right) | right: hard (only O2 right)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

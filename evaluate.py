@@ -1,0 +1,81 @@
+"""Evaluate a trained CNN-EB workdir.
+
+    python evaluate.py --sweep --workdir runs/cifar --out runs/cifar/sweep \
+        --data-dir ../shared/datasets/cifar10-jpeg
+
+--sweep runs every exit rule (proposed expert, Auxiliary+5b expert, O1 max softmax, O1
+entropy, oracle) over a threshold grid and writes table2.md, pr.png, roc.png,
+acc_vs_time.png, gallery.png, sweep.csv and sweep.json into --out. Operating points for
+accuracy drops of 0.5, 1 and 2 points are chosen on the calibration split and measured on test.
+Without --sweep it prints the test accuracy of every exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a workdir with both stages finished")
+    p.add_argument("--out", default=None, help="output folder (default: WORKDIR/sweep)")
+    p.add_argument("--sweep", action="store_true", help="run the threshold sweep and write reports")
+    p.add_argument("--data-dir", default=None,
+                   help="image folder with train/ and test/ (default: tfds.load of the config's "
+                        "dataset)")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/cnneb_jax)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="largest batch the controller runs at once (default 256)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repeats per point; the median is reported (default 3)")
+    p.add_argument("--timing-images", type=int, default=2000,
+                   help="test images used for batch-mode timing (default 2000)")
+    p.add_argument("--single-images", type=int, default=50,
+                   help="test images timed one at a time for latency (default 50)")
+    p.add_argument("--max-test", type=int, default=0,
+                   help="use only the first N test images (0 = all; for quick checks)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pathlib import Path
+
+    from cnneb_jax import api
+    from cnneb_jax import data as data_lib
+    from cnneb_jax.checkpoints import CheckpointError, load_config
+    from cnneb_jax.report import sweep
+    from cnneb_jax.stages import TrainingError
+
+    try:
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        cfg = load_config(Path(args.workdir))
+        if args.max_test:
+            cfg = cfg.replace(max_test_examples=args.max_test)
+        cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
+        data = data_lib.load_dataset(cfg, args.data_dir, cache)
+        print(f"[evaluate] loading {args.workdir} and compiling every bucket size")
+        cascade = api.load(args.workdir, max_batch=args.batch_size)
+        if not args.sweep:
+            from cnneb_jax.controller import all_outputs
+            out = all_outputs(cascade, data["test_images"])
+            for i, o in enumerate(out["exits"]):
+                print(f"O{i + 1} test accuracy: {(o.argmax(-1) == data['test_labels']).mean():.4f}")
+            return 0
+        out_dir = Path(args.out) if args.out else Path(args.workdir) / "sweep"
+        result = sweep(cascade, data, out_dir, repeats=args.repeats,
+                       timing_images=args.timing_images, single_images=args.single_images)
+        print((out_dir / "table2.md").read_text())
+        print(f"[evaluate] wrote {out_dir}/{{table2.md,pr.png,roc.png,acc_vs_time.png,"
+              f"gallery.png,sweep.csv,sweep.json}} ({len(result['points'])} points)")
+    except (ValueError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The programmatic API on a tiny trained workdir."""
+
+import numpy as np
+import pytest
+
+from cnneb_jax import api
+from cnneb_jax.stages import train_backbone, train_expert
+
+
+@pytest.fixture(scope="module")
+def cascade(tiny_cfg, tiny_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("api")
+    train_backbone(tiny_cfg, tiny_data, workdir)
+    train_expert(tiny_cfg, tiny_data, workdir)
+    return api.load(workdir, max_batch=8)
+
+
+def test_predict_uint8_and_float_agree(cascade, tiny_data):
+    x = tiny_data["test_images"][:5]
+    a = api.predict(cascade, x, "expert", 0.5)
+    b = api.predict(cascade, x.astype(np.float32) / 255.0, "expert", 0.5)
+    assert a["labels"].shape == (5,) and a["probs"].shape == (5, 10)
+    np.testing.assert_allclose(a["probs"].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(a["exit"], b["exit"])
+    np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-5)
+    assert set(a["exit"]) <= {0, 1} and (a["flops"] > 0).all()
+
+
+def test_single_image_and_batch_of_one(cascade, tiny_data):
+    x = tiny_data["test_images"][0]
+    one = api.predict(cascade, x, "max_softmax", 0.5)
+    assert one["labels"].shape == (1,)
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 32, 32), np.uint8), "must be 32x32 with 3 channels"),
+    (np.zeros((2, 32, 32, 1), np.uint8), "3 channels"),
+    (np.zeros((2, 28, 28, 3), np.uint8), "32x32"),
+    (np.zeros((0, 32, 32, 3), np.uint8), "empty batch"),
+    (np.zeros((2, 32, 32, 3), np.int64), "uint8 or float"),
+    (np.full((2, 32, 32, 3), np.nan, np.float32), "NaN or inf"),
+    (np.full((2, 32, 32, 3), 7.0, np.float32), r"\[0, 1\]"),
+    (np.zeros((2, 2, 32, 32, 3), np.uint8), "shape"),
+])
+def test_bad_images_are_refused(cascade, images, message):
+    with pytest.raises(ValueError, match=message):
+        api.predict(cascade, images)
+
+
+@pytest.mark.parametrize("rule, threshold, message", [
+    ("expert", 1.5, r"threshold must lie in \[0, 1\]"),
+    ("expert", -0.1, "threshold"),
+    ("expert", float("nan"), "threshold"),
+    ("magic", 0.5, "unknown rule"),
+])
+def test_bad_rule_or_threshold(cascade, tiny_data, rule, threshold, message):
+    with pytest.raises(ValueError, match=message):
+        api.predict(cascade, tiny_data["test_images"][:2], rule, threshold)
+
+
+def test_calibrate_for_accuracy_drop_and_budget(cascade, tiny_data):
+    x, y = tiny_data["calib_images"], tiny_data["calib_labels"]
+    p = api.calibrate(cascade, x, y, "max_softmax", max_drop=0.0)
+    assert p["accuracy"] >= p["reference_accuracy"] - 1e-9
+    assert 0.0 <= p["threshold"] <= 1.0
+    q = api.calibrate(cascade, x, y, "entropy", flops_budget=p["reference_flops"])
+    assert q["flops"] <= p["reference_flops"] + 1e-6
+    with pytest.raises(ValueError, match="exactly one"):
+        api.calibrate(cascade, x, y, "expert")
+    with pytest.raises(ValueError, match="labels must have shape"):
+        api.calibrate(cascade, x, y[:-1], "expert", max_drop=0.01)

@@ -1,0 +1,103 @@
+"""The early-exit controller: exactness of routing and no recompilation after warm-up."""
+
+import jax
+import numpy as np
+import pytest
+from jax import monitoring
+
+from cnneb_jax.configs import get_config
+from cnneb_jax.controller import (all_outputs, bucket_sizes, make_cascade, path_flops,
+                                  run_cascade, warm_up)
+from cnneb_jax.model import build_model, init_variables
+
+TOL = dict(rtol=2e-4, atol=2e-4)
+
+
+def _cascade(cfg, max_batch=16, seed=0):
+    model = build_model(cfg)
+    # Random BatchNorm statistics so that eval-mode outputs are not degenerate.
+    v = init_variables(model, jax.random.PRNGKey(seed))
+    return make_cascade(model, v, max_batch)
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    return _cascade(get_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3)).astype(np.uint8)
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(256) == (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256)
+    assert bucket_sizes(5) == (1, 2, 4, 5)
+
+
+def test_everything_exits_early_gives_o1(cascade, images):
+    out = run_cascade(cascade, images, "max_softmax", 0.0)
+    full = all_outputs(cascade, images)
+    assert (out["exit"] == 0).all()
+    np.testing.assert_allclose(out["logits"], full["exits"][0], **TOL)
+    np.testing.assert_allclose(out["flops"], path_flops(cascade, "max_softmax")[0])
+
+
+def test_nothing_exits_gives_the_full_network(cascade, images):
+    for rule in ("expert", "aux5b", "max_softmax", "entropy"):
+        out = run_cascade(cascade, images, rule, 1.0)
+        assert (out["exit"] == 1).all()
+        np.testing.assert_allclose(out["logits"], all_outputs(cascade, images)["exits"][1], **TOL)
+
+
+@pytest.mark.parametrize("rule", ["expert", "aux5b", "max_softmax", "entropy"])
+def test_each_sample_equals_running_it_alone(cascade, images, rule):
+    full = all_outputs(cascade, images)
+    from cnneb_jax.sweep import branch_scores
+    # A threshold in the middle of the scores, so both paths are taken.
+    t = float(np.median(branch_scores(full, rule)[0]))
+    out = run_cascade(cascade, images, rule, t)
+    assert 0 < (out["exit"] == 0).sum() < len(images)
+    for i in range(len(images)):
+        alone = run_cascade(cascade, images[i:i + 1], rule, t)
+        assert alone["exit"][0] == out["exit"][i]
+        np.testing.assert_allclose(alone["logits"][0], out["logits"][i], **TOL)
+        np.testing.assert_allclose(out["logits"][i], full["exits"][out["exit"][i]][i], **TOL)
+
+
+def test_three_exits_route_through_both_experts():
+    c = _cascade(get_config("tiny", {"branch_points": "Mixed_5b,Mixed_6e"}))
+    x = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3)).astype(np.uint8)
+    full = all_outputs(c, x)
+    from cnneb_jax.sweep import branch_scores, route
+    scores = branch_scores(full, "entropy")
+    t = float(np.median(np.concatenate(scores)))
+    out = run_cascade(c, x, "entropy", t)
+    np.testing.assert_array_equal(out["exit"], route(scores, t))
+    for i, e in enumerate(out["exit"]):
+        np.testing.assert_allclose(out["logits"][i], full["exits"][e][i], **TOL)
+    assert path_flops(c, "entropy").shape == (3,)
+
+
+def test_oracle_needs_labels_and_sends_ft_deep(cascade, images):
+    with pytest.raises(ValueError, match="needs labels"):
+        run_cascade(cascade, images, "oracle", 0.5)
+    labels = all_outputs(cascade, images)["exits"][1].argmax(-1)  # O2 always right
+    out = run_cascade(cascade, images, "oracle", 0.5, labels)
+    o1 = all_outputs(cascade, images)["exits"][0].argmax(-1)
+    np.testing.assert_array_equal(out["exit"] == 1, o1 != labels)
+
+
+def test_no_compilation_during_a_sweep_after_warm_up(images):
+    c = _cascade(get_config("tiny"), max_batch=8)
+    warm_up(c)
+    compiles = []
+    monitoring.register_event_duration_secs_listener(
+        lambda name, d, **kw: compiles.append(name)
+        if name == "/jax/core/compile/backend_compile_duration" else None)
+    x = np.concatenate([images, images])  # 22 images: chunks of 8, 8, 6
+    for rule in ("expert", "aux5b", "max_softmax", "entropy"):
+        for t in np.linspace(0, 1, 11):
+            run_cascade(c, x, rule, float(t))
+            run_cascade(c, x[:1], rule, float(t))
+    assert compiles == []
