@@ -101,6 +101,9 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
     for rule in rules:
         costs = path_flops(c, rule)
         grids[rule] = threshold_grid(branch_scores(out_test, rule, y_test))
+        if rule == "oracle":
+            # FT samples are a few percent: quantiles alone would step over them in one go.
+            grids[rule] = np.unique(np.concatenate([grids[rule], np.linspace(0, 0.5, 201)]))
         points += sweep_rule(out_test, y_test, rule, costs, grids[rule])
     # Wall-clock on a subset of each rule's grid (the oracle is a bound: FLOPs only).
     timed = [p for rule in EXPERT_RULES for p in _spread([q for q in points if q["rule"] == rule],
@@ -211,25 +214,15 @@ def _plots(out_dir: Path, c: Cascade, out_test: dict, y: np.ndarray, data: dict,
     fig, ax = plt.subplots(figsize=(5, 4))
     for r, cv in curves.items():
         ax.plot(cv["recall"], cv["precision"], label=RULE_NAMES[r])
-    ax.set_xlabel("recall (Other)")
-    ax.set_ylabel("precision (Other)")
-    ax.set_title("Experts at branch 1: precision vs recall")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "pr.png", dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, out_dir / "pr.png", "recall (Other)", "precision (Other)",
+            "Experts at branch 1: precision vs recall")
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for r, cv in curves.items():
         ax.plot(cv["fpr"], cv["tpr"], label=f"{RULE_NAMES[r]} (AUC {cv['auc']:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title("Experts at branch 1: ROC (Other positive)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "roc.png", dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, out_dir / "roc.png", "false positive rate", "true positive rate",
+            "Experts at branch 1: ROC (Other positive)")
 
     ref = base[f"O{m} only"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -245,15 +238,21 @@ def _plots(out_dir: Path, c: Cascade, out_test: dict, y: np.ndarray, data: dict,
             label="linear O1 only - O2 only")
     ax.plot([b1["ms_batch"]], [b1["accuracy"]], "s", c="gray")
     ax.plot([b2["ms_batch"]], [b2["accuracy"]], "D", c="black")
-    ax.set_xlabel("measured time per image, batch mode (ms)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Accuracy vs time")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "acc_vs_time.png", dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, out_dir / "acc_vs_time.png", "measured time per image, batch mode (ms)",
+            "test accuracy", "Accuracy vs time")
 
     _gallery(out_dir / "gallery.png", out_test, y, data["test_images"], data["class_names"])
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _gallery(path: Path, out: dict, y: np.ndarray, images: np.ndarray, names) -> None:

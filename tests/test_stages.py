@@ -79,3 +79,11 @@ def test_different_seeds_differ(tiny_cfg, tiny_data, tmp_path):
     _, a = load_backbone(tmp_path / "a", tiny_cfg)
     _, b = load_backbone(tmp_path / "b", cfg2)
     assert not _leaves_equal(a, b)
+
+
+def test_two_exit_config_trains_both_stages(tiny_cfg, tiny_data, tmp_path):
+    cfg = tiny_cfg.replace(branch_points=("Mixed_5b", "Mixed_6e"))
+    b = train_backbone(cfg, tiny_data, tmp_path)
+    e = train_expert(cfg, tiny_data, tmp_path)
+    assert set(b["test_accuracy"]) == {"O1", "O2", "O3"}
+    assert {"experts_E1", "experts_E2", "aux5b_E2"} <= set(e["test_auc_other_vs_ft"])
