@@ -27,7 +27,7 @@ def main() -> None:
     model = build_model(cfg)
     v = init_variables(model, jax.random.PRNGKey(0))
     flops = segment_flops(model, v)
-    print(f"| part | MFLOPs / image | parameters |\n|---|---:|---:|")
+    print("| part | MFLOPs / image | parameters |\n|---|---:|---:|")
     for key, f in flops.items():
         group, name = key.split(":")
         group = {"seg": "segments", "head": "heads", "expert": "experts", "aux5b": "aux5b"}[group]

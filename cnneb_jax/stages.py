@@ -223,7 +223,7 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
               "train_images": n}
     ckpt.write_json(stage_dir / "result.json", result)
     ckpt.log_metrics(workdir, {"stage": "backbone", "event": "test", **result})
-    print(f"[backbone] test accuracy: " +
+    print("[backbone] test accuracy: " +
           ", ".join(f"{k} {v:.4f}" for k, v in result["test_accuracy"].items()))
     return result
 
