@@ -182,7 +182,9 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
                                  jax.random.fold_in(key, step), *extra_args)
         seen += batch_size
         done = step + 1
-        if done % 10 == 0 or done == total:
+        saving = done % cfg.checkpoint_every_steps == 0 or done == total
+        # Check the loss before every save, so a checkpoint never holds diverged parameters.
+        if done % 10 == 0 or saving:
             last = {k: float(v) for k, v in metrics.items()}
             if not math.isfinite(last["loss"]):
                 raise TrainingError(f"{stage}: loss became {last['loss']} at step {done}; "
@@ -192,7 +194,7 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
             ckpt.log_metrics(workdir, {"stage": stage, "step": done, "epoch": epoch,
                                        "img_per_s": rate, **last})
         pbar.update(1)
-        if done % cfg.checkpoint_every_steps == 0 or done == total:
+        if saving:
             ckpt.save(mngr, done, state, {"step": done, "stage": stage})
     pbar.close()
     mngr.close()

@@ -87,3 +87,28 @@ def test_two_exit_config_trains_both_stages(tiny_cfg, tiny_data, tmp_path):
     e = train_expert(cfg, tiny_data, tmp_path)
     assert set(b["test_accuracy"]) == {"O1", "O2", "O3"}
     assert {"experts_E1", "experts_E2", "aux5b_E2"} <= set(e["test_auc_other_vs_ft"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path):
+    """A step function whose loss turns NaN at step 3 (checkpoints every 2 steps): the run
+    stops at the next check, which every save makes (step 4), with a clear message; the
+    newest checkpoint is step 2's, finite."""
+    import jax.numpy as jnp
+    from cnneb_jax import checkpoints as ckpt
+    from cnneb_jax.stages import _run_loop
+
+    def step_fn(state, images, labels, rng):
+        x = state["x"] + 1.0
+        diverged = jnp.isnan(x) | (x >= 3.0)
+        loss = jnp.where(diverged, jnp.nan, 0.5)
+        return {"x": jnp.where(diverged, jnp.nan, x)}, {"loss": loss}
+
+    cfg = tiny_cfg.replace(checkpoint_every_steps=2)
+    images = np.zeros((40, 32, 32, 3), np.uint8)
+    with pytest.raises(TrainingError, match="loss became nan at step 4"):
+        _run_loop("backbone", tmp_path, cfg, {"x": jnp.zeros(())}, step_fn, images,
+                  np.zeros(40, np.int32), 8, 1)
+    mngr = ckpt.manager(tmp_path / "backbone")
+    step, state, _ = ckpt.restore_latest(mngr, {"x": jnp.zeros(())})
+    mngr.close()
+    assert step == 2 and float(state["x"]) == 2.0
