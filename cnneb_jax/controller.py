@@ -65,11 +65,11 @@ def make_cascade(model: Model, variables: Variables, max_batch: int = 256) -> Ca
                    segment_flops(model, variables))
 
 
-def _bucket(c: Cascade, n: int) -> int:
+def bucket_for(c: Cascade, n: int) -> int:
     return next(b for b in c.buckets if b >= n)
 
 
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     if len(x) == size:
         return x
     return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
@@ -147,8 +147,8 @@ def run_cascade(c: Cascade, images: np.ndarray, rule: str, threshold: float,
     out_logits = np.zeros((n, model.cfg.num_classes), np.float32)
     out_exit = np.full(n, m - 1, np.int32)
     active = np.arange(n)
-    size = _bucket(c, n)
-    h = fns["normalize"](_pad_rows(np.asarray(images, np.float32), size))
+    size = bucket_for(c, n)
+    h = fns["normalize"](pad_rows(np.asarray(images, np.float32), size))
     for i in range(m):
         h = fns[f"seg:{seg_names[i]}"](v["segments"][seg_names[i]], h)
         o = fns[f"head:{head_names[i]}"](v["heads"][head_names[i]], h)
@@ -172,9 +172,9 @@ def run_cascade(c: Cascade, images: np.ndarray, rule: str, threshold: float,
         if len(keep) == 0:
             break
         active = active[keep]
-        size = _bucket(c, len(keep))
+        size = bucket_for(c, len(keep))
         # Gather the samples that go on, padded to a bucket (pad rows repeat row 0).
-        h = fns["take"](h, _pad_rows(keep.astype(np.int32), size))
+        h = fns["take"](h, pad_rows(keep.astype(np.int32), size))
     return {"logits": out_logits, "exit": out_exit, "flops": costs[out_exit]}
 
 
@@ -203,7 +203,7 @@ def all_outputs(c: Cascade, images: np.ndarray) -> dict[str, list[np.ndarray]]:
     for s in range(0, len(images), c.max_batch):
         chunk = np.asarray(images[s:s + c.max_batch], np.float32)
         k = len(chunk)
-        h = fns["normalize"](_pad_rows(chunk, _bucket(c, k)))
+        h = fns["normalize"](pad_rows(chunk, bucket_for(c, k)))
         for i in range(m):
             h = fns[f"seg:{seg_names[i]}"](v["segments"][seg_names[i]], h)
             o = fns[f"head:{head_names[i]}"](v["heads"][head_names[i]], h)

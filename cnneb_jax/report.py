@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnneb_jax.controller import (Cascade, all_outputs, first_exit_flops, last_exit_flops,
-                                  path_flops, run_cascade, softmax_np)
+from cnneb_jax.controller import (Cascade, all_outputs, bucket_for, first_exit_flops,
+                                  last_exit_flops, pad_rows, path_flops, run_cascade, softmax_np)
 from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, evaluate_point,
                              pr_roc, sweep_rule, threshold_grid)
 
@@ -36,9 +36,7 @@ def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
     out = []
     for s in range(0, len(images), c.max_batch):
         chunk = np.asarray(images[s:s + c.max_batch], np.float32)
-        size = next(b for b in c.buckets if b >= len(chunk))
-        pad = np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)
-        h = fns["normalize"](np.concatenate([chunk, pad]) if len(pad) else chunk)
+        h = fns["normalize"](pad_rows(chunk, bucket_for(c, len(chunk))))
         for i in range(exit_index + 1):
             h = fns[f"seg:{segs[i]}"](v["segments"][segs[i]], h)
         out.append(np.asarray(fns[f"head:{heads[exit_index]}"](v["heads"][heads[exit_index]], h))
@@ -127,12 +125,14 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
     print("[sweep] operating points chosen on the calibration split, measured on test")
     table = []
     oracle_pts = [p for p in points if p["rule"] == "oracle"]
+    cal_ref = float((out_cal["exits"][-1].argmax(-1) == y_cal).mean())
+    costs_of = {r: path_flops(c, r) for r in EXPERT_RULES}
+    cal_pts_of = {r: sweep_rule(out_cal, y_cal, r, costs_of[r]) for r in EXPERT_RULES}
+    scores_test = {r: branch_scores(out_test, r) for r in EXPERT_RULES}
     for drop in DROPS:
         for rule in EXPERT_RULES:
-            costs = path_flops(c, rule)
-            cal_pts = sweep_rule(out_cal, y_cal, rule, costs)
-            cal_ref = float((out_cal["exits"][-1].argmax(-1) == y_cal).mean())
-            chosen = choose_threshold(cal_pts, cal_ref, max_drop=drop)
+            costs = costs_of[rule]
+            chosen = choose_threshold(cal_pts_of[rule], cal_ref, max_drop=drop)
             if chosen is None:
                 continue
             t = chosen["threshold"]
@@ -152,7 +152,7 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
             row["time_over_flops"] = (row["ms_batch"] / ref["ms_batch"]) / (f_sub / ref["flops"])
             # Consistency: the real cascade's accuracy equals the one the exit outputs give.
             row["accuracy_from_outputs"] = evaluate_point(
-                out_test, y_test, branch_scores(out_test, rule), t, costs)["accuracy"]
+                out_test, y_test, scores_test[rule], t, costs)["accuracy"]
             o = choose_threshold(oracle_pts, test_acc, flops_budget=None, max_drop=0.0)
             row["oracle_flops_saving_same_acc"] = (1 - o["flops"] / ref["flops"]) if o else None
             table.append(row)
