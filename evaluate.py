@@ -45,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from cnneb_jax import api
     from cnneb_jax import data as data_lib
+    from cnneb_jax import distributed
     from cnneb_jax.checkpoints import CheckpointError, load_config
     from cnneb_jax.report import sweep
     from cnneb_jax.stages import TrainingError
+
+    distributed.initialize()  # multi-host when a launcher set it up; else nothing
 
     try:
         if args.batch_size < 1:

@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from cnneb_jax import data as data_lib
+    from cnneb_jax import distributed
     from cnneb_jax.checkpoints import CheckpointError
     from cnneb_jax.stages import TrainingError, train_backbone, train_expert
+
+    distributed.initialize()  # multi-host when a launcher set it up; else nothing
 
     try:
         cfg = get_config(args.config, overrides)

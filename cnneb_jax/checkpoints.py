@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ import orbax.checkpoint as ocp
 
 from cnneb_jax.configs import Config
 
-# Fields that only change how a run goes, not the shapes or meaning of what it trains.
-_RUN_FIELDS = {"checkpoint_every_steps", "eval_batch_size", "name"}
+# Fields that only change how a run goes, not the shapes or meaning of what it trains
+# (compute_dtype: a float32-trained model may be evaluated in bf16 and vice versa).
+_RUN_FIELDS = {"checkpoint_every_steps", "eval_batch_size", "name", "compute_dtype"}
 
 
 class CheckpointError(RuntimeError):
@@ -45,14 +48,40 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
 
 
 def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) of the newest step, or None when there is none."""
-    step = mngr.latest_step()
-    if step is None:
+    """(step, state, meta) of the newest step that restores, or None when there is none.
+
+    A step that fails to restore (truncated or missing file) is reported by name and moved
+    to `<stage>/damaged/<step>` (kept for inspection, out of Orbax's way); the next older
+    step is tried. If steps exist but none restores, raises CheckpointError.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
         return None
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                     meta=ocp.args.JsonRestore()))
-    return step, out["state"], dict(out["meta"])
+    ckpt_dir = Path(mngr.directory)
+    failures = []
+    for step in steps:
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # Orbax raises many types for damaged files
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            failures.append(f"step {step} ({reason})")
+            aside = ckpt_dir.parent / "damaged" / str(step)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(ckpt_dir / str(step), aside)
+            mngr.reload()
+            older = [s for s in steps if s < step]
+            print(f"warning: checkpoint {ckpt_dir / str(step)} is damaged ({reason}); moved to "
+                  f"{aside}; " + (f"falling back to step {older[0]}" if older
+                                  else "no older checkpoint left"), file=sys.stderr)
+            continue
+        return step, out["state"], dict(out["meta"])
+    raise CheckpointError(f"no checkpoint in {ckpt_dir} could be restored: "
+                          + "; ".join(failures)
+                          + ". Start the stage again with --retrain, or restore a backup.")
 
 
 def check_config(workdir: Path, cfg: Config) -> None:
@@ -89,6 +118,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def log_metrics(workdir: Path, record: dict) -> None:
+    if jax.process_index() != 0:  # multi-host: one log, written by the first process
+        return
     with open(Path(workdir) / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"time": time.time(), **record}, default=_to_py) + "\n")
 

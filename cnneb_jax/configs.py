@@ -37,6 +37,9 @@ class Config:
     expert_hidden: int = 64        # E1 dense layer after the concat; 0 = a single dense
     dropout: float = 0.0
     bn_momentum: float = 0.9
+    # Mixed precision: "bfloat16" computes convs/matmuls in bf16 with float32 parameters,
+    # optimizer state and BatchNorm statistics (for GPUs; on this CPU bf16 convs are no faster).
+    compute_dtype: str = "float32"
     # --- data ---
     dataset: str = "cifar10"
     val_size: int = 6000           # held out of train: expert labels and calibration
@@ -114,6 +117,8 @@ def get_config(name: str, overrides: dict[str, str] | None = None) -> Config:
         except ValueError as e:
             raise ValueError(f"bad value for {key}: {e}") from None
         cfg = cfg.replace(**{key: value})
+    if cfg.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"compute_dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
     for bp in cfg.branch_points:
         if bp not in BLOCKS or not bp.startswith("Mixed"):
             raise ValueError(f"branch point {bp!r} must be one of the Mixed_* blocks")

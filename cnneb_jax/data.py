@@ -11,7 +11,9 @@ Augmentation (random crop with padding, horizontal flip) runs inside the jitted 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -38,6 +40,39 @@ def _decode_split(ds) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def check_folder_layout(root: Path) -> list[str]:
+    """Checks `root/{train,test}/<class>/<image>` before anything is decoded; returns the
+    class names. Each kind of wrong layout gets its own message naming the folder."""
+    if not root.is_dir():
+        raise DataError(f"data dir {root} does not exist")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"data dir {root} has no '{split}/' folder "
+                            f"(expected {root}/{split}/<class>/<image>)")
+    classes = {}
+    for split in ("train", "test"):
+        d = root / split
+        names = sorted(p.name for p in d.iterdir() if p.is_dir())
+        if not names:
+            loose = [p.name for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+            hint = (f"; its {len(loose)} images must sit in one subfolder per class"
+                    if loose else "")
+            raise DataError(f"{d} has no class folders{hint} "
+                            f"(expected {d}/<class>/<image>)")
+        for name in names:
+            if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (d / name).iterdir()):
+                raise DataError(f"class folder {d / name} has no images "
+                                f"({', '.join(IMAGE_EXTENSIONS)})")
+        classes[split] = names
+    if classes["train"] != classes["test"]:
+        only = sorted(set(classes["train"]) ^ set(classes["test"]))
+        raise DataError(f"train/ and test/ of {root} have different class folders: {only}")
+    return classes["train"]
+
+
 def _folder_fingerprint(root: Path) -> str:
     h = hashlib.sha1(str(root.resolve()).encode())
     for split in ("train", "test"):
@@ -47,15 +82,57 @@ def _folder_fingerprint(root: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def _read_folder_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes one split with Pillow (file by file, so one bad file does not stop the rest).
+
+    Unreadable or corrupt files are skipped and counted in a warning; images that are not
+    RGB (grayscale, RGBA, palette) are converted and counted; images of differing sizes
+    stop the read with a message naming examples of each size.
+    """
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    images, labels, names, bad, converted = [], [], [], [], []
+    for batch in tfds.as_numpy(ds.batch(1024)):
+        for raw, name, label in zip(batch["image"], batch["image/filename"], batch["label"]):
+            name = name.decode()
+            try:
+                with Image.open(io.BytesIO(raw)) as im:
+                    if im.mode != "RGB":
+                        converted.append(f"{name} ({im.mode})")
+                    arr = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError, SyntaxError) as e:
+                bad.append(f"{name} ({type(e).__name__}: {e})")
+                continue
+            images.append(arr)
+            labels.append(label)
+            names.append(name)
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable image file(s) in {split}/: "
+              + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""), file=sys.stderr)
+    if converted:
+        print(f"warning: converted {len(converted)} non-RGB image(s) in {split}/ to RGB: "
+              + ", ".join(converted[:5]) + (" ..." if len(converted) > 5 else ""),
+              file=sys.stderr)
+    if not images:
+        raise DataError(f"no readable images in {split}/ ({len(bad)} files failed to decode)")
+    by_size: dict[tuple, list[str]] = {}
+    for arr, name in zip(images, names):
+        by_size.setdefault(arr.shape[:2], []).append(name)
+    if len(by_size) > 1:
+        parts = [f"{len(v)} are {h}x{w} (e.g. {v[0]})" for (h, w), v in
+                 sorted(by_size.items(), key=lambda kv: -len(kv[1]))]
+        raise DataError(f"images in {split}/ differ in size: " + "; ".join(parts)
+                        + ". Resize them to one size first.")
+    return np.stack(images).astype(np.uint8), np.asarray(labels, np.int32)
+
+
 def load_image_folder(root: str | Path, cache_dir: Path = DEFAULT_CACHE) -> dict[str, np.ndarray]:
     """Reads `root/{train,test}/<class>/*` once with tfds ImageFolder; caches the arrays."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data dir {root} does not exist")
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise DataError(f"data dir {root} has no '{split}/' folder "
-                            f"(expected {root}/{split}/<class>/<image>)")
+    check_folder_layout(root)
     cache = Path(cache_dir) / f"{root.name}-{_folder_fingerprint(root)}.npz"
     if cache.exists():
         with np.load(cache) as z:
@@ -65,8 +142,11 @@ def load_image_folder(root: str | Path, cache_dir: Path = DEFAULT_CACHE) -> dict
     classes = builder.info.features["label"].names
     out: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
-        x, y = _decode_split(builder.as_dataset(split=split, shuffle_files=False))
+        x, y = _read_folder_split(builder, split)
         out[f"{split}_images"], out[f"{split}_labels"] = x, y
+    if out["train_images"].shape[1:] != out["test_images"].shape[1:]:
+        raise DataError(f"train images are {out['train_images'].shape[1:3]} but test images "
+                        f"are {out['test_images'].shape[1:3]}")
     out["class_names"] = np.array(classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
@@ -92,14 +172,15 @@ def load_dataset(cfg: Config, data_dir: str | None, cache_dir: Path = DEFAULT_CA
                  ) -> dict[str, np.ndarray]:
     """All splits as uint8 NHWC arrays and int32 labels: train, val, calib, test.
 
-    `data_dir` holding `train/` and `test/` is read as an image folder; otherwise
-    `cfg.dataset` is loaded through tfds (into `data_dir` if given).
+    Without `data_dir`, or with a tfds data dir that holds `cfg.dataset`, the dataset is
+    loaded through tfds; any other `data_dir` is read as an image folder.
     """
-    if data_dir and (Path(data_dir) / "train").is_dir():
+    if data_dir and not Path(data_dir).exists():
+        raise DataError(f"data dir {data_dir} does not exist")
+    if data_dir and not (Path(data_dir) / cfg.dataset).is_dir():
+        # Not a tfds data dir holding the dataset: it must be an image folder.
         raw = load_image_folder(data_dir, cache_dir)
     else:
-        if data_dir and not Path(data_dir).exists():
-            raise DataError(f"data dir {data_dir} does not exist")
         raw = load_tfds(cfg.dataset, data_dir)
     return split_dataset(cfg, raw)
 

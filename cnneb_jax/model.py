@@ -116,13 +116,30 @@ def backbone_forward(model: Model, params: Variables, stats: Variables, x: jax.A
     return logits, feats, new_stats
 
 
+def to_compute_dtype(cfg: Config, tree: Any) -> Any:
+    """Mixed precision: float32 master parameters (and inputs) are cast to the compute
+    dtype where they are used, so gradients and optimizer state stay float32. BatchNorm
+    statistics stay float32 too (Flax computes them in at least float32)."""
+    if cfg.compute_dtype == "float32":
+        return tree
+    dt = jnp.dtype(cfg.compute_dtype)
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _logits_f32(y: jax.Array) -> jax.Array:
+    # Heads and experts return (N, classes) logits: losses and softmaxes run in float32.
+    return y.astype(jnp.float32) if y.ndim == 2 else y
+
+
 def _apply(module, params, stats, train, rng, *args):
+    params, args = to_compute_dtype(module.cfg, (params, args))
     variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
     rngs = {"dropout": rng} if (train and rng is not None) else None
     if train and stats:
         y, upd = module.apply(variables, *args, train=True, mutable=["batch_stats"], rngs=rngs)
-        return y, upd["batch_stats"]
-    return module.apply(variables, *args, train=train, rngs=rngs), stats
+        return _logits_f32(y), upd["batch_stats"]
+    return _logits_f32(module.apply(variables, *args, train=train, rngs=rngs)), stats
 
 
 def expert_forward(model: Model, params: Variables, stats: Variables, kind: str, index: int,
@@ -144,13 +161,19 @@ def segment_fns(model: Model) -> dict[str, Any]:
     seg:<name>(vars, x) -> features; head:<O_i>(vars, feats) -> logits;
     expert:<E_i>(vars, feats, o_logits) -> logits; aux5b:<E_i>(vars, feats) -> logits.
     """
+    def eval_fn(module):
+        def run(v, *args):
+            params, args = to_compute_dtype(model.cfg, (v["params"], args))
+            return _logits_f32(module.apply({**v, "params": params}, *args, train=False))
+        return jax.jit(run)
+
     fns: dict[str, Any] = {}
     for name, seg in model.segments.items():
-        fns[f"seg:{name}"] = jax.jit(lambda v, x, m=seg: m.apply(v, x, train=False))
+        fns[f"seg:{name}"] = eval_fn(seg)
     for name, head in model.heads.items():
-        fns[f"head:{name}"] = jax.jit(lambda v, h, m=head: m.apply(v, h, train=False))
+        fns[f"head:{name}"] = eval_fn(head)
     for name, e in model.experts.items():
-        fns[f"expert:{name}"] = jax.jit(lambda v, h, o, m=e: m.apply(v, h, o, train=False))
+        fns[f"expert:{name}"] = eval_fn(e)
     for name, e in model.aux5b.items():
-        fns[f"aux5b:{name}"] = jax.jit(lambda v, h, m=e: m.apply(v, h, train=False))
+        fns[f"aux5b:{name}"] = eval_fn(e)
     return fns

@@ -76,6 +76,7 @@ class Conv(nn.Module):
         cin = x.shape[-1]
         w = self.param("kernel", nn.initializers.lecun_normal(),
                        (*self.kernel_size, cin, self.features))
+        x = x.astype(w.dtype)  # mixed precision: the kernel arrives already cast (bf16)
         if self.kernel_size == (1, 1) and self.strides == 1:
             return jnp.dot(x, w.reshape(cin, self.features))
         if self.strides == 1 and self.padding == "SAME" and self.kernel_size[0] * self.kernel_size[1] <= 9:

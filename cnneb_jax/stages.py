@@ -24,6 +24,7 @@ import optax
 from tqdm.auto import tqdm
 
 from cnneb_jax import checkpoints as ckpt
+from cnneb_jax import distributed as dist
 from cnneb_jax.configs import Config
 from cnneb_jax.data import augment, epoch_batches, normalize
 from cnneb_jax.heads import FT, OTHER
@@ -88,6 +89,10 @@ def predict_all(model: Model, variables: Variables, images: np.ndarray, batch_si
                 desc: str | None = None) -> dict[str, list[np.ndarray]]:
     """Runs `make_predict_fn` over a whole split; pads the last batch to a fixed shape."""
     predict = make_predict_fn(model)
+    mesh = dist.data_mesh()
+    variables = dist.replicate(mesh, variables)
+    # Batches are split over all devices: round the batch up to a multiple of their count.
+    batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
     chunks: list[Any] = []
     n = len(images)
     for s in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=desc is None):
@@ -95,7 +100,7 @@ def predict_all(model: Model, variables: Variables, images: np.ndarray, batch_si
         pad = batch_size - len(batch)
         if pad:
             batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-        out = jax.device_get(predict(variables, batch))
+        out = dist.to_host(predict(variables, *dist.shard_batch(mesh, batch)))
         chunks.append(jax.tree_util.tree_map(lambda a: a[:len(a) - pad] if pad else a, out))
     return {k: [np.concatenate([c[k][i] for c in chunks]) for i in range(len(chunks[0][k]))]
             for k in chunks[0]}
@@ -164,6 +169,12 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
     total = epochs * steps_per_epoch
     if steps_per_epoch == 0:
         raise TrainingError(f"{stage}: {n} images are fewer than one batch of {batch_size}")
+    # Data parallel: parameters and optimizer state replicated, every batch split over
+    # all devices (a no-op layout on a single device).
+    mesh = dist.data_mesh()
+    dist.check_batch(batch_size)
+    state = dist.replicate(mesh, state)
+    extra_args = dist.replicate(mesh, extra_args)
     start = 0
     restored = ckpt.restore_latest(mngr, state)
     if restored is not None:
@@ -177,8 +188,8 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
         if perm is None or i == 0:
             # The order depends only on (seed, epoch): a resumed run sees the same batches.
             perm = epoch_batches(np.random.default_rng([cfg.seed, epoch]), n, batch_size)
-        idx = perm[i]
-        state, metrics = step_fn(state, images[idx], labels[idx],
+        batch_images, batch_labels = dist.shard_batch(mesh, images[perm[i]], labels[perm[i]])
+        state, metrics = step_fn(state, batch_images, batch_labels,
                                  jax.random.fold_in(key, step), *extra_args)
         seen += batch_size
         done = step + 1

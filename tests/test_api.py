@@ -30,6 +30,8 @@ def test_single_image_and_batch_of_one(cascade, tiny_data):
     x = tiny_data["test_images"][0]
     one = api.predict(cascade, x, "max_softmax", 0.5)
     assert one["labels"].shape == (1,)
+    batch_of_one = api.predict(cascade, x[None], "max_softmax", 0.5)
+    np.testing.assert_array_equal(batch_of_one["probs"], one["probs"])
 
 
 @pytest.mark.parametrize("images, message", [
@@ -39,6 +41,7 @@ def test_single_image_and_batch_of_one(cascade, tiny_data):
     (np.zeros((0, 32, 32, 3), np.uint8), "empty batch"),
     (np.zeros((2, 32, 32, 3), np.int64), "uint8 or float"),
     (np.full((2, 32, 32, 3), np.nan, np.float32), "NaN or inf"),
+    (np.full((2, 32, 32, 3), np.inf, np.float64), "NaN or inf"),
     (np.full((2, 32, 32, 3), 7.0, np.float32), r"\[0, 1\]"),
     (np.zeros((2, 2, 32, 32, 3), np.uint8), "shape"),
 ])

@@ -38,3 +38,42 @@ def test_workdir_refuses_another_config(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="num_classes: 10 there vs 100 here"):
         ckpt.check_config(tmp_path, cfg.replace(num_classes=100))
     assert ckpt.load_config(tmp_path) == cfg
+
+
+def _three_steps(tmp_path):
+    mngr = ckpt.manager(tmp_path / "stage")
+    for step in (2, 4, 6):
+        ckpt.save(mngr, step, {"x": jnp.full(1000, float(step))}, {"step": step})
+    return mngr
+
+
+def _truncate_data_files(step_dir):
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, damage):
+    mngr = _three_steps(tmp_path)
+    step_dir = tmp_path / "stage" / "ckpt" / "6"
+    if damage == "truncate":
+        _truncate_data_files(step_dir)
+    else:
+        (step_dir / "state" / "manifest.ocdbt").unlink()
+    step, state, meta = ckpt.restore_latest(mngr, {"x": jnp.zeros(1000)})
+    assert step == 4 and meta["step"] == 4 and float(state["x"][0]) == 4.0
+    err = capsys.readouterr().err
+    assert str(step_dir) in err and "damaged" in err and "falling back to step 4" in err
+    # The damaged step is moved aside, so a later save of step 6 starts clean.
+    assert (tmp_path / "stage" / "damaged" / "6").is_dir() and not step_dir.exists()
+    ckpt.save(mngr, 6, {"x": jnp.full(1000, 7.0)}, {"step": 6})
+    assert ckpt.restore_latest(mngr, {"x": jnp.zeros(1000)})[0] == 6
+
+
+def test_no_good_checkpoint_left_is_a_clear_error(tmp_path):
+    mngr = _three_steps(tmp_path)
+    for step in (2, 4, 6):
+        _truncate_data_files(tmp_path / "stage" / "ckpt" / str(step))
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* could be restored"):
+        ckpt.restore_latest(mngr, {"x": jnp.zeros(1000)})

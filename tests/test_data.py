@@ -71,3 +71,75 @@ def test_epoch_batches():
     assert b.shape == (3, 3) and len(set(b.ravel())) == 9
     with pytest.raises(DataError, match="fewer than one batch"):
         epoch_batches(np.random.default_rng(0), 2, 3)
+
+
+def _folder(tmp_path, n=3, classes=("cat", "dog")):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(
+                    tmp_path / split / c / f"{i}.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("empty_class", r"class folder .*train/dog has no images"),
+    ("loose_images", r"train has no class folders; its 1 images must sit in one subfolder"),
+    ("no_classes", r"test has no class folders"),
+    ("class_mismatch", r"different class folders: \['bird'\]"),
+    ("mixed_sizes", r"images in train/ differ in size: 6 are 32x32 .*; 1 are 40x32 \(e.g. .*big.png\)"),
+    ("all_corrupt", r"no readable images in test/"),
+])
+def test_bad_folders_give_specific_messages(tmp_path, breakage, message):
+    from PIL import Image
+    root = _folder(tmp_path / "d")
+    if breakage == "empty_class":
+        for f in (root / "train" / "dog").iterdir():
+            f.unlink()
+        (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    elif breakage == "loose_images":
+        import shutil
+        shutil.rmtree(root / "train")
+        (root / "train").mkdir()
+        Image.new("RGB", (32, 32)).save(root / "train" / "x.png")
+    elif breakage == "no_classes":
+        import shutil
+        shutil.rmtree(root / "test")
+        (root / "test").mkdir()
+    elif breakage == "class_mismatch":
+        (root / "test" / "bird").mkdir()
+        Image.new("RGB", (32, 32)).save(root / "test" / "bird" / "0.png")
+    elif breakage == "mixed_sizes":
+        Image.new("RGB", (32, 40)).save(root / "train" / "cat" / "big.png")
+    elif breakage == "all_corrupt":
+        for f in (root / "test").rglob("*.png"):
+            f.write_bytes(b"garbage")
+    with pytest.raises(DataError, match=message):
+        load_image_folder(root, tmp_path / "cache")
+
+
+def test_corrupt_files_are_skipped_and_counted_grayscale_converted(tmp_path, capsys):
+    from PIL import Image
+    root = _folder(tmp_path / "d")
+    (root / "train" / "cat" / "bad.png").write_bytes(b"not a png at all")
+    good = (root / "train" / "dog" / "0.png").read_bytes()
+    (root / "train" / "dog" / "cut.png").write_bytes(good[: len(good) // 2])
+    Image.fromarray(np.full((32, 32), 100, np.uint8)).save(root / "test" / "cat" / "gray.png")
+    raw = load_image_folder(root, tmp_path / "cache")
+    assert raw["train_images"].shape == (6, 32, 32, 3)  # 8 files, 2 unreadable
+    assert raw["test_images"].shape == (7, 32, 32, 3)
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable image file(s) in train/" in err
+    assert "bad.png" in err and "cut.png" in err
+    assert "converted 1 non-RGB image(s) in test/ to RGB" in err and "gray.png (L)" in err
+    gray = raw["test_images"][raw["test_images"].std(axis=(1, 2, 3)) == 0]
+    assert len(gray) == 1 and gray[0, 0, 0, 0] == 100
+
+
+def test_a_dir_without_the_layout_is_not_sent_to_tfds(tmp_path, tiny_cfg):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(DataError, match="no 'train/' folder"):
+        load_dataset(tiny_cfg, str(tmp_path / "photos"), tmp_path / "cache")

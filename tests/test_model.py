@@ -74,3 +74,33 @@ def test_cifar_prefix_is_cheap():
     share = (f_pre + f_o1 + f_e1) / (f_pre + f_o1 + f_e1 + f_deep)
     assert 0 < share <= 0.35
     assert count_params(v["segments"]) > 1_000_000
+
+
+def test_bfloat16_compute_keeps_float32_params_and_matches_float32(tiny_cfg):
+    """Mixed precision: the same parameters give nearly the same loss in bf16; gradients,
+    updated parameters and logits stay float32."""
+    from cnneb_jax.stages import make_backbone_step, make_optimizer
+
+    images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), np.uint8)
+    labels = np.arange(8) % 10
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = tiny_cfg.replace(compute_dtype=dtype)
+        model = build_model(cfg)
+        variables = init_variables(model, jax.random.PRNGKey(0))
+        params, stats = split_collections({g: variables[g] for g in ("segments", "heads")})
+        tx = make_optimizer(0.1, 10, 1, 0.0, 0.9)
+        state = {"params": params, "stats": stats, "opt": tx.init(params)}
+        state, metrics = make_backbone_step(model, cfg, tx)(state, images, labels,
+                                                           jax.random.PRNGKey(1))
+        losses[dtype] = float(metrics["loss"])
+        floats = [a for a in jax.tree_util.tree_leaves(state)
+                  if jnp.issubdtype(a.dtype, jnp.floating)]  # not the optimizer's step count
+        assert floats and all(a.dtype == jnp.float32 for a in floats)
+        fns = segment_fns(model)
+        h = fns["seg:stem->Mixed_5b"](variables["segments"]["stem->Mixed_5b"],
+                                     images.astype(np.float32))
+        assert h.dtype == jnp.dtype(dtype)
+        assert fns["head:O1"](variables["heads"]["O1"], h).dtype == jnp.float32
+    assert np.isfinite(losses["bfloat16"])
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * losses["float32"]
