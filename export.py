@@ -1,0 +1,72 @@
+"""Export a trained cascade for serving (jax.export StableHLO per segment + manifest.json).
+
+    python export.py --workdir runs/cifar --data-dir ../shared/datasets/cifar10-jpeg \
+        --rule expert --max-drop 1.0
+
+The threshold is calibrated on the workdir's calibration split (largest FLOPs saving with
+accuracy at most --max-drop points below the last exit alone), unless --threshold is given.
+Serve it with `cnneb_jax.serving` (jax and numpy only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a trained workdir (both stages)")
+    p.add_argument("--out", default=None, help="output folder (default: WORKDIR/export)")
+    p.add_argument("--rule", default="expert",
+                   choices=["expert", "aux5b", "max_softmax", "entropy"],
+                   help="exit rule the server uses by default (default: expert)")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="calibration target: accuracy drop in points vs the last exit alone")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="use this threshold instead of calibrating (no data needed)")
+    p.add_argument("--data-dir", default=None, help="image folder or tfds data dir")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache folder")
+    p.add_argument("--max-batch", type=int, default=256, help="largest bucket size")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pathlib import Path
+
+    from cnneb_jax import api
+    from cnneb_jax import data as data_lib
+    from cnneb_jax.checkpoints import CheckpointError, load_config
+    from cnneb_jax.export import export_cascade
+    from cnneb_jax.stages import TrainingError
+
+    try:
+        cascade = api.load(args.workdir, max_batch=args.max_batch, warm=False)
+        point = None
+        if args.threshold is None:
+            cfg = load_config(Path(args.workdir))
+            cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
+            data = data_lib.load_dataset(cfg, args.data_dir, cache)
+            point = api.calibrate(cascade, data["calib_images"], data["calib_labels"],
+                                  args.rule, max_drop=args.max_drop / 100.0)
+            threshold = point["threshold"]
+            print(f"[export] {args.rule}: threshold {threshold:.4f} (calibration accuracy "
+                  f"{point['accuracy']:.4f} vs {point['reference_accuracy']:.4f})")
+        else:
+            threshold = args.threshold
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"--threshold must lie in [0, 1]; got {threshold}")
+        out = export_cascade(cascade, args.out or Path(args.workdir) / "export", args.rule,
+                             threshold, point)
+        print(f"[export] wrote {out}/manifest.json and {len(list(out.glob('*.stablehlo')))} "
+              "StableHLO parts")
+    except (ValueError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Export round trip: the exported cascade (jax.export StableHLO + manifest) run by
+`cnneb_jax.serving` gives the live cascade's answers, without importing the model code."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnneb_jax import api, serving
+from cnneb_jax.export import export_cascade
+from cnneb_jax.stages import train_backbone, train_expert
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_cfg, tiny_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("export")
+    train_backbone(tiny_cfg, tiny_data, workdir)
+    train_expert(tiny_cfg, tiny_data, workdir)
+    cascade = api.load(workdir, max_batch=8)
+    point = api.calibrate(cascade, tiny_data["calib_images"], tiny_data["calib_labels"],
+                          "max_softmax", max_drop=0.0)
+    out = export_cascade(cascade, workdir / "export", "max_softmax", point["threshold"], point)
+    return cascade, out, point
+
+
+def test_manifest_records_the_operating_point(exported):
+    _, out, point = exported
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["branch_points"] == ["Mixed_5b"] and m["input_shape"] == [32, 32, 3]
+    assert m["bucket_sizes"] == [1, 2, 4, 8] and m["rule"] == "max_softmax"
+    assert m["threshold"] == pytest.approx(point["threshold"])
+    assert {p["name"] for p in m["parts"]} == {"seg0", "head0", "expert0", "aux5b0",
+                                                "seg1", "head1"}
+
+
+@pytest.mark.parametrize("rule", ["expert", "aux5b", "max_softmax", "entropy"])
+def test_exported_cascade_equals_the_live_one(exported, tiny_data, rule):
+    live, out, _ = exported
+    served = serving.load(out)
+    x = tiny_data["test_images"]  # 16 images: two full buckets of 8
+    for t in (0.0, 0.3, 0.6, 1.0):
+        a = api.predict(live, x, rule, t)
+        b = serving.predict(served, x, rule, t)
+        np.testing.assert_array_equal(a["exit"], b["exit"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        np.testing.assert_allclose(a["probs"], b["probs"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a["flops"], b["flops"])
+    assert set(b["exit"]) <= {0, 1}
+
+
+def test_serving_runs_without_the_model_code(exported, tiny_data, tmp_path):
+    _, out, _ = exported
+    np.save(tmp_path / "x.npy", tiny_data["test_images"][:5])
+    code = (f"import sys, numpy as np; from cnneb_jax import serving; "
+            f"c = serving.load({str(out)!r}); "
+            f"r = serving.predict(c, np.load({str(tmp_path / 'x.npy')!r})); "
+            f"bad = [m for m in ('flax', 'optax', 'cnneb_jax.model', 'cnneb_jax.stages', "
+            f"'cnneb_jax.segments') if m in sys.modules]; "
+            f"assert not bad, bad; print(r['labels'].shape, r['exit'].shape)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(5,) (5,)" in r.stdout
+
+
+def test_serving_refuses_bad_input(exported):
+    served = serving.load(exported[1])
+    with pytest.raises(ValueError, match="images must be"):
+        serving.predict(served, np.zeros((2, 28, 28, 3), np.uint8))
+    with pytest.raises(ValueError, match="threshold"):
+        serving.predict(served, np.zeros((2, 32, 32, 3), np.uint8), threshold=2.0)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        serving.load(exported[1].parent)
