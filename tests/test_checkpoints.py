@@ -77,3 +77,27 @@ def test_no_good_checkpoint_left_is_a_clear_error(tmp_path):
         _truncate_data_files(tmp_path / "stage" / "ckpt" / str(step))
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* could be restored"):
         ckpt.restore_latest(mngr, {"x": jnp.zeros(1000)})
+
+
+def test_half_written_step_from_a_killed_save_is_ignored(tmp_path):
+    """Orbax writes a step into a temporary folder and renames it when complete; a kill
+    during a save leaves only that temporary folder, which restore never picks up."""
+    mngr = _three_steps(tmp_path)
+    mngr.close()
+    tmp = tmp_path / "stage" / "ckpt" / "8.orbax-checkpoint-tmp-1234"
+    (tmp / "state").mkdir(parents=True)
+    (tmp / "state" / "partial").write_bytes(b"\0" * 10)
+    mngr = ckpt.manager(tmp_path / "stage")
+    step, state, _ = ckpt.restore_latest(mngr, {"x": jnp.zeros(1000)})
+    assert step == 6 and float(state["x"][0]) == 6.0
+
+
+def test_json_writes_are_atomic(tmp_path, monkeypatch):
+    """A crash while writing result.json/config.json leaves the old file, never half a file."""
+    path = tmp_path / "result.json"
+    ckpt.write_json(path, {"a": 1})
+    import os
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        ckpt.write_json(path, {"a": 2})
+    assert path.read_text() == '{\n  "a": 1\n}'
