@@ -20,13 +20,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-_initialized = False
-
-
 def initialize() -> None:
     """Joins the multi-host run described by the environment; a no-op on one host."""
-    global _initialized
-    if _initialized:
+    if jax.distributed.is_initialized():
         return
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
@@ -35,7 +31,6 @@ def initialize() -> None:
     elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1
           or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
         jax.distributed.initialize()
-    _initialized = True
 
 
 def data_mesh() -> Mesh:
