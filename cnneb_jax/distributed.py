@@ -20,6 +20,23 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+def split_cpu(n: int) -> None:
+    """Presents the CPU as `n` JAX devices, so training runs data-parallel across them.
+
+    On a 2-core host, 2 devices train the cifar config about 1.25x faster than one
+    (bench/data_parallel.py): XLA's intra-op threading keeps 2 cores busy on the many small
+    Inception convolutions less well than two partitions of the batch do. It must run
+    before JAX starts its backends; GPUs/TPUs are not affected.
+    """
+    if n < 1:
+        raise ValueError(f"the CPU device count must be at least 1, got {n}")
+    if jax._src.xla_bridge.backends_are_initialized():
+        raise RuntimeError("split_cpu must be called before JAX uses any device")
+    flag = "--xla_force_host_platform_device_count"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    os.environ["XLA_FLAGS"] = " ".join(kept + [f"{flag}={n}"])
+
+
 def initialize() -> None:
     """Joins the multi-host run described by the environment; a no-op on one host."""
     if jax.distributed.is_initialized():

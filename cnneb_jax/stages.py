@@ -241,11 +241,20 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
     return result
 
 
+def make_expert_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
+    """Adam for both expert kinds, each at its own peak lr: E1 takes a high one (few FT
+    examples, see configs.py), the deeper Aux+5b expert collapses to "always FT" at it."""
+    def tx(lr):
+        return make_optimizer(lr, total_steps, total_steps // 20, cfg.expert_weight_decay, None)
+    labels = lambda params: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in params.items()}
+    return optax.multi_transform({"experts": tx(cfg.expert_lr), "aux5b": tx(cfg.aux5b_lr)},
+                                 labels)
+
+
 def _restore_stage(workdir: Path, stage: str, params: Variables, stats: Variables,
-                   momentum: float | None) -> dict:
-    """Latest {"params", "stats", "opt"} of a finished stage (the optimizer state structure
-    comes from a throw-away optimizer of the same kind)."""
-    tx = make_optimizer(1.0, 10, 1, 0.0, momentum)
+                   tx: optax.GradientTransformation) -> dict:
+    """Latest {"params", "stats", "opt"} of a finished stage (`tx` gives the optimizer state
+    structure)."""
     like = {"params": params, "stats": stats, "opt": tx.init(params)}
     mngr = ckpt.manager(workdir / stage)
     try:
@@ -266,7 +275,8 @@ def load_backbone(workdir: str | Path, cfg: Config) -> tuple[Model, Variables]:
     model = build_model(cfg)
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
     params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
-    st = _restore_stage(workdir, "backbone", params, stats, cfg.momentum)
+    tx = make_optimizer(1.0, 10, 1, 0.0, cfg.momentum)
+    st = _restore_stage(workdir, "backbone", params, stats, tx)
     return model, merge_collections(st["params"], st["stats"])
 
 
@@ -352,7 +362,7 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
     n = len(data["val_images"])
     bs = min(cfg.expert_batch_size, n)
     total = cfg.expert_epochs * (n // bs)
-    tx = make_optimizer(cfg.expert_lr, total, total // 20, cfg.expert_weight_decay, None)
+    tx = make_expert_optimizer(cfg, total)
     state = {"params": params, "stats": stats, "opt": tx.init(params)}
     step_fn = make_expert_step(model, cfg, tx, backbone)
     state = _run_loop("expert", workdir, cfg, state, step_fn, data["val_images"],
@@ -380,5 +390,5 @@ def load_trained(workdir: str | Path) -> tuple[Model, Variables]:
                             "run `python train.py --stage expert` first")
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1))
     params, stats = split_collections(_subset(variables, EXPERT_GROUPS))
-    st = _restore_stage(workdir, "expert", params, stats, None)
+    st = _restore_stage(workdir, "expert", params, stats, make_expert_optimizer(cfg, 10))
     return model, {**backbone, **merge_collections(st["params"], st["stats"])}

@@ -92,3 +92,28 @@ def test_batch_must_split_evenly_over_devices(monkeypatch):
     dist.check_batch(8)
     with pytest.raises(ValueError, match="batch_size=6 must be a multiple of the 4 devices"):
         dist.check_batch(6)
+
+
+SPLIT_SCRIPT = """
+import os, jax
+from cnneb_jax import distributed as dist
+dist.split_cpu(3)
+print(os.environ["XLA_FLAGS"], jax.device_count())
+try:
+    dist.split_cpu(2)
+except RuntimeError as e:
+    print("late:", e)
+"""
+
+
+def test_split_cpu_sets_the_device_count_once_and_only_before_jax_starts():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=5 --xla_dump_to=/x"}
+    r = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    flags, count = r.stdout.splitlines()[0].rsplit(" ", 1)
+    assert count == "3"
+    assert flags.split() == ["--xla_dump_to=/x", "--xla_force_host_platform_device_count=3"]
+    assert "late: split_cpu must be called before JAX uses any device" in r.stdout
+    with pytest.raises(ValueError, match="at least 1"):
+        dist.split_cpu(0)

@@ -18,7 +18,8 @@ def _run(*args):
 def test_help_explains_the_flags():
     r = _run("--help")
     assert r.returncode == 0
-    for flag in ("--stage", "--config", "--workdir", "--data-dir", "--set", "--retrain"):
+    for flag in ("--stage", "--config", "--workdir", "--data-dir", "--set", "--retrain",
+                 "--cpu-devices"):
         assert flag in r.stdout
 
 
