@@ -55,8 +55,8 @@ class Config:
     warmup_epochs: float = 1.0
     aux_weight: float = 0.5        # loss = CE(O2) + aux_weight * CE(O1)
     # --- expert stage ---
-    # Few FT examples (~260 of 4,000): a short run at a high Adam lr ranked test images
-    # better than 30 epochs at 1e-3, which learned slowly, then over-fitted (docs/RESULTS.md §3).
+    # Few FT examples (~260 of 4,000): a short run at a high Adam lr ranked held-out images
+    # better than 30 epochs at 1e-3, which learned too slowly (docs/RESULTS.md §3).
     expert_epochs: int = 16
     expert_batch_size: int = 256
     expert_lr: float = 0.1

@@ -1,0 +1,60 @@
+"""Eval-mode time, XLA FLOPs and GFLOP/s of every Inception v3 block, one jit per block.
+
+    python bench/block_times.py --config cifar --batch 256
+
+Shows where the early-exit prefix (stem -> Mixed_5b) is less efficient per FLOP than the
+deep layers on this machine: the reason measured time sits above the FLOPs prediction
+when most images leave at O1. Random weights: timing does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnneb_jax.configs import BLOCKS, CONFIGS, get_config
+from cnneb_jax.segments import Segment
+
+
+def median_ms(f, *args, repeats: int = 7) -> float:
+    jax.block_until_ready(f(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="cifar", choices=sorted(CONFIGS))
+    p.add_argument("--batch", type=int, default=256)
+    args = p.parse_args()
+    cfg = get_config(args.config)
+    h = jnp.asarray(np.random.default_rng(0).standard_normal(
+        (args.batch, cfg.image_size, cfg.image_size, 3), np.float32))
+    prev, total_ms, total_flops = None, 0.0, 0.0
+    print(f"{'block':16s} {'ms':>8s} {'GFLOP':>7s} {'GFLOP/s':>8s}  output")
+    for name in BLOCKS:
+        seg = Segment(cfg, prev, name)
+        v = seg.init(jax.random.PRNGKey(0), h)
+        f = jax.jit(lambda v, h, seg=seg: seg.apply(v, h))
+        ms = median_ms(f, v, h)
+        cost = f.lower(v, h).compile().cost_analysis()
+        flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+        h = f(v, h)
+        total_ms, total_flops = total_ms + ms, total_flops + flops
+        print(f"{name:16s} {ms:8.2f} {flops / 1e9:7.2f} {flops / 1e6 / ms:8.1f}  {tuple(h.shape)}")
+        prev = name
+    print(f"{'all blocks':16s} {total_ms:8.2f} {total_flops / 1e9:7.2f} "
+          f"{total_flops / 1e6 / total_ms:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
