@@ -35,10 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set epochs=2 --set width=0.5 "
                         "(repeatable; see cnneb_jax/configs.py for the fields)")
-    p.add_argument("--cpu-devices", type=int, default=1, metavar="N",
+    p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
                    help="present the CPU as N JAX devices and train data-parallel across "
-                        "them (default 2: about 1.25x faster than 1 on a 2-core host, see "
-                        "bench/data_parallel.py; 1 turns it off; GPUs are not affected). "
+                        "them (default: leave XLA_FLAGS as it is, i.e. one CPU device). "
+                        "Isolated steps ran 1.2x faster on 2 devices on a 2-core host, a "
+                        "real run did not (docs/RESULTS.md); GPUs are not affected. "
                         "batch_size must be a multiple of the device count")
     p.add_argument("--retrain", action="store_true",
                    help="train the chosen stage(s) again even if already finished")
@@ -62,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     from cnneb_jax.checkpoints import CheckpointError
     from cnneb_jax.stages import TrainingError, train_backbone, train_expert
 
-    try:
-        distributed.split_cpu(args.cpu_devices)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.cpu_devices is not None:
+        try:
+            distributed.split_cpu(args.cpu_devices)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     distributed.initialize()  # multi-host when a launcher set it up; else nothing
 
     try:

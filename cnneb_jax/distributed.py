@@ -20,13 +20,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+
 def split_cpu(n: int) -> None:
     """Presents the CPU as `n` JAX devices, so training runs data-parallel across them.
 
-    On a 2-core host, 2 devices train the cifar config about 1.25x faster than one
-    (bench/data_parallel.py): XLA's intra-op threading keeps 2 cores busy on the many small
-    Inception convolutions less well than two partitions of the batch do. It must run
-    before JAX starts its backends; GPUs/TPUs are not affected.
+    On a 2-core host, isolated backbone steps of the cifar config ran 1.2-1.26x faster on
+    2 devices than on 1 (bench/data_parallel.py), though a real training run did not
+    (docs/RESULTS.md §1). It must run before JAX starts its backends; GPUs/TPUs are not
+    affected.
     """
     if n < 1:
         raise ValueError(f"the CPU device count must be at least 1, got {n}")
