@@ -10,24 +10,14 @@ when most images leave at O1. Random weights: timing does not depend on their va
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cnneb_jax.configs import BLOCKS, CONFIGS, get_config
+from cnneb_jax.report import median_seconds
 from cnneb_jax.segments import Segment
-
-
-def median_ms(f, *args, repeats: int = 7) -> float:
-    jax.block_until_ready(f(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
 
 
 def main() -> None:
@@ -45,7 +35,8 @@ def main() -> None:
         seg = Segment(cfg, prev, name)
         v = seg.init(jax.random.PRNGKey(0), h)
         f = jax.jit(lambda v, h, seg=seg: seg.apply(v, h))
-        ms = median_ms(f, v, h)
+        jax.block_until_ready(f(v, h))  # compile
+        ms = 1e3 * median_seconds(lambda: jax.block_until_ready(f(v, h)), 7)
         cost = f.lower(v, h).compile().cost_analysis()
         flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
         h = f(v, h)

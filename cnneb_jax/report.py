@@ -44,7 +44,7 @@ def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -56,7 +56,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def time_batch(c: Cascade, images: np.ndarray, run, repeats: int) -> float:
     """Milliseconds per image in batch mode (median over repeats, after one warm pass)."""
     run(images[:c.max_batch])
-    return 1000.0 * _median_seconds(lambda: run(images), repeats) / len(images)
+    return 1000.0 * median_seconds(lambda: run(images), repeats) / len(images)
 
 
 def time_single(c: Cascade, images: np.ndarray, run) -> float:
