@@ -39,6 +39,7 @@ class Config:
     bn_momentum: float = 0.9
     # Mixed precision: "bfloat16" computes convs/matmuls in bf16 with float32 parameters,
     # optimizer state and BatchNorm statistics (for GPUs; on this CPU bf16 convs are no faster).
+    # "float64" keeps everything in float64 (needs JAX_ENABLE_X64=1): exact comparisons in tests.
     compute_dtype: str = "float32"
     # --- data ---
     dataset: str = "cifar10"
@@ -54,6 +55,11 @@ class Config:
     label_smoothing: float = 0.1
     warmup_epochs: float = 1.0
     aux_weight: float = 0.5        # loss = CE(O2) + aux_weight * CE(O1)
+    # Exponential moving average of the weights and BatchNorm statistics, per step (0 = off).
+    # When on, evaluation, the expert stage and the API use the averaged backbone.
+    ema_decay: float = 0.0
+    bn_bias_lr_mult: float = 1.0   # lr multiplier on BatchNorm offsets (airbench uses 64)
+    eval_every_epochs: int = 1     # O1/O2 accuracy on the held-out images per epoch; 0 = off
     # --- expert stage ---
     # Few FT examples (~260 of 4,000): a short run at a high Adam lr ranked held-out images
     # better than 30 epochs at 1e-3, which learned too slowly (docs/RESULTS.md §3).
@@ -88,10 +94,13 @@ CONFIGS: dict[str, Config] = {
     # Tiny: for tests on a handful of images.
     "tiny": _DEFAULT.replace(
         name="tiny", width=0.0625, aux_channels=64, aux_hidden=128, expert_hidden=8,
-        batch_size=8, epochs=1, expert_epochs=1, expert_batch_size=8, expert_lr=1e-3,
-        val_size=16,
-        calib_size=8, eval_batch_size=16, checkpoint_every_steps=2,
-        max_train_examples=48, max_test_examples=16),
+        batch_size=8, epochs=4, eval_batch_size=16, checkpoint_every_steps=8,
+        max_train_examples=48, max_test_examples=16,
+        # 24 expert images (32 held out, 8 of them for calibration) in 30 full-batch steps
+        # on a backbone of 24 steps (after fewer, its logits are still huge): enough for a
+        # test to see the expert learn FT vs Other.
+        val_size=32, calib_size=8, expert_epochs=30, expert_batch_size=24, expert_lr=1e-2,
+        aux5b_lr=1e-2),
 }
 
 
@@ -121,8 +130,9 @@ def get_config(name: str, overrides: dict[str, str] | None = None) -> Config:
         except ValueError as e:
             raise ValueError(f"bad value for {key}: {e}") from None
         cfg = cfg.replace(**{key: value})
-    if cfg.compute_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"compute_dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
+    if cfg.compute_dtype not in ("float32", "bfloat16", "float64"):
+        raise ValueError("compute_dtype must be float32, bfloat16 or float64, "
+                         f"got {cfg.compute_dtype!r}")
     for bp in cfg.branch_points:
         if bp not in BLOCKS or not bp.startswith("Mixed"):
             raise ValueError(f"branch point {bp!r} must be one of the Mixed_* blocks")

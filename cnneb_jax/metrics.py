@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -47,21 +48,22 @@ def segment_flops(model, variables) -> dict[str, float]:
     """XLA FLOPs per image of every segment, exit and expert (batch of 1, eval mode).
 
     Keys: "seg:<name>", "head:O<i>", "expert:E<i>", "aux5b:E<i>" (as in model.segment_fns).
+    Only shapes matter: `variables` may be abstract (`jax.eval_shape` of `init_variables`),
+    which skips the slow eager initialisation of a large model.
     """
-    import jax.numpy as jnp
     cfg = model.cfg
-    x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
     out: dict[str, float] = {}
     feats = []
     for name, seg in model.segments.items():
         v = variables["segments"][name]
         out[f"seg:{name}"] = xla_flops(lambda v, x, m=seg: m.apply(v, x), v, x)
-        x = seg.apply(v, x)
+        x = jax.eval_shape(seg.apply, v, x)
         feats.append(x)
     for i, (name, head) in enumerate(model.heads.items()):
         out[f"head:{name}"] = xla_flops(lambda v, h, m=head: m.apply(v, h),
                                         variables["heads"][name], feats[i])
-    o = jnp.zeros((1, cfg.num_classes), jnp.float32)
+    o = jax.ShapeDtypeStruct((1, cfg.num_classes), jnp.float32)
     for i, name in enumerate(model.experts):
         out[f"expert:{name}"] = xla_flops(lambda v, h, o, m=model.experts[name]: m.apply(v, h, o),
                                           variables["experts"][name], feats[i], o)

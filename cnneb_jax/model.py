@@ -79,7 +79,12 @@ def init_variables(model: Model, rng: jax.Array) -> Variables:
         o = jnp.zeros((1, cfg.num_classes), jnp.float32)
         out["experts"][name] = model.experts[name].init(next(keys), feats[i], o)
         out["aux5b"][name] = model.aux5b[name].init(next(keys), feats[i])
-    return jax.tree_util.tree_map(jnp.asarray, out)
+    out = jax.tree_util.tree_map(jnp.asarray, out)
+    if cfg.compute_dtype == "float64":
+        if not jax.config.jax_enable_x64:
+            raise ValueError("compute_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
+        out = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), out)
+    return out
 
 
 def split_collections(variables: Variables) -> tuple[Variables, Variables]:
@@ -128,8 +133,9 @@ def to_compute_dtype(cfg: Config, tree: Any) -> Any:
 
 
 def _logits_f32(y: jax.Array) -> jax.Array:
-    # Heads and experts return (N, classes) logits: losses and softmaxes run in float32.
-    return y.astype(jnp.float32) if y.ndim == 2 else y
+    # Heads and experts return (N, classes) logits: losses and softmaxes run in at least
+    # float32 (float64 stays float64).
+    return y.astype(jnp.float32) if y.ndim == 2 and y.dtype.itemsize < 4 else y
 
 
 def _apply(module, params, stats, train, rng, *args):

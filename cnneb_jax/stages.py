@@ -59,6 +59,37 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay:
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=_decay_mask), base)
 
 
+def _is_bn_bias(path) -> bool:
+    keys = [getattr(k, "key", None) for k in path]
+    return len(keys) >= 2 and keys[-1] == "bias" and keys[-2] == "bn"
+
+
+def backbone_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The backbone's SGD+Nesterov; BatchNorm offsets at `bn_bias_lr_mult` times the lr."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    tx = lambda lr: make_optimizer(lr, total, warmup, cfg.weight_decay, cfg.momentum)
+    if cfg.bn_bias_lr_mult == 1.0:
+        return tx(cfg.lr)
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "bn_bias" if _is_bn_bias(path) else "rest", params)
+    return optax.multi_transform({"rest": tx(cfg.lr), "bn_bias": tx(cfg.lr * cfg.bn_bias_lr_mult)},
+                                 labels)
+
+
+def init_ema(params: Variables, stats: Variables) -> dict:
+    return {"params": params, "stats": stats, "count": jnp.zeros((), jnp.float32)}
+
+
+def update_ema(ema: dict, params: Variables, stats: Variables, decay: float) -> dict:
+    """One EMA step; the decay ramps up as (1+t)/(10+t) so early weights fade quickly."""
+    count = ema["count"]
+    d = jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+    mix = lambda e, x: d * e + (1.0 - d) * x
+    return {"params": jax.tree_util.tree_map(mix, ema["params"], params),
+            "stats": jax.tree_util.tree_map(mix, ema["stats"], stats), "count": count + 1.0}
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def make_predict_fn(model: Model):
@@ -86,9 +117,10 @@ def make_predict_fn(model: Model):
 
 
 def predict_all(model: Model, variables: Variables, images: np.ndarray, batch_size: int,
-                desc: str | None = None) -> dict[str, list[np.ndarray]]:
-    """Runs `make_predict_fn` over a whole split; pads the last batch to a fixed shape."""
-    predict = make_predict_fn(model)
+                desc: str | None = None, predict=None) -> dict[str, list[np.ndarray]]:
+    """Runs `make_predict_fn` over a whole split; pads the last batch to a fixed shape.
+    Pass `predict` (from `make_predict_fn`) to reuse its compilation across calls."""
+    predict = predict or make_predict_fn(model)
     mesh = dist.data_mesh()
     variables = dist.replicate(mesh, variables)
     # Batches are split over all devices: round the batch up to a multiple of their count.
@@ -133,7 +165,10 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **{f"acc_O{i + 1}": accs[i] for i in range(m)}}
-        return {"params": params, "stats": new_stats, "opt": opt}, metrics
+        new_state = {"params": params, "stats": new_stats, "opt": opt}
+        if "ema" in state:
+            new_state["ema"] = update_ema(state["ema"], params, new_stats, cfg.ema_decay)
+        return new_state, metrics
 
     return step
 
@@ -160,8 +195,10 @@ def _begin_stage(cfg: Config, workdir: Path, stage: str, retrain: bool) -> dict 
 
 
 def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, images: np.ndarray,
-              labels: np.ndarray, batch_size: int, epochs: int, extra_args: tuple = ()) -> dict:
-    """The shared loop: shuffling, resume, progress bar, metrics log, checkpoints."""
+              labels: np.ndarray, batch_size: int, epochs: int, extra_args: tuple = (),
+              on_epoch_end=None) -> dict:
+    """The shared loop: shuffling, resume, progress bar, metrics log, checkpoints.
+    `on_epoch_end(epoch, state)` may return a dict, logged as that epoch's evaluation."""
     stage_dir = workdir / stage
     mngr = ckpt.manager(stage_dir)
     n = len(images)
@@ -207,6 +244,15 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
         pbar.update(1)
         if saving:
             ckpt.save(mngr, done, state, {"step": done, "stage": stage})
+        if on_epoch_end is not None and done % steps_per_epoch == 0:
+            t_eval = time.perf_counter()
+            res = on_epoch_end(epoch + 1, state)
+            if res:
+                ckpt.log_metrics(workdir, {"stage": stage, "event": "epoch", "epoch": epoch + 1,
+                                           "step": done, **res})
+                pbar.write(f"[{stage}] epoch {epoch + 1}: " +
+                           ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+            t0 += time.perf_counter() - t_eval  # keep img/s about training only
     pbar.close()
     mngr.close()
     return state
@@ -224,13 +270,29 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
     params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
     n = len(data["train_images"])
     total = cfg.epochs * (n // cfg.batch_size)
-    warmup = int(cfg.warmup_epochs * (n // cfg.batch_size))
-    tx = make_optimizer(cfg.lr, total, warmup, cfg.weight_decay, cfg.momentum)
+    tx = backbone_optimizer(cfg, n // cfg.batch_size)
     state = {"params": params, "stats": stats, "opt": tx.init(params)}
+    if cfg.ema_decay > 0:
+        state["ema"] = init_ema(params, stats)
+    predict = make_predict_fn(model)
+    heldout = (np.concatenate([data["val_images"], data["calib_images"]]),
+               np.concatenate([data["val_labels"], data["calib_labels"]]))
+
+    def on_epoch_end(epoch, st):
+        # Accuracy on the held-out images (never on test): the per-epoch curve settings
+        # are chosen from.
+        if not cfg.eval_every_epochs or epoch % cfg.eval_every_epochs or not len(heldout[0]):
+            return None
+        out = predict_all(model, _eval_variables(st), heldout[0], cfg.eval_batch_size,
+                          predict=predict)
+        return {f"heldout_{k}": v for k, v in exit_accuracies(out, heldout[1]).items()}
+
     state = _run_loop("backbone", workdir, cfg, state, make_backbone_step(model, cfg, tx),
-                      data["train_images"], data["train_labels"], cfg.batch_size, cfg.epochs)
-    variables = merge_collections(state["params"], state["stats"])
-    outputs = predict_all(model, variables, data["test_images"], cfg.eval_batch_size, "test")
+                      data["train_images"], data["train_labels"], cfg.batch_size, cfg.epochs,
+                      on_epoch_end=on_epoch_end)
+    variables = _eval_variables(state)
+    outputs = predict_all(model, variables, data["test_images"], cfg.eval_batch_size, "test",
+                          predict=predict)
     result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
               "train_seconds": time.time() - t_start, "steps": total,
               "train_images": n}
@@ -252,10 +314,12 @@ def make_expert_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransf
 
 
 def _restore_stage(workdir: Path, stage: str, params: Variables, stats: Variables,
-                   tx: optax.GradientTransformation) -> dict:
-    """Latest {"params", "stats", "opt"} of a finished stage (`tx` gives the optimizer state
-    structure)."""
+                   tx: optax.GradientTransformation, ema: dict | None = None) -> dict:
+    """Latest {"params", "stats", "opt"[, "ema"]} of a finished stage (`tx` gives the
+    optimizer state structure, `ema` the EMA's when the stage keeps one)."""
     like = {"params": params, "stats": stats, "opt": tx.init(params)}
+    if ema is not None:
+        like["ema"] = ema
     mngr = ckpt.manager(workdir / stage)
     try:
         restored = ckpt.restore_latest(mngr, like)
@@ -275,9 +339,16 @@ def load_backbone(workdir: str | Path, cfg: Config) -> tuple[Model, Variables]:
     model = build_model(cfg)
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
     params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
-    tx = make_optimizer(1.0, 10, 1, 0.0, cfg.momentum)
-    st = _restore_stage(workdir, "backbone", params, stats, tx)
-    return model, merge_collections(st["params"], st["stats"])
+    tx = backbone_optimizer(cfg, 10)
+    st = _restore_stage(workdir, "backbone", params, stats, tx,
+                        ema=init_ema(params, stats) if cfg.ema_decay > 0 else None)
+    return model, _eval_variables(st)
+
+
+def _eval_variables(state: dict) -> Variables:
+    """The variables a backbone state is evaluated with: its EMA when it keeps one."""
+    src = state.get("ema", state)
+    return merge_collections(src["params"], src["stats"])
 
 
 # ----------------------------------------------------------------------------- expert
@@ -300,7 +371,7 @@ def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation
                 right_later |= p == y
             is_ft = (preds[i] != y) & right_later
             target = jnp.where(is_ft, FT, OTHER)
-            w = jnp.where(is_ft, class_w[i, FT], class_w[i, OTHER])
+            w = jnp.where(is_ft, class_w[i, FT], class_w[i, OTHER]).astype(logits[i].dtype)
             for kind in EXPERT_GROUPS:
                 e_logits, upd = expert_forward(model, full_params, full_stats, kind, i,
                                                feats[i], logits[i], train=True)

@@ -1,16 +1,29 @@
 """Shared fixtures: a tiny image folder (a few real CIFAR-10 JPEGs when the shared copy is
-beside the repo, generated images otherwise) and the tiny config."""
+beside the repo, generated images otherwise), the tiny config, one decode cache and one tiny
+workdir with both stages trained, shared by the whole session.
+
+Every process the tests start (this one and the CLI subprocesses) shares one JAX persistent
+compilation cache in a fresh folder, so a program compiled once is not compiled again.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Set before JAX is imported anywhere; subprocesses inherit the environment.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnneb-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from cnneb_jax.configs import get_config  # noqa: E402
 
@@ -44,11 +57,53 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def decode_cache(tmp_path_factory) -> Path:
+    """One decoded-image cache for every in-process load and every CLI subprocess."""
+    return tmp_path_factory.mktemp("decode-cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_cfg():
     return get_config("tiny")
 
 
 @pytest.fixture(scope="session")
-def tiny_data(image_folder, tiny_cfg, tmp_path_factory):
+def tiny_data(image_folder, tiny_cfg, decode_cache):
     from cnneb_jax.data import load_dataset
-    return load_dataset(tiny_cfg, str(image_folder), tmp_path_factory.mktemp("cache"))
+    return load_dataset(tiny_cfg, str(image_folder), decode_cache)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_cfg, tiny_data, tmp_path_factory):
+    """(workdir, backbone result, expert result): both stages of the tiny config, trained
+    once for the whole test run. Read it freely; copy it (`copy_workdir`) before changing it.
+    Under pytest-xdist (`-n 2`, pyproject.toml) the first worker to ask trains it in the
+    run's shared temporary folder while the other waits on a lock, then both read it."""
+    from cnneb_jax.stages import train_backbone, train_expert
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    workdir = shared / "tiny-run"
+    with _exclusive(shared / "tiny-run.lock"):
+        b = train_backbone(tiny_cfg, tiny_data, workdir)  # returns the result once trained
+        e = train_expert(tiny_cfg, tiny_data, workdir)
+    return workdir, b, e
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tiny_run) -> Path:
+    return tiny_run[0]
+
+
+def copy_workdir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

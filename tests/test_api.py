@@ -4,15 +4,11 @@ import numpy as np
 import pytest
 
 from cnneb_jax import api
-from cnneb_jax.stages import train_backbone, train_expert
 
 
 @pytest.fixture(scope="module")
-def cascade(tiny_cfg, tiny_data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("api")
-    train_backbone(tiny_cfg, tiny_data, workdir)
-    train_expert(tiny_cfg, tiny_data, workdir)
-    return api.load(workdir, max_batch=8)
+def cascade(tiny_workdir):
+    return api.load(tiny_workdir, max_batch=8)
 
 
 def test_predict_uint8_and_float_agree(cascade, tiny_data):
@@ -61,14 +57,51 @@ def test_bad_rule_or_threshold(cascade, tiny_data, rule, threshold, message):
         api.predict(cascade, tiny_data["test_images"][:2], rule, threshold)
 
 
-def test_calibrate_for_accuracy_drop_and_budget(cascade, tiny_data):
+def test_calibrate_argument_errors(cascade, tiny_data):
     x, y = tiny_data["calib_images"], tiny_data["calib_labels"]
-    p = api.calibrate(cascade, x, y, "max_softmax", max_drop=0.0)
-    assert p["accuracy"] >= p["reference_accuracy"] - 1e-9
-    assert 0.0 <= p["threshold"] <= 1.0
-    q = api.calibrate(cascade, x, y, "entropy", flops_budget=p["reference_flops"])
-    assert q["flops"] <= p["reference_flops"] + 1e-6
     with pytest.raises(ValueError, match="exactly one"):
         api.calibrate(cascade, x, y, "expert")
     with pytest.raises(ValueError, match="labels must have shape"):
         api.calibrate(cascade, x, y[:-1], "expert", max_drop=0.01)
+
+
+def _real_accuracy_and_flops(cascade, x, y, rule, threshold):
+    out = api.predict(cascade, x, rule, threshold)
+    return float((out["labels"] == y).mean()), float(out["flops"].mean())
+
+
+@pytest.mark.parametrize("rule", ["expert", "max_softmax", "entropy"])
+@pytest.mark.parametrize("max_drop", [0.0, 0.15, 0.4])
+def test_calibrated_point_meets_the_drop_and_nothing_cheaper_does(cascade, tiny_data, rule,
+                                                                  max_drop):
+    """On the images it was chosen on, the real cascade at the chosen threshold stays within
+    `max_drop` of the last exit, and no threshold of the rule's grid that is cheaper does."""
+    from cnneb_jax.controller import all_outputs
+    from cnneb_jax.sweep import branch_scores, threshold_grid
+    x, y = tiny_data["calib_images"], tiny_data["calib_labels"]
+    p = api.calibrate(cascade, x, y, rule, max_drop=max_drop)
+    acc, flops = _real_accuracy_and_flops(cascade, x, y, rule, p["threshold"])
+    ref = p["reference_accuracy"]
+    assert acc >= ref - max_drop - 1e-9
+    assert acc == pytest.approx(p["accuracy"]) and flops == pytest.approx(p["flops"])
+    grid = threshold_grid(branch_scores(all_outputs(cascade, x.astype(np.float32)), rule, y))
+    for t in grid:
+        a, f = _real_accuracy_and_flops(cascade, x, y, rule, float(t))
+        if f < flops - 1e-6:
+            assert a < ref - max_drop - 1e-9, (t, a, f)
+
+
+def test_calibrated_budget_point_is_the_most_accurate_within_budget(cascade, tiny_data):
+    from cnneb_jax.controller import all_outputs
+    from cnneb_jax.sweep import branch_scores, threshold_grid
+    x, y = tiny_data["calib_images"], tiny_data["calib_labels"]
+    ref = api.calibrate(cascade, x, y, "entropy", max_drop=1.0)
+    budget = 0.5 * (ref["flops"] + ref["reference_flops"])
+    q = api.calibrate(cascade, x, y, "entropy", flops_budget=budget)
+    acc, flops = _real_accuracy_and_flops(cascade, x, y, "entropy", q["threshold"])
+    assert flops <= budget + 1e-6
+    grid = threshold_grid(branch_scores(all_outputs(cascade, x.astype(np.float32)), "entropy", y))
+    for t in grid:
+        a, f = _real_accuracy_and_flops(cascade, x, y, "entropy", float(t))
+        if f <= budget + 1e-6:
+            assert a <= acc + 1e-9, (t, a, f)

@@ -11,21 +11,24 @@ import pytest
 
 from cnneb_jax import api, serving
 from cnneb_jax.export import export_cascade
-from cnneb_jax.stages import train_backbone, train_expert
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_cfg, tiny_data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("export")
-    train_backbone(tiny_cfg, tiny_data, workdir)
-    train_expert(tiny_cfg, tiny_data, workdir)
-    cascade = api.load(workdir, max_batch=8)
+def exported(tiny_workdir, tiny_data, tmp_path_factory):
+    cascade = api.load(tiny_workdir, max_batch=8)
     point = api.calibrate(cascade, tiny_data["calib_images"], tiny_data["calib_labels"],
                           "max_softmax", max_drop=0.0)
-    out = export_cascade(cascade, workdir / "export", "max_softmax", point["threshold"], point)
+    out = export_cascade(cascade, tmp_path_factory.mktemp("export") / "export", "max_softmax",
+                         point["threshold"], point)
     return cascade, out, point
+
+
+@pytest.fixture(scope="module")
+def served(exported):
+    """The exported cascade, loaded once for every test that runs it."""
+    return serving.load(exported[1])
 
 
 def test_manifest_records_the_operating_point(exported):
@@ -39,9 +42,8 @@ def test_manifest_records_the_operating_point(exported):
 
 
 @pytest.mark.parametrize("rule", ["expert", "aux5b", "max_softmax", "entropy"])
-def test_exported_cascade_equals_the_live_one(exported, tiny_data, rule):
-    live, out, _ = exported
-    served = serving.load(out)
+def test_exported_cascade_equals_the_live_one(exported, served, tiny_data, rule):
+    live = exported[0]
     x = tiny_data["test_images"]  # 16 images: two full buckets of 8
     for t in (0.0, 0.3, 0.6, 1.0):
         a = api.predict(live, x, rule, t)
@@ -68,8 +70,7 @@ def test_serving_runs_without_the_model_code(exported, tiny_data, tmp_path):
     assert "(5,) (5,)" in r.stdout
 
 
-def test_serving_refuses_bad_input(exported):
-    served = serving.load(exported[1])
+def test_serving_refuses_bad_input(exported, served):
     with pytest.raises(ValueError, match="images must be"):
         serving.predict(served, np.zeros((2, 28, 28, 3), np.uint8))
     with pytest.raises(ValueError, match="threshold"):

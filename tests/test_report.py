@@ -5,19 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cnneb_jax.stages import train_backbone, train_expert
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sweep_writes_table_figures_and_points(tiny_cfg, tiny_data, image_folder, tmp_path):
-    workdir = tmp_path / "w"
-    train_backbone(tiny_cfg, tiny_data, workdir)
-    train_expert(tiny_cfg, tiny_data, workdir)
+def test_sweep_writes_table_figures_and_points(tiny_workdir, image_folder, decode_cache,
+                                               tmp_path):
     out = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "evaluate.py", "--sweep", "--workdir", str(workdir),
+    r = subprocess.run([sys.executable, "evaluate.py", "--sweep", "--workdir", str(tiny_workdir),
                         "--out", str(out), "--data-dir", str(image_folder),
-                        "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8",
+                        "--cache-dir", str(decode_cache), "--batch-size", "8",
                         "--repeats", "1", "--timing-images", "8", "--single-images", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import jax
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,11 +24,26 @@ def test_help_explains_the_flags():
         assert flag in r.stdout
 
 
-def test_cli_runs_both_stages(image_folder, tmp_path):
-    r = _run("--stage", "all", "--config", "tiny", "--workdir", str(tmp_path / "w"),
-             "--data-dir", str(image_folder), "--cache-dir", str(tmp_path / "cache"))
+def _common(image_folder, cache):
+    # The tiny config's own schedule, so that the session's compilations are reused, with
+    # checkpoints every 4 steps so that the SIGKILL test can stop a run between two saves.
+    return ["--stage", "all", "--config", "tiny", "--data-dir", str(image_folder),
+            "--cache-dir", str(cache), "--set", "checkpoint_every_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(image_folder, decode_cache, tmp_path_factory):
+    """One uninterrupted CLI run of both stages: checked on its own, and the reference the
+    SIGKILLed runs must reproduce."""
+    work = tmp_path_factory.mktemp("cli") / "ref"
+    return work, _run(*_common(image_folder, decode_cache), "--workdir", str(work))
+
+
+def test_cli_runs_both_stages(cli_run):
+    work, r = cli_run
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[backbone] test accuracy" in r.stdout and "[expert] test AUC" in r.stdout
+    assert (work / "backbone" / "result.json").exists() and (work / "expert" / "result.json").exists()
 
 
 def test_user_mistakes_give_a_message_not_a_traceback(tmp_path):
@@ -59,32 +75,30 @@ def _kill_when(cmd, ckpt_dir, at_least, log):
     return seen
 
 
-def test_sigkill_in_either_stage_then_rerun_ends_bit_identical(image_folder, tmp_path):
+def test_sigkill_in_either_stage_then_rerun_ends_bit_identical(cli_run, image_folder,
+                                                               decode_cache, tmp_path):
     """A real subprocess killed with SIGKILL mid-backbone, then mid-expert; each rerun of the
     same command resumes from the last checkpoint (<= one interval lost) and the final
     parameters equal those of an uninterrupted run bit for bit."""
     import numpy as np
     from cnneb_jax.stages import load_trained
 
-    common = ["--stage", "all", "--config", "tiny", "--data-dir", str(image_folder),
-              "--cache-dir", str(tmp_path / "cache"), "--set", "epochs=4",
-              "--set", "expert_epochs=12", "--set", "checkpoint_every_steps=2"]
-    ref = _run(*common, "--workdir", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-2000:]
-
+    ref, r = cli_run
+    assert r.returncode == 0, r.stderr[-2000:]
+    common = _common(image_folder, decode_cache)
     work = tmp_path / "killed"
     cmd = [sys.executable, "train.py", *common, "--workdir", str(work)]
-    seen = _kill_when(cmd, work / "backbone" / "ckpt", 4, tmp_path / "log1")
+    seen = _kill_when(cmd, work / "backbone" / "ckpt", 8, tmp_path / "log1")
     assert not (work / "backbone" / "result.json").exists()
-    seen = _kill_when(cmd, work / "expert" / "ckpt", 4, tmp_path / "log2")
+    seen = _kill_when(cmd, work / "expert" / "ckpt", 8, tmp_path / "log2")
     log2 = (tmp_path / "log2").read_text()
     resumed = int(re.search(r"\[backbone\] resuming from step (\d+)", log2).group(1))
-    assert resumed >= 4 and resumed % 2 == 0
+    assert resumed >= 8 and resumed % 4 == 0
     final = _run(*common, "--workdir", str(work))
     assert final.returncode == 0, final.stderr[-2000:]
     resumed = int(re.search(r"\[expert\] resuming from step (\d+)", final.stdout).group(1))
     assert resumed >= seen  # at most one checkpoint interval lost
-    _, a = load_trained(tmp_path / "ref")
+    _, a = load_trained(ref)
     _, b = load_trained(work)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
