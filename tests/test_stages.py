@@ -195,3 +195,55 @@ def test_same_seed_gives_bit_identical_parameters_and_sweep_accuracies(trained, 
             rb = run_cascade(cb, x, rule, float(t), y)
             np.testing.assert_array_equal(ra["logits"], rb["logits"])
             np.testing.assert_array_equal(ra["exit"], rb["exit"])
+
+
+def test_ema_keeps_a_running_average_and_is_what_gets_evaluated(tiny_cfg, tiny_data, tmp_path):
+    """With `ema_decay`, the checkpoint holds an EMA of the weights and BatchNorm statistics
+    beside the live ones, and the finished backbone loads (and is evaluated) as the EMA."""
+    from cnneb_jax import checkpoints as ckpt
+    from cnneb_jax.model import init_variables, split_collections
+    from cnneb_jax.stages import (_restore_stage, _subset, backbone_optimizer, init_ema)
+
+    cfg = tiny_cfg.replace(ema_decay=0.9)
+    train_backbone(cfg, tiny_data, tmp_path)
+    model, loaded = load_backbone(tmp_path, cfg)
+    params, stats = split_collections(_subset(init_variables(model, jax.random.PRNGKey(0)),
+                                              ("segments", "heads")))
+    st = _restore_stage(tmp_path, "backbone", params, stats, backbone_optimizer(cfg, 10),
+                        ema=init_ema(params, stats))
+    assert float(st["ema"]["count"]) == cfg.epochs * 6  # one update per step
+    assert not _leaves_equal(st["ema"]["params"], st["params"])
+    assert _leaves_equal(loaded["segments"]["stem->Mixed_5b"]["params"],
+                         st["ema"]["params"]["segments"]["stem->Mixed_5b"])
+    assert ckpt.load_config(tmp_path).ema_decay == 0.9
+
+
+def test_update_ema_ramps_its_decay():
+    from cnneb_jax.stages import init_ema, update_ema
+    ema = init_ema({"w": jax.numpy.zeros(2)}, {"m": jax.numpy.zeros(2)})
+    ema = update_ema(ema, {"w": jax.numpy.ones(2)}, {"m": jax.numpy.ones(2)}, 0.99)
+    # First step: decay (1 + 0) / (10 + 0) = 0.1, so the average moves 90% of the way.
+    np.testing.assert_allclose(ema["params"]["w"], 0.9, rtol=1e-6)
+    np.testing.assert_allclose(ema["stats"]["m"], 0.9, rtol=1e-6)
+    for _ in range(2000):
+        ema = update_ema(ema, {"w": jax.numpy.zeros(2)}, {"m": jax.numpy.zeros(2)}, 0.99)
+    assert float(ema["count"]) == 2001 and float(ema["params"]["w"][0]) < 1e-6
+
+
+def test_bn_bias_lr_mult_scales_only_batchnorm_offsets(tiny_cfg):
+    from cnneb_jax.stages import backbone_optimizer
+    params = {"seg": {"conv": {"kernel": jax.numpy.ones((3, 3))},
+                      "bn": {"bias": jax.numpy.ones(3)}},
+              "head": {"Logits": {"bias": jax.numpy.ones(3)}}}
+    grads = jax.tree_util.tree_map(jax.numpy.ones_like, params)
+    moves = {}
+    for mult in (1.0, 8.0):
+        cfg = tiny_cfg.replace(bn_bias_lr_mult=mult, weight_decay=0.0, momentum=0.0,
+                               warmup_epochs=0.0, epochs=1)
+        tx = backbone_optimizer(cfg, 100)
+        _, state = tx.update(grads, tx.init(params), params)  # step 0: warm-up lr is 0
+        updates, _ = tx.update(grads, state, params)
+        moves[mult] = jax.tree_util.tree_map(lambda u: float(jax.numpy.abs(u).max()), updates)
+    assert moves[8.0]["seg"]["bn"]["bias"] > 7.9 * moves[1.0]["seg"]["bn"]["bias"] > 0
+    assert moves[8.0]["seg"]["conv"]["kernel"] == moves[1.0]["seg"]["conv"]["kernel"]
+    assert moves[8.0]["head"]["Logits"]["bias"] == moves[1.0]["head"]["Logits"]["bias"]
