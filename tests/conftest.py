@@ -8,6 +8,7 @@ compilation cache in a fresh folder, so a program compiled once is not compiled 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -21,7 +22,9 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Set before JAX is imported anywhere; subprocesses inherit the environment.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # Made by the first pytest process (the xdist controller), removed when it exits.
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnneb-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
