@@ -70,38 +70,38 @@ def _real_accuracy_and_flops(cascade, x, y, rule, threshold):
     return float((out["labels"] == y).mean()), float(out["flops"].mean())
 
 
+def _real_grid(cascade, x, y, rule):
+    """(threshold, accuracy, FLOPs) of the real cascade at every threshold of the rule's grid."""
+    from cnneb_jax.controller import all_outputs
+    from cnneb_jax.sweep import branch_scores, threshold_grid
+    grid = threshold_grid(branch_scores(all_outputs(cascade, x.astype(np.float32)), rule, y))
+    return [(t, *_real_accuracy_and_flops(cascade, x, y, rule, float(t))) for t in grid]
+
+
 @pytest.mark.parametrize("rule", ["expert", "max_softmax", "entropy"])
 @pytest.mark.parametrize("max_drop", [0.0, 0.15, 0.4])
 def test_calibrated_point_meets_the_drop_and_nothing_cheaper_does(cascade, tiny_data, rule,
                                                                   max_drop):
     """On the images it was chosen on, the real cascade at the chosen threshold stays within
     `max_drop` of the last exit, and no threshold of the rule's grid that is cheaper does."""
-    from cnneb_jax.controller import all_outputs
-    from cnneb_jax.sweep import branch_scores, threshold_grid
     x, y = tiny_data["calib_images"], tiny_data["calib_labels"]
     p = api.calibrate(cascade, x, y, rule, max_drop=max_drop)
     acc, flops = _real_accuracy_and_flops(cascade, x, y, rule, p["threshold"])
     ref = p["reference_accuracy"]
     assert acc >= ref - max_drop - 1e-9
     assert acc == pytest.approx(p["accuracy"]) and flops == pytest.approx(p["flops"])
-    grid = threshold_grid(branch_scores(all_outputs(cascade, x.astype(np.float32)), rule, y))
-    for t in grid:
-        a, f = _real_accuracy_and_flops(cascade, x, y, rule, float(t))
+    for t, a, f in _real_grid(cascade, x, y, rule):
         if f < flops - 1e-6:
             assert a < ref - max_drop - 1e-9, (t, a, f)
 
 
 def test_calibrated_budget_point_is_the_most_accurate_within_budget(cascade, tiny_data):
-    from cnneb_jax.controller import all_outputs
-    from cnneb_jax.sweep import branch_scores, threshold_grid
     x, y = tiny_data["calib_images"], tiny_data["calib_labels"]
     ref = api.calibrate(cascade, x, y, "entropy", max_drop=1.0)
     budget = 0.5 * (ref["flops"] + ref["reference_flops"])
     q = api.calibrate(cascade, x, y, "entropy", flops_budget=budget)
     acc, flops = _real_accuracy_and_flops(cascade, x, y, "entropy", q["threshold"])
     assert flops <= budget + 1e-6
-    grid = threshold_grid(branch_scores(all_outputs(cascade, x.astype(np.float32)), "entropy", y))
-    for t in grid:
-        a, f = _real_accuracy_and_flops(cascade, x, y, "entropy", float(t))
+    for t, a, f in _real_grid(cascade, x, y, "entropy"):
         if f <= budget + 1e-6:
             assert a <= acc + 1e-9, (t, a, f)

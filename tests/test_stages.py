@@ -201,14 +201,14 @@ def test_ema_keeps_a_running_average_and_is_what_gets_evaluated(tiny_cfg, tiny_d
     """With `ema_decay`, the checkpoint holds an EMA of the weights and BatchNorm statistics
     beside the live ones, and the finished backbone loads (and is evaluated) as the EMA."""
     from cnneb_jax import checkpoints as ckpt
-    from cnneb_jax.model import init_variables, split_collections
+    from cnneb_jax.model import BACKBONE_GROUPS, init_variables, split_collections
     from cnneb_jax.stages import (_restore_stage, _subset, backbone_optimizer, init_ema)
 
     cfg = tiny_cfg.replace(ema_decay=0.9)
     train_backbone(cfg, tiny_data, tmp_path)
     model, loaded = load_backbone(tmp_path, cfg)
     params, stats = split_collections(_subset(init_variables(model, jax.random.PRNGKey(0)),
-                                              ("segments", "heads")))
+                                              BACKBONE_GROUPS))
     st = _restore_stage(tmp_path, "backbone", params, stats, backbone_optimizer(cfg, 10),
                         ema=init_ema(params, stats))
     assert float(st["ema"]["count"]) == cfg.epochs * 6  # one update per step
