@@ -6,6 +6,14 @@
 The threshold is calibrated on the workdir's calibration split (largest FLOPs saving with
 accuracy at most --max-drop points below the last exit alone), unless --threshold is given.
 Serve it with `cnneb_jax.serving` (jax and numpy only).
+
+    python export.py --workdir runs/cifar --release pretrained/cifar \
+        --data-dir ../shared/datasets/cifar10-jpeg --train-command "python train.py ..."
+
+`--release` instead writes a small release folder (eval parameters and BatchNorm statistics
+of both stages, no optimizer state; see cnneb_jax/release.py) that `api.load`, evaluate.py
+and export.py accept as a workdir. It records O1/O2 accuracy on the first 50 test images of
+every class of the image folder given by --data-dir, so a copy can be checked quickly.
 """
 
 from __future__ import annotations
@@ -29,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="image folder or tfds data dir")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache folder")
     p.add_argument("--max-batch", type=int, default=256, help="largest bucket size")
+    p.add_argument("--release", default=None, metavar="OUT",
+                   help="write a release folder to OUT instead of a serving export "
+                        "(needs --data-dir: an image folder with test/<class>/)")
+    p.add_argument("--train-command", default="",
+                   help="with --release: the command that trained the workdir, recorded")
     return p.parse_args(argv)
 
 
@@ -43,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     from cnneb_jax.stages import TrainingError
 
     try:
+        if args.release:
+            from cnneb_jax.release import save_release
+            if not args.data_dir or not (Path(args.data_dir) / "test").is_dir():
+                raise ValueError("--release needs --data-dir with a test/<class>/ folder")
+            meta = save_release(args.workdir, args.release, args.train_command,
+                                Path(args.data_dir) / "test")
+            print(f"[export] wrote release {args.release}: reference accuracy "
+                  f"{meta['reference']['accuracy']} on {meta['reference']['images']} "
+                  "test images")
+            return 0
         cascade = api.load(args.workdir, max_batch=args.max_batch, warm=False)
         point = None
         if args.threshold is None:

@@ -31,6 +31,16 @@ _RUN_FIELDS = {"checkpoint_every_steps", "eval_batch_size", "name", "compute_dty
                "eval_every_epochs"}
 
 
+# Config fields added after workdirs existed, with the value that reproduces a workdir
+# made before them (the recipe's new defaults would not: no EMA was saved then).
+_ADDED_FIELDS = {"ema_decay": 0.0, "bn_bias_lr_mult": 1.0, "eval_every_epochs": 0,
+                 "flip": "random"}
+
+
+def _with_added_fields(raw: dict) -> dict:
+    return {**_ADDED_FIELDS, **raw}
+
+
 class CheckpointError(RuntimeError):
     """A workdir that cannot be used (other config, damaged checkpoints)."""
 
@@ -90,7 +100,7 @@ def check_config(workdir: Path, cfg: Config) -> None:
     path = Path(workdir) / "config.json"
     mine = dataclasses.asdict(cfg)
     if path.exists():
-        theirs = json.loads(path.read_text())
+        theirs = _with_added_fields(json.loads(path.read_text()))
         diff = [k for k in mine if k not in _RUN_FIELDS
                 and json.dumps(theirs.get(k)) != json.dumps(mine[k])]
         if diff:
@@ -106,7 +116,7 @@ def load_config(workdir: Path) -> Config:
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{workdir} has no config.json: not a cnneb-jax workdir")
-    raw = json.loads(path.read_text())
+    raw = _with_added_fields(json.loads(path.read_text()))
     fields = {f.name: f for f in dataclasses.fields(Config)}
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields}
     return Config(**kw)

@@ -225,8 +225,9 @@ def normalize(images: jax.Array) -> jax.Array:
     return (images.astype(jnp.float32) - MEAN) / STD
 
 
-def augment(rng: jax.Array, images: jax.Array, pad: int) -> jax.Array:
-    """Random crop with `pad` pixels of zero padding, then a random horizontal flip."""
+def augment(rng: jax.Array, images: jax.Array, pad: int, flip: bool = True) -> jax.Array:
+    """Random crop with `pad` pixels of zero padding, then (if `flip`) a random horizontal
+    flip. With `flip=False` the caller flips, e.g. by `alternating_flips`."""
     n, h, w, _ = images.shape
     k1, k2 = jax.random.split(rng)
     if pad > 0:
@@ -234,8 +235,19 @@ def augment(rng: jax.Array, images: jax.Array, pad: int) -> jax.Array:
         offsets = jax.random.randint(k1, (n, 2), 0, 2 * pad + 1)
         crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
         images = jax.vmap(crop)(padded, offsets)
-    flip = jax.random.bernoulli(k2, 0.5, (n, 1, 1, 1))
-    return jnp.where(flip, images[:, :, ::-1, :], images)
+    if not flip:
+        return images
+    mirror = jax.random.bernoulli(k2, 0.5, (n, 1, 1, 1))
+    return jnp.where(mirror, images[:, :, ::-1, :], images)
+
+
+def alternating_flips(seed: int, n: int, epoch: int) -> np.ndarray:
+    """Which of `n` training images to mirror in `epoch`: a random half in epoch 0, then
+    each image alternates, so every image is seen both ways in any two consecutive
+    epochs (airbench's "alternating flip"; random flips repeat an orientation half the
+    time). Depends only on (seed, epoch): a resumed run mirrors the same images."""
+    first = np.random.default_rng([seed, 7919]).integers(0, 2, n).astype(bool)
+    return first ^ bool(epoch % 2)
 
 
 def epoch_batches(rng: np.random.Generator, n: int, batch_size: int) -> np.ndarray:

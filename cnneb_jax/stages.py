@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from cnneb_jax import checkpoints as ckpt
 from cnneb_jax import distributed as dist
 from cnneb_jax.configs import Config
-from cnneb_jax.data import augment, epoch_batches, normalize
+from cnneb_jax.data import alternating_flips, augment, epoch_batches, normalize
 from cnneb_jax.heads import FT, OTHER
 from cnneb_jax.metrics import ft_labels, roc_auc
 from cnneb_jax.model import (BACKBONE_GROUPS, EXPERT_GROUPS, Model, Variables,
@@ -159,7 +159,7 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
     @jax.jit
     def step(state, images, labels, rng):
         k_aug, k_drop = jax.random.split(rng)
-        x = normalize(augment(k_aug, images, cfg.pad_crop))
+        x = normalize(augment(k_aug, images, cfg.pad_crop, flip=cfg.flip == "random"))
         (loss, (new_stats, ce, accs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["stats"], x, labels, k_drop)
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -196,9 +196,10 @@ def _begin_stage(cfg: Config, workdir: Path, stage: str, retrain: bool) -> dict 
 
 def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, images: np.ndarray,
               labels: np.ndarray, batch_size: int, epochs: int, extra_args: tuple = (),
-              on_epoch_end=None) -> dict:
+              on_epoch_end=None, mirror=None) -> dict:
     """The shared loop: shuffling, resume, progress bar, metrics log, checkpoints.
-    `on_epoch_end(epoch, state)` may return a dict, logged as that epoch's evaluation."""
+    `on_epoch_end(epoch, state)` may return a dict, logged as that epoch's evaluation.
+    `mirror(epoch)`, if given, says which images to flip horizontally in that epoch."""
     stage_dir = workdir / stage
     mngr = ckpt.manager(stage_dir)
     n = len(images)
@@ -225,7 +226,11 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
         if perm is None or i == 0:
             # The order depends only on (seed, epoch): a resumed run sees the same batches.
             perm = epoch_batches(np.random.default_rng([cfg.seed, epoch]), n, batch_size)
-        batch_images, batch_labels = dist.shard_batch(mesh, images[perm[i]], labels[perm[i]])
+            flips = mirror(epoch) if mirror is not None else None
+        batch = images[perm[i]]
+        if flips is not None:
+            batch = np.where(flips[perm[i]][:, None, None, None], batch[:, :, ::-1], batch)
+        batch_images, batch_labels = dist.shard_batch(mesh, batch, labels[perm[i]])
         state, metrics = step_fn(state, batch_images, batch_labels,
                                  jax.random.fold_in(key, step), *extra_args)
         seen += batch_size
@@ -289,7 +294,9 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
 
     state = _run_loop("backbone", workdir, cfg, state, make_backbone_step(model, cfg, tx),
                       data["train_images"], data["train_labels"], cfg.batch_size, cfg.epochs,
-                      on_epoch_end=on_epoch_end)
+                      on_epoch_end=on_epoch_end,
+                      mirror=(lambda e: alternating_flips(cfg.seed, n, e))
+                      if cfg.flip == "alternate" else None)
     variables = _eval_variables(state)
     outputs = predict_all(model, variables, data["test_images"], cfg.eval_batch_size, "test",
                           predict=predict)
@@ -452,8 +459,12 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
 
 
 def load_trained(workdir: str | Path) -> tuple[Model, Variables]:
-    """Backbone and experts of a finished workdir, for evaluation and the API."""
+    """Backbone and experts of a finished workdir (or a release folder, see release.py),
+    for evaluation and the API."""
+    from cnneb_jax import release
     workdir = Path(workdir)
+    if release.is_release(workdir):
+        return release.load_release(workdir)
     cfg = ckpt.load_config(workdir)
     model, backbone = load_backbone(workdir, cfg)
     if _stage_done(workdir / "expert") is None:

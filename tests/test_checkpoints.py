@@ -40,6 +40,21 @@ def test_workdir_refuses_another_config(tmp_path):
     assert ckpt.load_config(tmp_path) == cfg
 
 
+def test_workdir_from_before_a_field_existed_keeps_its_behaviour(tmp_path):
+    """A config.json written before the EMA and alternating flips existed loads with them
+    off (its checkpoints hold no EMA), not with today's recipe defaults."""
+    import json
+    cfg = get_config("cifar")
+    old = {k: v for k, v in json.loads(json.dumps(cfg.__dict__)).items()
+           if k not in ("ema_decay", "flip", "bn_bias_lr_mult", "eval_every_epochs")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = ckpt.load_config(tmp_path)
+    assert (loaded.ema_decay, loaded.flip) == (0.0, "random")
+    with pytest.raises(ckpt.CheckpointError, match="ema_decay: 0.0 there vs 0.99 here"):
+        ckpt.check_config(tmp_path, cfg)
+    ckpt.check_config(tmp_path, loaded)
+
+
 def _three_steps(tmp_path):
     mngr = ckpt.manager(tmp_path / "stage")
     for step in (2, 4, 6):

@@ -20,6 +20,7 @@ def test_overrides_are_typed():
     ({"epochs": "many"}, "bad value for epochs"),
     ({"branch_points": "Conv2d_1a_3x3"}, "Mixed_"),
     ({"branch_points": "Mixed_6e,Mixed_5b"}, "network order"),
+    ({"flip": "sometimes"}, "flip must be random or alternate"),
 ])
 def test_bad_overrides_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cnneb_jax.configs import get_config
-from cnneb_jax.data import (DataError, augment, epoch_batches, load_dataset, load_image_folder,
+from cnneb_jax.data import (DataError, alternating_flips, augment, epoch_batches, load_dataset, load_image_folder,
                             split_dataset)
 
 
@@ -64,6 +64,22 @@ def test_augment_crops_and_flips():
     flipped_only = augment(jax.random.PRNGKey(3), imgs, pad=0)
     for a, b in zip(flipped_only, imgs):
         assert jnp.array_equal(a, b) or jnp.array_equal(a, b[:, ::-1])
+
+
+def test_augment_without_flip_only_crops():
+    imgs = jnp.arange(4 * 8 * 8 * 1, dtype=jnp.float32).reshape(4, 8, 8, 1) + 1
+    for k in range(5):
+        out = augment(jax.random.PRNGKey(k), imgs, pad=0, flip=False)
+        assert jnp.array_equal(out, imgs)
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    first = alternating_flips(3, 1000, 0)
+    assert 400 < first.sum() < 600
+    for e in range(1, 5):
+        np.testing.assert_array_equal(alternating_flips(3, 1000, e), first ^ bool(e % 2))
+    np.testing.assert_array_equal(alternating_flips(3, 1000, 2), alternating_flips(3, 1000, 0))
+    assert not np.array_equal(alternating_flips(4, 1000, 0), first)
 
 
 def test_epoch_batches():

@@ -247,3 +247,29 @@ def test_bn_bias_lr_mult_scales_only_batchnorm_offsets(tiny_cfg):
     assert moves[8.0]["seg"]["bn"]["bias"] > 7.9 * moves[1.0]["seg"]["bn"]["bias"] > 0
     assert moves[8.0]["seg"]["conv"]["kernel"] == moves[1.0]["seg"]["conv"]["kernel"]
     assert moves[8.0]["head"]["Logits"]["bias"] == moves[1.0]["head"]["Logits"]["bias"]
+
+
+def test_alternate_flip_mirrors_the_batches_the_step_sees(tiny_cfg, tmp_path):
+    """With flip=alternate the loop hands the step each image mirrored in every other
+    epoch (and the step itself no longer flips at random)."""
+    from cnneb_jax.data import alternating_flips
+    from cnneb_jax.stages import _run_loop
+    cfg = tiny_cfg.replace(flip="alternate", checkpoint_every_steps=1000)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 8, 8, 3), np.uint8)
+    labels = np.arange(16, dtype=np.int32)
+    seen = {}
+
+    def step(state, batch, batch_labels, key):
+        for im, y in zip(np.asarray(batch), np.asarray(batch_labels)):
+            seen.setdefault(int(y), []).append(im)
+        return state, {"loss": np.float32(0.0)}
+
+    _run_loop("probe", tmp_path, cfg, {"x": np.zeros(1, np.float32)}, step, images, labels,
+              batch_size=8, epochs=3, mirror=lambda e: alternating_flips(cfg.seed, 16, e))
+    first = alternating_flips(cfg.seed, 16, 0)
+    for y, views in seen.items():
+        assert len(views) == 3
+        for epoch, im in enumerate(views):
+            mirrored = bool(first[y]) ^ bool(epoch % 2)
+            np.testing.assert_array_equal(im, images[y][:, ::-1] if mirrored else images[y])
