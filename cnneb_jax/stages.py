@@ -323,8 +323,9 @@ def make_expert_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransf
 def _restore_stage(workdir: Path, stage: str, params: Variables, stats: Variables,
                    tx: optax.GradientTransformation, ema: dict | None = None) -> dict:
     """Latest {"params", "stats", "opt"[, "ema"]} of a finished stage (`tx` gives the
-    optimizer state structure, `ema` the EMA's when the stage keeps one)."""
-    like = {"params": params, "stats": stats, "opt": tx.init(params)}
+    optimizer state structure, `ema` the EMA's when the stage keeps one). `params` and
+    `stats` may be abstract (jax.eval_shape): only their structure is used."""
+    like = {"params": params, "stats": stats, "opt": jax.eval_shape(tx.init, params)}
     if ema is not None:
         like["ema"] = ema
     mngr = ckpt.manager(workdir / stage)
@@ -344,12 +345,19 @@ def load_backbone(workdir: str | Path, cfg: Config) -> tuple[Model, Variables]:
         raise TrainingError(f"{workdir} has no finished backbone stage; "
                             "run `python train.py --stage backbone` first")
     model = build_model(cfg)
-    variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
+    variables = _abstract_variables(model, cfg.seed)
     params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
     tx = backbone_optimizer(cfg, 10)
     st = _restore_stage(workdir, "backbone", params, stats, tx,
-                        ema=init_ema(params, stats) if cfg.ema_decay > 0 else None)
+                        ema=jax.eval_shape(init_ema, params, stats) if cfg.ema_decay > 0
+                        else None)
     return model, _eval_variables(st)
+
+
+def _abstract_variables(model: Model, seed: int) -> Variables:
+    # Shapes and dtypes only: restoring needs the structure, and the eager initialisation
+    # of every layer takes about 20 s for the cifar config.
+    return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(seed)))
 
 
 def _eval_variables(state: dict) -> Variables:
@@ -470,7 +478,7 @@ def load_trained(workdir: str | Path) -> tuple[Model, Variables]:
     if _stage_done(workdir / "expert") is None:
         raise TrainingError(f"{workdir} has no finished expert stage; "
                             "run `python train.py --stage expert` first")
-    variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1))
+    variables = _abstract_variables(model, cfg.seed + 1)
     params, stats = split_collections(_subset(variables, EXPERT_GROUPS))
     st = _restore_stage(workdir, "expert", params, stats, make_expert_optimizer(cfg, 10))
     return model, {**backbone, **merge_collections(st["params"], st["stats"])}
