@@ -58,7 +58,7 @@ def test_damaged_release_is_refused(tiny_release, tmp_path):
         load_release(wrong)
 
 
-@pytest.mark.skipif(not SHIPPED.exists() or not (SHARED / "test").is_dir(),
+@pytest.mark.skipif(not (SHIPPED / "release.json").exists() or not (SHARED / "test").is_dir(),
                     reason="needs pretrained/cifar and ../shared/datasets/cifar10-jpeg")
 def test_shipped_cifar_model_keeps_its_accuracy():
     """The shipped reference model, re-evaluated on its fixed test subset (the first 50
