@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnneb_jax import serving
 from cnneb_jax.controller import (RULES, Cascade, all_outputs, last_exit_flops, make_cascade,
                                   path_flops, run_cascade, softmax_np, warm_up)
 from cnneb_jax.sweep import choose_threshold, sweep_rule
@@ -31,26 +32,9 @@ def load(workdir: str | Path, max_batch: int = 256, warm: bool = True) -> Cascad
 
 def check_images(images, image_size: int) -> np.ndarray:
     """uint8 in [0, 255] or float in [0, 1], shape (N, H, W, 3) or one (H, W, 3) image.
-    Returns float32 in [0, 255] with a batch axis; raises ValueError on anything else."""
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise ValueError(f"images must be (N, H, W, 3) or (H, W, 3); got shape {x.shape}")
-    if x.shape[0] == 0:
-        raise ValueError("empty batch: images has no samples")
-    if x.shape[1:] != (image_size, image_size, 3):
-        raise ValueError(f"images must be {image_size}x{image_size} with 3 channels; "
-                         f"got {x.shape[1]}x{x.shape[2]} with {x.shape[3]} channels")
-    if x.dtype == np.uint8:
-        return x.astype(np.float32)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float; got {x.dtype}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("images contain NaN or inf")
-    if x.min() < 0.0 or x.max() > 1.0:
-        raise ValueError(f"float images must lie in [0, 1]; got [{x.min():.3g}, {x.max():.3g}]")
-    return x.astype(np.float32) * 255.0
+    Returns float32 in [0, 255] with a batch axis; raises ValueError on anything else.
+    The same function checks what `serving.predict` is given: one input convention."""
+    return serving.check_images(images, (image_size, image_size, 3))
 
 
 def _check_rule(rule: str, threshold: float | None = None) -> None:

@@ -34,7 +34,7 @@ _RUN_FIELDS = {"checkpoint_every_steps", "eval_batch_size", "name", "compute_dty
 # Config fields added after workdirs existed, with the value that reproduces a workdir
 # made before them (the recipe's new defaults would not: no EMA was saved then).
 _ADDED_FIELDS = {"ema_decay": 0.0, "bn_bias_lr_mult": 1.0, "eval_every_epochs": 0,
-                 "flip": "random"}
+                 "flip": "random", "expert_inputs": "paper+confidence"}
 
 
 def _with_added_fields(raw: dict) -> dict:

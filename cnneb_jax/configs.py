@@ -35,6 +35,11 @@ class Config:
     aux_channels: int = 128        # O1 1x1 conv (scaled by width)
     aux_hidden: int = 768          # O1 kxk conv (scaled by width)
     expert_hidden: int = 64        # E1 dense layer after the concat; 0 = a single dense
+    # What E1 concatenates to its O1-like features: "paper" (O1's softmax output) or
+    # "paper+confidence" (also O1's logits, max probability, margin, entropy). With today's
+    # expert recipe (Adam, lr 0.1) the paper's E1 collapsed to a constant (test AUC 0.50,
+    # docs/RESULTS.md §3), so the default stays "paper+confidence" until its own lr is chosen.
+    expert_inputs: str = "paper+confidence"
     dropout: float = 0.0
     bn_momentum: float = 0.9
     # Mixed precision: "bfloat16" computes convs/matmuls in bf16 with float32 parameters,
@@ -63,7 +68,7 @@ class Config:
     # Exponential moving average of the weights and BatchNorm statistics, per step (0 = off).
     # When on, evaluation, the expert stage and the API use the averaged backbone.
     ema_decay: float = 0.99
-    bn_bias_lr_mult: float = 1.0   # lr multiplier on BatchNorm offsets (airbench uses 64)
+    bn_bias_lr_mult: float = 64.0  # lr multiplier on BatchNorm offsets (airbench's 64)
     eval_every_epochs: int = 1     # O1/O2 accuracy on the held-out images per epoch; 0 = off
     # --- expert stage ---
     # Few FT examples (~260 of 4,000): a short run at a high Adam lr ranked held-out images
@@ -103,6 +108,7 @@ CONFIGS: dict[str, Config] = {
         max_train_examples=48, max_test_examples=16,
         # The tests' schedule predates the CIFAR recipe's EMA, flips and smoothing.
         lr=0.2, label_smoothing=0.1, warmup_epochs=1.0, ema_decay=0.0, flip="random",
+        bn_bias_lr_mult=1.0,
         # 24 expert images (32 held out, 8 of them for calibration) in 30 full-batch steps
         # on a backbone of 24 steps (after fewer, its logits are still huge): enough for a
         # test to see the expert learn FT vs Other.
@@ -140,6 +146,9 @@ def get_config(name: str, overrides: dict[str, str] | None = None) -> Config:
     if cfg.compute_dtype not in ("float32", "bfloat16", "float64"):
         raise ValueError("compute_dtype must be float32, bfloat16 or float64, "
                          f"got {cfg.compute_dtype!r}")
+    if cfg.expert_inputs not in ("paper", "paper+confidence"):
+        raise ValueError("expert_inputs must be paper or paper+confidence, "
+                         f"got {cfg.expert_inputs!r}")
     if cfg.flip not in ("random", "alternate"):
         raise ValueError(f"flip must be random or alternate, got {cfg.flip!r}")
     for bp in cfg.branch_points:

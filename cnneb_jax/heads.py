@@ -67,10 +67,11 @@ def _decision(h, hidden: int):
 class ExpertHead(nn.Module):
     """E1, the proposed expert: O1-like layers, concat with O1's output, dense, {FT, Other}.
 
-    O1's output enters as logits, softmax and three summaries of it (max probability, top-2
-    margin, normalised entropy). Without the summaries, a small dense layer trained on a few
-    hundred FT examples ranked images far worse than O1's own max softmax on CIFAR-10.
-    The backbone and O1 are frozen while E1 trains.
+    `expert_inputs="paper"` concatenates O1's softmax output, as the paper does.
+    `"paper+confidence"` (today's default, see configs.py) adds O1's logits and three
+    summaries of its softmax (max probability, top-2 margin, normalised entropy), which hands
+    E1 the max-softmax score it is compared with. The backbone and O1 are frozen while E1
+    trains.
     """
     cfg: Config
 
@@ -78,7 +79,10 @@ class ExpertHead(nn.Module):
     def __call__(self, x, o1_logits, train: bool = False):
         h = AuxLayers(self.cfg, name="AuxLayers")(x, train)
         o1 = jax.lax.stop_gradient(o1_logits)
-        h = jnp.concatenate([h, o1, confidence_features(o1)], axis=-1)
+        if self.cfg.expert_inputs == "paper":
+            h = jnp.concatenate([h, jax.nn.softmax(o1)], axis=-1)
+        else:
+            h = jnp.concatenate([h, o1, confidence_features(o1)], axis=-1)
         return _decision(h, self.cfg.expert_hidden)
 
 

@@ -48,6 +48,35 @@ def load(export_dir: str | Path) -> ExportedCascade:
     return ExportedCascade(manifest, fns)
 
 
+def check_images(images, input_shape) -> np.ndarray:
+    """The one input convention of the API and the server: uint8 in [0, 255] or float in
+    [0, 1], shaped (N, H, W, C) or one (H, W, C) image. Returns float32 in [0, 255] with a
+    batch axis (what the first segment takes); raises ValueError on anything else."""
+    h, w, ch = input_shape
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, {ch}) or (H, W, {ch}); got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: images has no samples")
+    if x.shape[1:] != (h, w, ch):
+        hint = (" (channels first? images are channels last: N, H, W, C)"
+                if x.shape[1] == ch and x.shape[3] != ch else "")
+        raise ValueError(f"images must be {h}x{w} with {ch} channels; "
+                         f"got {x.shape[1]}x{x.shape[2]} with {x.shape[3]} channels{hint}")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"images must be uint8 or float; got {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("images contain NaN or inf")
+    if x.min() < 0.0 or x.max() > 1.0:
+        raise ValueError(f"float images must lie in [0, 1]; got [{x.min():.3g}, {x.max():.3g}]"
+                         " (uint8 images are read as [0, 255])")
+    return x.astype(np.float32) * 255.0
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -72,9 +101,10 @@ def _pad(x: np.ndarray, buckets: list[int]) -> np.ndarray:
 
 def predict(c: ExportedCascade, images, rule: str | None = None,
             threshold: float | None = None) -> dict[str, np.ndarray]:
-    """Routes a batch (NHWC, uint8 or float pixels in [0, 255]) through the exported parts,
-    exactly as the live controller does: a sample leaves at the first branch point whose
-    score exceeds the threshold. Defaults: the manifest's calibrated rule and threshold."""
+    """Routes a batch (NHWC: uint8 in [0, 255] or float in [0, 1], as `api.predict`) through
+    the exported parts exactly as the live controller does: a sample leaves at the first
+    branch point whose score exceeds the threshold. Defaults: the manifest's calibrated
+    rule and threshold."""
     m = c.manifest
     rule = m["rule"] if rule is None else rule
     threshold = m["threshold"] if threshold is None else float(threshold)
@@ -82,14 +112,15 @@ def predict(c: ExportedCascade, images, rule: str | None = None,
         raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must lie in [0, 1]; got {threshold}")
-    x = np.asarray(images, np.float32)
-    if x.ndim != 4 or list(x.shape[1:]) != m["input_shape"] or len(x) == 0:
-        raise ValueError(f"images must be (N>0, {', '.join(map(str, m['input_shape']))}); "
-                         f"got {x.shape}")
+    x = check_images(images, m["input_shape"])
     top = c.buckets[-1]
-    if len(x) > top:
-        parts = [predict(c, x[s:s + top], rule, threshold) for s in range(0, len(x), top)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    parts = [_route(c, x[s:s + top], rule, threshold) for s in range(0, len(x), top)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _route(c: ExportedCascade, x: np.ndarray, rule: str, threshold: float) -> dict:
+    """One chunk of at most the largest bucket, float32 pixels in [0, 255]."""
+    m = c.manifest
     n, last = len(x), m["num_exits"] - 1
     logits = np.zeros((n, m["num_classes"]), np.float32)
     exits = np.full(n, last, np.int32)

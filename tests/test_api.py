@@ -40,6 +40,7 @@ def test_single_image_and_batch_of_one(cascade, tiny_data):
     (np.full((2, 32, 32, 3), np.inf, np.float64), "NaN or inf"),
     (np.full((2, 32, 32, 3), 7.0, np.float32), r"\[0, 1\]"),
     (np.zeros((2, 2, 32, 32, 3), np.uint8), "shape"),
+    (np.zeros((2, 3, 32, 32), np.uint8), "channels first"),
 ])
 def test_bad_images_are_refused(cascade, images, message):
     with pytest.raises(ValueError, match=message):

@@ -21,6 +21,7 @@ def test_overrides_are_typed():
     ({"branch_points": "Conv2d_1a_3x3"}, "Mixed_"),
     ({"branch_points": "Mixed_6e,Mixed_5b"}, "network order"),
     ({"flip": "sometimes"}, "flip must be random or alternate"),
+    ({"expert_inputs": "all"}, "expert_inputs must be"),
 ])
 def test_bad_overrides_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -70,6 +70,26 @@ def test_serving_runs_without_the_model_code(exported, tiny_data, tmp_path):
     assert "(5,) (5,)" in r.stdout
 
 
+def test_api_and_serving_read_float_and_uint8_alike(exported, served, tiny_data):
+    """One input convention: the same uint8 batch, and the same batch as floats in [0, 1],
+    get the same answers from the live API and from the exported server."""
+    live = exported[0]
+    u8 = tiny_data["test_images"][:6]
+    f = u8.astype(np.float32) / 255.0
+    ref = api.predict(live, u8, "max_softmax", 0.5)
+    for out in (api.predict(live, f, "max_softmax", 0.5),
+                serving.predict(served, u8, "max_softmax", 0.5),
+                serving.predict(served, f, "max_softmax", 0.5)):
+        np.testing.assert_array_equal(out["labels"], ref["labels"])
+        np.testing.assert_array_equal(out["exit"], ref["exit"])
+        np.testing.assert_allclose(out["probs"], ref["probs"], rtol=1e-4, atol=1e-5)
+    # Floats on the [0, 255] scale are refused by both, not silently misread.
+    for fn in (lambda x: api.predict(live, x, "max_softmax", 0.5),
+               lambda x: serving.predict(served, x)):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            fn(u8.astype(np.float32))
+
+
 def test_serving_refuses_bad_input(exported, served):
     with pytest.raises(ValueError, match="images must be"):
         serving.predict(served, np.zeros((2, 28, 28, 3), np.uint8))

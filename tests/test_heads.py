@@ -38,3 +38,19 @@ def test_expert_sees_o1_output(tiny_cfg):
     b = head.apply(v, feat, o1.at[:, 3].set(5.0))
     assert not jnp.allclose(a, b)
     assert OTHER == 1
+
+
+def test_expert_inputs_paper_and_ablation(tiny_cfg):
+    """The paper's E1 concatenates O1's softmax output (10 values); the ablation adds O1's
+    logits and 3 confidence summaries (10 + 10 + 3 values) to the same O1-like features."""
+    feat = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 16))
+    o1 = jax.random.normal(jax.random.PRNGKey(2), (2, 10))
+    widths = {}
+    for inputs in ("paper", "paper+confidence"):
+        head = ExpertHead(tiny_cfg.replace(expert_inputs=inputs))
+        v = head.init(jax.random.PRNGKey(0), feat, o1)
+        widths[inputs] = v["params"]["Hidden"]["kernel"].shape[0]
+        # Logits that give the same softmax give the same decision in the paper's E1 only.
+        a, b = head.apply(v, feat, o1), head.apply(v, feat, o1 + 3.0)
+        assert jnp.allclose(a, b, atol=1e-5) == (inputs == "paper")
+    assert widths["paper+confidence"] - widths["paper"] == 13
