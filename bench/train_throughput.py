@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from cnneb_jax.configs import CONFIGS, get_config
-from cnneb_jax.model import BACKBONE_GROUPS, build_model, init_variables, split_collections
+from cnneb_jax.model import BACKBONE_GROUPS, abstract_variables, build_model, split_collections
 from cnneb_jax.stages import backbone_optimizer, init_ema, make_backbone_step
 
 
@@ -34,8 +34,8 @@ def make_runner(config: str, overrides: dict[str, str], steps_per_epoch: int):
     """A compiled train step of the variant and its state; returns run(n) -> seconds."""
     cfg = get_config(config, overrides)
     model = build_model(cfg)
-    variables = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0)))
-    # Random normal weights of the right shapes: eval_shape avoids the slow eager init.
+    variables = abstract_variables(model)
+    # Random normal weights of the right shapes, without the slow eager init.
     leaves, tree = jax.tree_util.tree_flatten(variables)
     rng = np.random.default_rng(0)
     leaves = [np.asarray(rng.standard_normal(l.shape) * 0.05, l.dtype) for l in leaves]

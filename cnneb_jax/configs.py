@@ -55,10 +55,11 @@ class Config:
     # mirrored in every other epoch, see data.alternating_flips).
     flip: str = "alternate"
     # --- backbone stage ---
-    # Batch 128 trains 7% more images/s than 256 here and takes twice the steps per epoch
-    # (bench/train_throughput.py); lr scaled linearly from 0.2 at 256.
+    # Batch 128 is not measurably faster than 256 here (bench/train_throughput.py, docs/
+    # RESULTS.md §1) and ended level at equal epochs; it is the measured run's. lr scaled
+    # linearly from 0.2 at 256.
     batch_size: int = 128
-    epochs: int = 12               # ~55 min on 2 CPU cores at width 0.25
+    epochs: int = 12               # 58 min on 2 CPU cores at width 0.25 (RESULTS.md §1)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -22,7 +22,7 @@ import numpy as np
 from flax import serialization
 
 from cnneb_jax import checkpoints as ckpt
-from cnneb_jax.model import Model, Variables, build_model, init_variables
+from cnneb_jax.model import Model, Variables, abstract_variables, build_model
 
 VARIABLES_FILE = "variables.msgpack"
 
@@ -100,7 +100,7 @@ def load_release(path: str | Path) -> tuple[Model, Variables]:
     except Exception as e:  # msgpack raises several types for damaged bytes
         raise ReleaseError(f"{path / VARIABLES_FILE} cannot be read ({e}); "
                            "download or copy the release again") from None
-    want = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0)))
+    want = abstract_variables(model)
     got_paths = {jax.tree_util.keystr(p): np.shape(a)
                  for p, a in jax.tree_util.tree_leaves_with_path(variables)}
     for p, a in jax.tree_util.tree_leaves_with_path(want):

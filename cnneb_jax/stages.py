@@ -30,8 +30,9 @@ from cnneb_jax.data import alternating_flips, augment, epoch_batches, normalize
 from cnneb_jax.heads import FT, OTHER
 from cnneb_jax.metrics import ft_labels, roc_auc
 from cnneb_jax.model import (BACKBONE_GROUPS, EXPERT_GROUPS, Model, Variables,
-                             backbone_forward, build_model, expert_forward, init_variables,
-                             merge_collections, split_collections)
+                             abstract_variables, backbone_forward, build_model,
+                             expert_forward, init_variables, merge_collections,
+                             split_collections)
 
 
 class TrainingError(RuntimeError):
@@ -345,19 +346,13 @@ def load_backbone(workdir: str | Path, cfg: Config) -> tuple[Model, Variables]:
         raise TrainingError(f"{workdir} has no finished backbone stage; "
                             "run `python train.py --stage backbone` first")
     model = build_model(cfg)
-    variables = _abstract_variables(model, cfg.seed)
+    variables = abstract_variables(model, cfg.seed)
     params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
     tx = backbone_optimizer(cfg, 10)
     st = _restore_stage(workdir, "backbone", params, stats, tx,
                         ema=jax.eval_shape(init_ema, params, stats) if cfg.ema_decay > 0
                         else None)
     return model, _eval_variables(st)
-
-
-def _abstract_variables(model: Model, seed: int) -> Variables:
-    # Shapes and dtypes only: restoring needs the structure, and the eager initialisation
-    # of every layer takes about 20 s for the cifar config.
-    return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(seed)))
 
 
 def _eval_variables(state: dict) -> Variables:
@@ -478,7 +473,7 @@ def load_trained(workdir: str | Path) -> tuple[Model, Variables]:
     if _stage_done(workdir / "expert") is None:
         raise TrainingError(f"{workdir} has no finished expert stage; "
                             "run `python train.py --stage expert` first")
-    variables = _abstract_variables(model, cfg.seed + 1)
+    variables = abstract_variables(model, cfg.seed + 1)
     params, stats = split_collections(_subset(variables, EXPERT_GROUPS))
     st = _restore_stage(workdir, "expert", params, stats, make_expert_optimizer(cfg, 10))
     return model, {**backbone, **merge_collections(st["params"], st["stats"])}
