@@ -1,10 +1,12 @@
 """Export a trained cascade for serving (jax.export StableHLO per segment + manifest.json).
 
     python export.py --workdir runs/cifar --data-dir ../shared/datasets/cifar10-jpeg \
-        --rule expert --max-drop 1.0
+        --rule expert --max-drop 0.01
 
-The threshold is calibrated on the workdir's calibration split (largest FLOPs saving with
-accuracy at most --max-drop points below the last exit alone), unless --threshold is given.
+The operating point: --threshold if given; else, with --data-dir, a threshold calibrated on
+the workdir's calibration split (largest FLOPs saving with accuracy at most --max-drop, a
+fraction, below the last exit alone), stored in the workdir as `api.calibrate` does; else the
+point already stored there by `api.calibrate` or an earlier export.
 Serve it with `cnneb_jax.serving` (jax and numpy only).
 
     python export.py --workdir runs/cifar --release pretrained/cifar \
@@ -27,16 +29,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a trained workdir (both stages)")
     p.add_argument("--out", default=None, help="output folder (default: WORKDIR/export)")
-    p.add_argument("--rule", default="expert",
+    p.add_argument("--rule", default=None,
                    choices=["expert", "aux5b", "max_softmax", "entropy"],
-                   help="exit rule the server uses by default (default: expert)")
-    p.add_argument("--max-drop", type=float, default=1.0,
-                   help="calibration target: accuracy drop in points vs the last exit alone")
+                   help="exit rule the server uses by default (default: the stored point's "
+                        "rule, else expert)")
+    p.add_argument("--max-drop", type=float, default=0.01,
+                   help="calibration target: accuracy drop vs the last exit alone, a fraction "
+                        "in [0, 1) as in api.calibrate (default 0.01 = one point)")
     p.add_argument("--threshold", type=float, default=None,
                    help="use this threshold instead of calibrating (no data needed)")
     p.add_argument("--data-dir", default=None, help="image folder or tfds data dir")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache folder")
     p.add_argument("--max-batch", type=int, default=256, help="largest bucket size")
+    p.add_argument("--platforms", default="cpu,cuda",
+                   help="comma-separated platforms every part is lowered for (default "
+                        "cpu,cuda: an export made on a CPU also runs on an NVIDIA GPU)")
     p.add_argument("--release", default=None, metavar="OUT",
                    help="write a release folder to OUT instead of a serving export "
                         "(needs --data-dir: an image folder with test/<class>/)")
@@ -66,23 +73,35 @@ def main(argv: list[str] | None = None) -> int:
                   f"{meta['reference']['accuracy']} on {meta['reference']['images']} "
                   "test images")
             return 0
+        if not 0.0 <= args.max_drop < 1.0:
+            raise ValueError(f"--max-drop is a fraction in [0, 1) (0.01 = one point); "
+                             f"got {args.max_drop}")
+        if args.max_batch < 1:
+            raise ValueError(f"--max-batch must be at least 1; got {args.max_batch}")
         cascade = api.load(args.workdir, max_batch=args.max_batch, warm=False)
+        stored = cascade.operating_point
+        rule = args.rule or stored.get("rule", "expert")
         point = None
-        if args.threshold is None:
+        if args.threshold is not None:
+            threshold = args.threshold
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"--threshold must lie in [0, 1]; got {threshold}")
+        elif args.data_dir is None and stored.get("rule") == rule:
+            point, threshold = stored, stored["threshold"]
+            print(f"[export] {rule}: threshold {threshold:.4f}, stored in {args.workdir}")
+        else:
             cfg = load_config(Path(args.workdir))
             cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
             data = data_lib.load_dataset(cfg, args.data_dir, cache)
             point = api.calibrate(cascade, data["calib_images"], data["calib_labels"],
-                                  args.rule, max_drop=args.max_drop / 100.0)
+                                  rule, max_drop=args.max_drop)
             threshold = point["threshold"]
-            print(f"[export] {args.rule}: threshold {threshold:.4f} (calibration accuracy "
-                  f"{point['accuracy']:.4f} vs {point['reference_accuracy']:.4f})")
-        else:
-            threshold = args.threshold
-            if not 0.0 <= threshold <= 1.0:
-                raise ValueError(f"--threshold must lie in [0, 1]; got {threshold}")
-        out = export_cascade(cascade, args.out or Path(args.workdir) / "export", args.rule,
-                             threshold, point)
+            print(f"[export] {rule}: threshold {threshold:.4f} (calibration accuracy "
+                  f"{point['accuracy']:.4f} vs {point['reference_accuracy']:.4f}), stored in "
+                  f"{args.workdir}")
+        out = export_cascade(cascade, args.out or Path(args.workdir) / "export", rule,
+                             threshold, point,
+                             platforms=[p.strip() for p in args.platforms.split(",") if p.strip()])
         print(f"[export] wrote {out}/manifest.json and {len(list(out.glob('*.stablehlo')))} "
               "StableHLO parts")
     except (ValueError, CheckpointError, TrainingError) as e:

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from cnneb_jax import data as data_lib
     from cnneb_jax import distributed
     from cnneb_jax.checkpoints import CheckpointError
-    from cnneb_jax.stages import TrainingError, train_backbone, train_expert
+    from cnneb_jax.stages import (TrainingError, TrainingInterrupted, train_backbone,
+                                  train_expert)
 
     if args.cpu_devices is not None:
         try:
@@ -85,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"[train] interrupted before a training loop began; run the same command "
+              f"again to start (finished stages in {args.workdir} are kept)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,6 +1,7 @@
 """Eval-mode time, XLA FLOPs and GFLOP/s of every Inception v3 block, one jit per block.
 
     python bench/block_times.py --config cifar --batch 256
+    python bench/block_times.py --config cifar --batch 128 --train   # forward+backward
 
 Shows where the early-exit prefix (stem -> Mixed_5b) is less efficient per FLOP than the
 deep layers on this machine: the reason measured time sits above the FLOPs prediction
@@ -25,6 +26,9 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="cifar", choices=sorted(CONFIGS))
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--train", action="store_true",
+                   help="time each block's train-mode forward+backward (gradients of the "
+                        "parameters and the input) instead of the eval forward")
     args = p.parse_args()
     cfg = get_config(args.config)
     h = jnp.asarray(np.random.default_rng(0).standard_normal(
@@ -35,9 +39,18 @@ def main() -> None:
         seg = Segment(cfg, prev, name)
         v = seg.init(jax.random.PRNGKey(0), h)
         f = jax.jit(lambda v, h, seg=seg: seg.apply(v, h))
-        jax.block_until_ready(f(v, h))  # compile
-        ms = 1e3 * median_seconds(lambda: jax.block_until_ready(f(v, h)), 7)
-        cost = f.lower(v, h).compile().cost_analysis()
+        if args.train:
+            def loss(prm, h, seg=seg, v=v):
+                y, _ = seg.apply({**v, "params": prm}, h, True, mutable=["batch_stats"])
+                return jnp.sum(y * y)
+            g = jax.jit(jax.grad(loss, argnums=(0, 1)))
+            v = {"params": {}, **v}  # the pools have no parameters
+            timed = lambda v, h, g=g: g(v["params"], h)
+        else:
+            timed = f
+        jax.block_until_ready(timed(v, h))  # compile
+        ms = 1e3 * median_seconds(lambda: jax.block_until_ready(timed(v, h)), 7)
+        cost = (g.lower(v["params"], h) if args.train else f.lower(v, h)).compile().cost_analysis()
         flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
         h = f(v, h)
         total_ms, total_flops = total_ms + ms, total_flops + flops

@@ -2,13 +2,18 @@
 
     from cnneb_jax import api
     cascade = api.load("runs/cifar")
-    out = api.predict(cascade, images, rule="expert", threshold=0.9)
+    point = api.calibrate(cascade, data["calib_images"], data["calib_labels"], rule="expert",
+                          max_drop=0.01)     # stored in the workdir: later loads use it
+    out = api.predict(cascade, images)       # the stored operating point
+    out = api.predict(cascade, images, rule="max_softmax", threshold=0.9)  # or any other
     out["labels"], out["probs"], out["exit"], out["flops"]
-    point = api.calibrate(cascade, val_images, val_labels, rule="expert", max_drop=0.01)
 """
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -18,62 +23,145 @@ from cnneb_jax.controller import (RULES, Cascade, all_outputs, last_exit_flops, 
                                   path_flops, run_cascade, softmax_np, warm_up)
 from cnneb_jax.sweep import choose_threshold, sweep_rule
 
+OPERATING_POINT_FILE = "operating_point.json"
+
 
 def load(workdir: str | Path, max_batch: int = 256, warm: bool = True) -> Cascade:
-    """A trained workdir (both stages finished) as a ready-to-route cascade. `warm`
-    compiles every bucket size now, so that no call compiles later."""
+    """A trained workdir (both stages finished) or release folder as a ready-to-route
+    cascade, with the operating point `calibrate` stored there, if any. `warm` compiles
+    every bucket size now, so that no call compiles later (JAX's persistent compilation
+    cache, see `cnneb_jax.compile_cache`, makes this fast after the first time)."""
+    from cnneb_jax import compile_cache
     from cnneb_jax.stages import load_trained
+    if not isinstance(max_batch, numbers.Integral) or isinstance(max_batch, bool) \
+            or max_batch < 1:
+        raise ValueError(f"max_batch must be a positive integer; got {max_batch!r}")
+    compile_cache.enable()
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise ValueError(f"{workdir} is not a folder (a trained workdir or a release)")
     model, variables = load_trained(workdir)
-    cascade = make_cascade(model, variables, max_batch)
+    cascade = make_cascade(model, variables, max_batch, workdir, read_operating_point(workdir))
     if warm:
         warm_up(cascade)
     return cascade
 
 
+def read_operating_point(workdir: str | Path) -> dict:
+    """The point `calibrate` stored in `workdir` ({} if none)."""
+    path = Path(workdir) / OPERATING_POINT_FILE
+    if not path.exists():
+        return {}
+    try:
+        point = json.loads(path.read_text())
+        _check_rule(point["rule"], point["threshold"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); delete it and run api.calibrate again")
+    return point
+
+
 def check_images(images, image_size: int) -> np.ndarray:
     """uint8 in [0, 255] or float in [0, 1], shape (N, H, W, 3) or one (H, W, 3) image.
-    Returns float32 in [0, 255] with a batch axis; raises ValueError on anything else.
-    The same function checks what `serving.predict` is given: one input convention."""
-    return serving.check_images(images, (image_size, image_size, 3))
+    Returns uint8 as given, float as float32 in [0, 255], with a batch axis; raises
+    ValueError on anything else. The same function checks what `serving.predict` is given:
+    one input convention."""
+    return serving.check_images(images, (image_size, image_size, 3), keep_uint8=True)
 
 
-def _check_rule(rule: str, threshold: float | None = None) -> None:
+def _check_labels(labels, n: int, num_classes: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},); got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers; got {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}); got [{y.min()}, {y.max()}]")
+    return y
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_rule(rule, threshold=None) -> None:
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
-    if threshold is not None and not (0.0 <= float(threshold) <= 1.0):
-        raise ValueError(f"threshold must lie in [0, 1]; got {threshold}")
+    if threshold is not None and not (_is_number(threshold) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be a number in [0, 1]; got {threshold!r}")
 
 
-def predict(cascade: Cascade, images, rule: str = "expert", threshold: float = 0.5,
-            labels=None) -> dict[str, np.ndarray]:
-    """Routes a batch. Returns `labels` (predicted class), `probs` (softmax of the exit
-    taken), `exit` (0 = O1, ..., m-1 = last exit) and `flops` (cost of each sample's path)."""
+def _resolve_point(cascade: Cascade, rule, threshold) -> tuple[str, float]:
+    """The rule and threshold to route with: the ones given, else the stored point."""
+    stored = cascade.operating_point
+    if rule is None:
+        if not stored:
+            raise ValueError("no rule given and no stored operating point: pass rule= and "
+                             "threshold=, or run api.calibrate first (it stores one)")
+        rule = stored["rule"]
+    if threshold is None:
+        if stored.get("rule") != rule:
+            raise ValueError(f"no threshold given for rule {rule!r} and no stored operating "
+                             f"point for it: pass threshold= or api.calibrate(..., rule={rule!r})")
+        threshold = stored["threshold"]
     _check_rule(rule, threshold)
-    x = check_images(images, cascade.model.cfg.image_size)
-    out = run_cascade(cascade, x, rule, float(threshold),
-                      None if labels is None else np.asarray(labels))
+    return rule, float(threshold)
+
+
+def predict(cascade: Cascade, images, rule: str | None = None, threshold: float | None = None,
+            labels=None) -> dict[str, np.ndarray]:
+    """Routes a batch. Without `rule` and `threshold`, the stored operating point (from
+    `calibrate`) is used. Returns `labels` (predicted class), `probs` (softmax of the exit
+    taken), `exit` (0 = O1, ..., m-1 = last exit) and `flops` (cost of each sample's path).
+    `labels` (true classes) are needed only by the oracle rule."""
+    rule, threshold = _resolve_point(cascade, rule, threshold)
+    cfg = cascade.model.cfg
+    x = check_images(images, cfg.image_size)
+    y = None if labels is None else _check_labels(labels, len(x), cfg.num_classes)
+    out = run_cascade(cascade, x, rule, threshold, y)
     probs = softmax_np(out["logits"])
     return {"labels": probs.argmax(-1), "probs": probs, "exit": out["exit"], "flops": out["flops"]}
 
 
 def calibrate(cascade: Cascade, images, labels, rule: str = "expert",
-              max_drop: float | None = None, flops_budget: float | None = None) -> dict:
-    """Chooses a threshold on a labelled set: the largest FLOPs saving with accuracy at most
-    `max_drop` (a fraction, 0.01 = one point) below the last exit alone, or the best accuracy
-    within `flops_budget` FLOPs per image. Returns the chosen point (threshold, accuracy,
-    flops, exit shares) and the reference accuracy/FLOPs of the last exit alone."""
+              max_drop: float | None = None, flops_budget: float | None = None,
+              save: bool = True) -> dict:
+    """Chooses a threshold on a labelled set (use the calibration split, never test): the
+    largest FLOPs saving with accuracy at most `max_drop` (a fraction in [0, 1): 0.01 = one
+    point) below the last exit alone, or the best accuracy within `flops_budget` FLOPs per
+    image. The point becomes the cascade's default and, with `save`, is stored in its
+    workdir for later loads. Returns it (rule, threshold, accuracy, flops, exit shares,
+    the target) with the last exit's reference accuracy and FLOPs."""
     _check_rule(rule)
     if rule == "oracle":
         raise ValueError("the oracle is an upper bound and cannot be calibrated for use")
-    x = check_images(images, cascade.model.cfg.image_size)
-    y = np.asarray(labels)
-    if y.shape != (len(x),):
-        raise ValueError(f"labels must have shape ({len(x)},); got {y.shape}")
+    if (max_drop is None) == (flops_budget is None):
+        raise ValueError("give exactly one of max_drop and flops_budget")
+    if max_drop is not None and not (_is_number(max_drop) and 0.0 <= max_drop < 1.0):
+        raise ValueError(f"max_drop is a fraction in [0, 1) (0.01 = one point); got {max_drop!r}")
+    if flops_budget is not None and not (_is_number(flops_budget) and flops_budget > 0
+                                         and math.isfinite(flops_budget)):
+        raise ValueError(f"flops_budget must be a positive number of FLOPs per image; "
+                         f"got {flops_budget!r}")
+    cfg = cascade.model.cfg
+    x = check_images(images, cfg.image_size)
+    y = _check_labels(labels, len(x), cfg.num_classes)
     outputs = all_outputs(cascade, x)
     costs = path_flops(cascade, rule)
     points = sweep_rule(outputs, y, rule, costs)
     ref_acc = float((outputs["exits"][-1].argmax(-1) == y).mean())
     chosen = choose_threshold(points, ref_acc, max_drop, flops_budget)
     if chosen is None:
-        raise ValueError("no threshold meets the target on this set")
-    return {**chosen, "reference_accuracy": ref_acc, "reference_flops": last_exit_flops(cascade)}
+        if flops_budget is not None:
+            raise ValueError(f"flops_budget {flops_budget:.4g} is below the cheapest path of "
+                             f"rule {rule!r} ({costs[0]:.4g} FLOPs per image)")
+        raise ValueError(f"no threshold of rule {rule!r} keeps accuracy within {max_drop} of "
+                         f"the last exit ({ref_acc:.4f}) on these {len(y)} images")
+    point = {"rule": rule, **chosen, "max_drop": max_drop, "flops_budget": flops_budget,
+             "calibration_images": int(len(y)), "reference_accuracy": ref_acc,
+             "reference_flops": last_exit_flops(cascade)}
+    cascade.operating_point.clear()
+    cascade.operating_point.update(point)
+    if save and cascade.workdir is not None:
+        from cnneb_jax.checkpoints import write_json
+        write_json(cascade.workdir / OPERATING_POINT_FILE, point)
+    return point

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cnneb_jax.configs import Config
+from cnneb_jax.configs import Config, validate
 
 # Fields that only change how a run goes, not the shapes or meaning of what it trains
 # (compute_dtype: a float32-trained model may be evaluated in bf16 and vice versa).
@@ -34,7 +34,8 @@ _RUN_FIELDS = {"checkpoint_every_steps", "eval_batch_size", "name", "compute_dty
 # Config fields added after workdirs existed, with the value that reproduces a workdir
 # made before them (the recipe's new defaults would not: no EMA was saved then).
 _ADDED_FIELDS = {"ema_decay": 0.0, "bn_bias_lr_mult": 1.0, "eval_every_epochs": 0,
-                 "flip": "random", "expert_inputs": "paper+confidence"}
+                 "flip": "random", "expert_inputs": "paper+confidence",
+                 "stem_channels": 0, "whiten_stem": False}
 
 
 def _with_added_fields(raw: dict) -> dict:
@@ -97,6 +98,8 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, di
 
 def check_config(workdir: Path, cfg: Config) -> None:
     """Records the config in a new workdir; refuses a workdir trained with another one."""
+    if Path(workdir).exists() and not Path(workdir).is_dir():
+        raise CheckpointError(f"workdir {workdir} is an existing file, not a folder")
     path = Path(workdir) / "config.json"
     mine = dataclasses.asdict(cfg)
     if path.exists():
@@ -119,7 +122,12 @@ def load_config(workdir: Path) -> Config:
     raw = _with_added_fields(json.loads(path.read_text()))
     fields = {f.name: f for f in dataclasses.fields(Config)}
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields}
-    return Config(**kw)
+    cfg = Config(**kw)
+    try:
+        validate(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path} holds an invalid config: {e}") from None
+    return cfg
 
 
 def write_json(path: Path, obj: Any) -> None:

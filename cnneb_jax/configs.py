@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 # Inception v3 blocks in order, named as in the paper / TF-slim.
@@ -26,6 +27,10 @@ class Config:
     # CIFAR: SAME, so 32x32 inputs keep even sizes (16 -> 8 -> 4).
     padding: str = "SAME"
     stem_stride: int = 1           # stride of Conv2d_1a_3x3 (2 in the original)
+    stem_channels: int = 0         # Conv2d_1a_3x3's output channels; 0 = 32 scaled by width
+    # Conv2d_1a_3x3 frozen at a whitening of the training images' 3x3 patches (top
+    # eigenvectors of their covariance, both signs), as airbench's first layer.
+    whiten_stem: bool = False
     use_pool_5a: bool = False      # MaxPool_5a_3x3 (stride 2) before Mixed_5b
     branch_points: tuple[str, ...] = ("Mixed_5b",)
     # O1 avg-pool (original aux head: 5x5, stride 3). On a 16x16 CIFAR grid 3x3/2 keeps a
@@ -144,17 +149,78 @@ def get_config(name: str, overrides: dict[str, str] | None = None) -> Config:
         except ValueError as e:
             raise ValueError(f"bad value for {key}: {e}") from None
         cfg = cfg.replace(**{key: value})
-    if cfg.compute_dtype not in ("float32", "bfloat16", "float64"):
-        raise ValueError("compute_dtype must be float32, bfloat16 or float64, "
-                         f"got {cfg.compute_dtype!r}")
-    if cfg.expert_inputs not in ("paper", "paper+confidence"):
-        raise ValueError("expert_inputs must be paper or paper+confidence, "
-                         f"got {cfg.expert_inputs!r}")
-    if cfg.flip not in ("random", "alternate"):
-        raise ValueError(f"flip must be random or alternate, got {cfg.flip!r}")
+    validate(cfg)
+    return cfg
+
+
+# Ranges of the numeric fields: (low, high, low inclusive, high inclusive); None = unbounded.
+_RANGES: dict[str, tuple] = {
+    "num_classes": (2, None, True, True), "image_size": (8, None, True, True),
+    "width": (0.0, None, False, True), "stem_stride": (1, None, True, True),
+    "stem_channels": (0, None, True, True), "aux_pool": (1, None, True, True),
+    "aux_pool_stride": (1, None, True, True), "aux_channels": (1, None, True, True),
+    "aux_hidden": (1, None, True, True), "expert_hidden": (0, None, True, True),
+    "dropout": (0.0, 1.0, True, False), "bn_momentum": (0.0, 1.0, True, False),
+    "val_size": (0, None, True, True), "calib_size": (0, None, True, True),
+    "pad_crop": (0, None, True, True), "batch_size": (1, None, True, True),
+    "epochs": (1, None, True, True), "lr": (0.0, None, False, True),
+    "momentum": (0.0, 1.0, True, False), "weight_decay": (0.0, None, True, True),
+    "label_smoothing": (0.0, 1.0, True, False), "warmup_epochs": (0.0, None, True, True),
+    "aux_weight": (0.0, None, True, True), "ema_decay": (0.0, 1.0, True, False),
+    "bn_bias_lr_mult": (0.0, None, False, True), "eval_every_epochs": (0, None, True, True),
+    "expert_epochs": (1, None, True, True), "expert_batch_size": (1, None, True, True),
+    "expert_lr": (0.0, None, False, True), "aux5b_lr": (0.0, None, False, True),
+    "expert_weight_decay": (0.0, None, True, True), "seed": (0, None, True, True),
+    "checkpoint_every_steps": (1, None, True, True), "eval_batch_size": (1, None, True, True),
+    "max_train_examples": (0, None, True, True), "max_test_examples": (0, None, True, True),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "padding": ("SAME", "VALID"), "compute_dtype": ("float32", "bfloat16", "float64"),
+    "expert_inputs": ("paper", "paper+confidence"), "flip": ("random", "alternate"),
+}
+
+
+def _range_text(lo, hi, lo_in, hi_in) -> str:
+    if hi is None:
+        return f">= {lo}" if lo_in else f"> {lo}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def validate(cfg: Config) -> None:
+    """Checks every field's type and range; raises ValueError naming the field."""
+    for f in dataclasses.fields(Config):
+        value, default = getattr(cfg, f.name), getattr(_DEFAULT, f.name)
+        kind = type(default)
+        ok_type = (isinstance(value, bool) if kind is bool else
+                   isinstance(value, (int, float)) and not isinstance(value, bool)
+                   if kind is float else
+                   isinstance(value, kind) and not isinstance(value, bool))
+        if not ok_type:
+            raise ValueError(f"config field {f.name} must be {kind.__name__}, "
+                             f"got {value!r} ({type(value).__name__})")
+        if f.name in _RANGES:
+            lo, hi, lo_in, hi_in = _RANGES[f.name]
+            inside = ((value >= lo if lo_in else value > lo) and
+                      (hi is None or (value <= hi if hi_in else value < hi)))
+            if not (inside and math.isfinite(value)):
+                raise ValueError(f"config field {f.name} must be "
+                                 f"{_range_text(lo, hi, lo_in, hi_in)}, got {value!r}")
+        if f.name in _CHOICES and value not in _CHOICES[f.name]:
+            raise ValueError(f"config field {f.name} must be one of "
+                             f"{', '.join(_CHOICES[f.name])}, got {value!r}")
+    if cfg.calib_size > cfg.val_size:
+        raise ValueError(f"config field calib_size ({cfg.calib_size}) must not exceed "
+                         f"val_size ({cfg.val_size}): calibration images are part of val")
+    if cfg.pad_crop >= cfg.image_size:
+        raise ValueError(f"config field pad_crop must be < image_size ({cfg.image_size}), "
+                         f"got {cfg.pad_crop}")
+    if cfg.whiten_stem and not 2 <= cfg.stem_channels <= 54:
+        raise ValueError("config field stem_channels must be in [2, 54] with whiten_stem "
+                         f"(both signs of at most 27 patch directions), got {cfg.stem_channels}")
+    if not cfg.branch_points:
+        raise ValueError("config field branch_points must name at least one Mixed_* block")
     for bp in cfg.branch_points:
         if bp not in BLOCKS or not bp.startswith("Mixed"):
             raise ValueError(f"branch point {bp!r} must be one of the Mixed_* blocks")
     if list(cfg.branch_points) != sorted(cfg.branch_points, key=BLOCKS.index):
         raise ValueError("branch_points must be in network order")
-    return cfg

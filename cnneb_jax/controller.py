@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -51,18 +52,25 @@ class Cascade:
     fns: dict[str, Callable]
     buckets: tuple[int, ...]
     flops: dict[str, float]
+    # Where it was loaded from (api.calibrate stores the chosen point there) and the point
+    # (rule, threshold, ...) that api.predict uses when it is given neither.
+    workdir: Path | None = None
+    operating_point: dict = dataclasses.field(default_factory=dict)
 
     @property
     def max_batch(self) -> int:
         return self.buckets[-1]
 
 
-def make_cascade(model: Model, variables: Variables, max_batch: int = 256) -> Cascade:
+def make_cascade(model: Model, variables: Variables, max_batch: int = 256,
+                 workdir: Path | None = None, operating_point: dict | None = None) -> Cascade:
     fns = dict(segment_fns(model))
+    # uint8 pixels travel to the device as uint8 (4x fewer bytes than float32) and are cast
+    # there; floats in [0, 255] take the same function at their own dtype.
     fns["normalize"] = jax.jit(normalize)
     fns["take"] = jax.jit(lambda h, idx: jnp.take(h, idx, axis=0))
     return Cascade(model, variables, fns, bucket_sizes(max_batch),
-                   segment_flops(model, variables))
+                   segment_flops(model, variables), workdir, dict(operating_point or {}))
 
 
 def bucket_for(c: Cascade, n: int) -> int:
@@ -128,7 +136,7 @@ def first_exit_flops(c: Cascade) -> float:
 
 def run_cascade(c: Cascade, images: np.ndarray, rule: str, threshold: float,
                 labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Routes a batch (uint8 or float in [0, 255], NHWC). Returns per sample: `logits` of
+    """Routes a batch (uint8, or float in [0, 255], NHWC). Returns per sample: `logits` of
     the exit taken, `exit` (0-based), `flops` of its path. Batches larger than the biggest
     bucket are processed in chunks."""
     if len(images) > c.max_batch:
@@ -148,7 +156,7 @@ def run_cascade(c: Cascade, images: np.ndarray, rule: str, threshold: float,
     out_exit = np.full(n, m - 1, np.int32)
     active = np.arange(n)
     size = bucket_for(c, n)
-    h = fns["normalize"](pad_rows(np.asarray(images, np.float32), size))
+    h = fns["normalize"](pad_rows(_pixels(images), size))
     for i in range(m):
         h = fns[f"seg:{seg_names[i]}"](v["segments"][seg_names[i]], h)
         o = fns[f"head:{head_names[i]}"](v["heads"][head_names[i]], h)
@@ -201,7 +209,7 @@ def all_outputs(c: Cascade, images: np.ndarray) -> dict[str, list[np.ndarray]]:
                                               "experts": [[] for _ in range(m - 1)],
                                               "aux5b": [[] for _ in range(m - 1)]}
     for s in range(0, len(images), c.max_batch):
-        chunk = np.asarray(images[s:s + c.max_batch], np.float32)
+        chunk = _pixels(images[s:s + c.max_batch])
         k = len(chunk)
         h = fns["normalize"](pad_rows(chunk, bucket_for(c, k)))
         for i in range(m):
@@ -216,15 +224,24 @@ def all_outputs(c: Cascade, images: np.ndarray) -> dict[str, list[np.ndarray]]:
     return {key: [np.concatenate(parts) for parts in lists] for key, lists in acc.items()}
 
 
+def _pixels(images) -> np.ndarray:
+    """uint8 stays uint8 (cast on the device); anything else becomes float32 in [0, 255]."""
+    x = np.asarray(images)
+    return x if x.dtype == np.uint8 else x.astype(np.float32)
+
+
 def warm_up(c: Cascade) -> None:
-    """Compiles every function at every bucket size, and every bucket-to-bucket gather,
-    so that routing never compiles afterwards."""
+    """Compiles every function at every bucket size for uint8 and float32 pixels, and every
+    gather routing can run (from a bucket to the same or a smaller one: the samples that
+    go on are never more than those that came in), so that routing never compiles later."""
     cfg = c.model.cfg
     for p in c.buckets:
-        x = np.zeros((p, cfg.image_size, cfg.image_size, 3), np.float32)
+        x = np.zeros((p, cfg.image_size, cfg.image_size, 3), np.uint8)
+        c.fns["normalize"](x.astype(np.float32))
         all_outputs(c, x)  # every segment, head and expert at size p
         h = c.fns["normalize"](x)
         for name in list(c.model.segments)[:-1]:
             h = c.fns[f"seg:{name}"](c.variables["segments"][name], h)
             for q in c.buckets:
-                c.fns["take"](h, np.zeros(q, np.int32))
+                if q <= p:
+                    c.fns["take"](h, np.zeros(q, np.int32))

@@ -62,10 +62,19 @@ def check_folder_layout(root: Path) -> list[str]:
                     if loose else "")
             raise DataError(f"{d} has no class folders{hint} "
                             f"(expected {d}/<class>/<image>)")
+        ignored = []
         for name in names:
-            if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (d / name).iterdir()):
+            files = [f for f in (d / name).iterdir() if not f.name.startswith(".")]
+            if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files):
                 raise DataError(f"class folder {d / name} has no images "
                                 f"({', '.join(IMAGE_EXTENSIONS)})")
+            ignored += [f"{name}/{f.name}" for f in files
+                        if f.is_file() and f.suffix.lower() not in IMAGE_EXTENSIONS]
+        if ignored:
+            # The folder reader takes only these formats; say so instead of dropping them.
+            print(f"warning: ignored {len(ignored)} file(s) in {split}/ that are not "
+                  f"{', '.join(IMAGE_EXTENSIONS)}: " + ", ".join(ignored[:5])
+                  + (" ..." if len(ignored) > 5 else ""), file=sys.stderr)
         classes[split] = names
     if classes["train"] != classes["test"]:
         only = sorted(set(classes["train"]) ^ set(classes["test"]))

@@ -8,8 +8,10 @@ no model code).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,10 @@ from cnneb_jax.data import normalize
 from cnneb_jax.heads import OTHER
 from cnneb_jax.model import segment_fns
 
-FORMAT_VERSION = 1
+# 2: every part lowered for several platforms (`platforms` in the manifest) and its sha256.
+FORMAT_VERSION = 2
+# CPU and CUDA by default: an export made on a CPU machine also runs on an NVIDIA GPU.
+DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 
 # One symbolic batch size shared by every input of every part (one symbolic scope).
@@ -31,12 +36,18 @@ def _spec(shape_tail: tuple[int, ...], dtype=jnp.float32) -> jax.ShapeDtypeStruc
 
 
 def export_cascade(cascade: Cascade, out_dir: str | Path, rule: str,
-                   threshold: float, calibration: dict | None = None) -> Path:
+                   threshold: float, calibration: dict | None = None,
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Path:
     """Writes `<part>.stablehlo` for each part and `manifest.json` into `out_dir`.
 
     `rule` and `threshold` are the operating point the server uses by default (for
     example from `api.calibrate`); `calibration` (that call's result) is kept for the record.
+    Every part is lowered for each of `platforms` (JAX names: cpu, cuda, rocm, tpu), so it
+    runs on any of them, whatever machine exports it.
     """
+    platforms = tuple(platforms)
+    if not platforms or not set(platforms) <= {"cpu", "cuda", "rocm", "tpu"}:
+        raise ValueError(f"platforms must be some of cpu, cuda, rocm, tpu; got {platforms}")
     model, v = cascade.model, cascade.variables
     cfg = model.cfg
     out = Path(out_dir)
@@ -45,10 +56,12 @@ def export_cascade(cascade: Cascade, out_dir: str | Path, rule: str,
     parts: list[dict] = []
 
     def write(name: str, fn, *specs):
-        exp = jax.export.export(jax.jit(fn))(*specs)
-        (out / f"{name}.stablehlo").write_bytes(exp.serialize())
+        exp = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
+        blob = exp.serialize()
+        (out / f"{name}.stablehlo").write_bytes(blob)
         parts.append({"name": name, "file": f"{name}.stablehlo",
-                      "inputs": [list(s.shape[1:]) for s in specs]})
+                      "inputs": [list(s.shape[1:]) for s in specs],
+                      "sha256": hashlib.sha256(blob).hexdigest()})
         return jax.eval_shape(fn, *[jax.ShapeDtypeStruct((2, *s.shape[1:]), s.dtype)
                                     for s in specs])
 
@@ -75,6 +88,7 @@ def export_cascade(cascade: Cascade, out_dir: str | Path, rule: str,
 
     manifest = {
         "format_version": FORMAT_VERSION,
+        "platforms": list(platforms),
         "config": cfg.name,
         "branch_points": list(cfg.branch_points),
         "num_exits": model.num_exits,

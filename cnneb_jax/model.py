@@ -15,8 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cnneb_jax.configs import Config
+from cnneb_jax.data import normalize
 from cnneb_jax.heads import Aux5bExpert, AuxHead, ExpertHead, MainHead
 from cnneb_jax.segments import Segment
 
@@ -85,6 +87,26 @@ def init_variables(model: Model, rng: jax.Array) -> Variables:
             raise ValueError("compute_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
         out = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), out)
     return out
+
+
+def whitening_kernel(images: np.ndarray, channels: int, size: int = 3,
+                     eps: float = 5e-4) -> np.ndarray:
+    """A (size, size, 3, channels) kernel that maps each size x size patch of the normalised
+    images onto the top channels/2 eigenvectors of the patch covariance, each scaled to unit
+    variance, with both signs (so the ReLU after it keeps every direction). Airbench's frozen
+    first layer: later layers start from decorrelated inputs."""
+    x = np.asarray(normalize(images), np.float64)
+    patches = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))
+    patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, size * size * x.shape[-1])
+    patches = patches - patches.mean(0)
+    eigval, eigvec = np.linalg.eigh(patches.T @ patches / len(patches))
+    k = (channels + 1) // 2
+    if k > len(eigval):
+        raise ValueError(f"{channels} whitening channels need more than {len(eigval)} "
+                         "patch directions")
+    top = eigvec[:, ::-1][:, :k] / np.sqrt(eigval[::-1][:k] + eps)
+    w = np.concatenate([top, -top], axis=1)[:, :channels]
+    return w.reshape(size, size, x.shape[-1], channels).astype(np.float32)
 
 
 def abstract_variables(model: Model, seed: int = 0) -> Variables:

@@ -212,7 +212,8 @@ def make_block(name: str, cfg: Config) -> nn.Module:
     w, pad, m = cfg.width, cfg.padding, cfg.bn_momentum
     c = lambda n: channels(n, w)
     stem = {
-        "Conv2d_1a_3x3": lambda: ConvBN(c(32), (3, 3), cfg.stem_stride, pad, m, name=name),
+        "Conv2d_1a_3x3": lambda: ConvBN(cfg.stem_channels or c(32), (3, 3), cfg.stem_stride,
+                                        pad, m, name=name),
         "Conv2d_2a_3x3": lambda: ConvBN(c(32), (3, 3), 1, pad, m, name=name),
         "Conv2d_2b_3x3": lambda: ConvBN(c(64), (3, 3), 1, "SAME", m, name=name),
         "Conv2d_3b_1x1": lambda: ConvBN(c(80), (1, 1), 1, pad, m, name=name),

@@ -11,14 +11,16 @@ folder and used on its own.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import numbers
 from pathlib import Path
 from typing import Callable
 
 import jax
 import numpy as np
 
-SUPPORTED_FORMAT = 1
+SUPPORTED_FORMATS = (1, 2)  # 1: CPU only, no checksums
 RULES = ("expert", "aux5b", "max_softmax", "entropy")
 
 
@@ -32,26 +34,109 @@ class ExportedCascade:
         return self.manifest["bucket_sizes"]
 
 
+class ExportError(ValueError):
+    """An export folder that cannot be served: missing or damaged part, edited manifest,
+    another platform. The message names the problem."""
+
+
+def _need(ok: bool, where: Path, what: str) -> None:
+    if not ok:
+        raise ExportError(f"{where}: {what}")
+
+
+def _is_int(x, low: int) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low
+
+
+def _check_manifest(m, path: Path) -> None:
+    """Every field the loader and `predict` read, with its type and range."""
+    _need(isinstance(m, dict), path, "must hold a JSON object")
+    _need(m.get("format_version") in SUPPORTED_FORMATS, path,
+          f"export format {m.get('format_version')!r} is not supported (this loader reads "
+          f"formats {SUPPORTED_FORMATS})")
+    for key in ("num_exits", "input_shape", "num_classes", "expert_other_index",
+                "bucket_sizes", "rule", "threshold", "path_flops", "parts"):
+        _need(key in m, path, f"field {key!r} is missing")
+    k = m["num_exits"]
+    _need(_is_int(k, 1), path, f"num_exits must be an integer >= 1, got {k!r}")
+    shape = m["input_shape"]
+    _need(isinstance(shape, list) and len(shape) == 3 and all(_is_int(v, 1) for v in shape),
+          path, f"input_shape must be [H, W, C], got {shape!r}")
+    _need(_is_int(m["num_classes"], 2), path, f"num_classes must be >= 2, got {m['num_classes']!r}")
+    _need(m["expert_other_index"] in (0, 1), path, "expert_other_index must be 0 or 1")
+    b = m["bucket_sizes"]
+    _need(isinstance(b, list) and b and all(_is_int(v, 1) for v in b) and b == sorted(set(b)),
+          path, f"bucket_sizes must be increasing positive integers, got {b!r}")
+    _need(m["rule"] in RULES, path, f"rule must be one of {RULES}, got {m['rule']!r}")
+    t = m["threshold"]
+    _need(isinstance(t, numbers.Real) and not isinstance(t, bool) and 0.0 <= t <= 1.0, path,
+          f"threshold must be a number in [0, 1], got {t!r}")
+    pf = m["path_flops"]
+    _need(isinstance(pf, dict) and all(isinstance(pf.get(r), list) and len(pf[r]) == k
+                                       for r in RULES), path,
+          f"path_flops must give {k} costs for each of {RULES}")
+    _need(isinstance(m["parts"], list) and all(isinstance(p, dict) and "name" in p and "file" in p
+                                               for p in m["parts"]), path,
+          "parts must be a list of {name, file}")
+    names = {p["name"] for p in m["parts"]}
+    want = {f"seg{i}" for i in range(k)} | {f"head{i}" for i in range(k)} | \
+        {f"expert{i}" for i in range(k - 1)} | {f"aux5b{i}" for i in range(k - 1)}
+    _need(want <= names, path, f"parts {sorted(want - names)} are missing from the manifest")
+
+
+def _platform() -> str:
+    backend = jax.default_backend()
+    return "cuda" if backend == "gpu" else backend
+
+
 def load(export_dir: str | Path) -> ExportedCascade:
+    """Reads and checks an export folder; raises ExportError (a ValueError) naming what is
+    missing, damaged or inconsistent, or when this machine's platform was not exported."""
     d = Path(export_dir)
     path = d / "manifest.json"
     if not path.exists():
-        raise ValueError(f"{d} has no manifest.json: not an exported cascade")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != SUPPORTED_FORMAT:
-        raise ValueError(f"{d}: export format {manifest.get('format_version')} is not "
-                         f"supported (this loader reads format {SUPPORTED_FORMAT})")
-    fns = {}
+        raise ExportError(f"{d} has no manifest.json: not an exported cascade")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON ({e})") from None
+    _check_manifest(manifest, path)
+    platforms = manifest.get("platforms", ["cpu"])
+    _need(_platform() in platforms, d,
+          f"exported for {', '.join(platforms)}; this machine runs {_platform()}: export again "
+          f"with platforms including {_platform()!r}")
+    fns, exps = {}, {}
     for part in manifest["parts"]:
-        exp = jax.export.deserialize(bytearray((d / part["file"]).read_bytes()))
+        f = d / part["file"]
+        _need(f.is_file(), d, f"part {part['name']} ({part['file']}) is missing")
+        blob = f.read_bytes()
+        if "sha256" in part:
+            _need(hashlib.sha256(blob).hexdigest() == part["sha256"], d,
+                  f"part {part['name']} ({part['file']}) is damaged or was changed: its "
+                  "sha256 differs from the manifest's")
+        try:
+            exp = jax.export.deserialize(bytearray(blob))
+        except Exception as e:  # flatbuffer/MLIR errors have no common type
+            raise ExportError(f"{d}: part {part['name']} ({part['file']}) cannot be read "
+                              f"({type(e).__name__}: {e})") from None
+        exps[part["name"]] = exp
         fns[part["name"]] = jax.jit(exp.call)  # compiles once per bucket size
+    first = tuple(exps["seg0"].in_avals[0].shape[1:])
+    _need(first == tuple(manifest["input_shape"]), d,
+          f"manifest input_shape {manifest['input_shape']} disagrees with seg0's input {first}")
+    for i in range(manifest["num_exits"]):
+        out = exps[f"head{i}"].out_avals[0].shape[-1]
+        _need(out == manifest["num_classes"], d,
+              f"manifest num_classes {manifest['num_classes']} disagrees with head{i}'s "
+              f"{out} outputs")
     return ExportedCascade(manifest, fns)
 
 
-def check_images(images, input_shape) -> np.ndarray:
+def check_images(images, input_shape, keep_uint8: bool = False) -> np.ndarray:
     """The one input convention of the API and the server: uint8 in [0, 255] or float in
     [0, 1], shaped (N, H, W, C) or one (H, W, C) image. Returns float32 in [0, 255] with a
-    batch axis (what the first segment takes); raises ValueError on anything else."""
+    batch axis (what the first segment takes), or the uint8 array itself with `keep_uint8`;
+    raises ValueError on anything else."""
     h, w, ch = input_shape
     x = np.asarray(images)
     if x.ndim == 3:
@@ -66,7 +151,7 @@ def check_images(images, input_shape) -> np.ndarray:
         raise ValueError(f"images must be {h}x{w} with {ch} channels; "
                          f"got {x.shape[1]}x{x.shape[2]} with {x.shape[3]} channels{hint}")
     if x.dtype == np.uint8:
-        return x.astype(np.float32)
+        return x if keep_uint8 else x.astype(np.float32)
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"images must be uint8 or float; got {x.dtype}")
     if not np.all(np.isfinite(x)):
@@ -105,13 +190,17 @@ def predict(c: ExportedCascade, images, rule: str | None = None,
     the exported parts exactly as the live controller does: a sample leaves at the first
     branch point whose score exceeds the threshold. Defaults: the manifest's calibrated
     rule and threshold."""
+    if not isinstance(c, ExportedCascade):
+        raise TypeError(f"predict takes what serving.load returns; got {type(c).__name__}")
     m = c.manifest
     rule = m["rule"] if rule is None else rule
-    threshold = m["threshold"] if threshold is None else float(threshold)
+    threshold = m["threshold"] if threshold is None else threshold
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1]; got {threshold}")
+    if not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+            and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be a number in [0, 1]; got {threshold!r}")
+    threshold = float(threshold)
     x = check_images(images, m["input_shape"])
     top = c.buckets[-1]
     parts = [_route(c, x[s:s + top], rule, threshold) for s in range(0, len(x), top)]

@@ -32,11 +32,16 @@ from cnneb_jax.metrics import ft_labels, roc_auc
 from cnneb_jax.model import (BACKBONE_GROUPS, EXPERT_GROUPS, Model, Variables,
                              abstract_variables, backbone_forward, build_model,
                              expert_forward, init_variables, merge_collections,
-                             split_collections)
+                             segment_bounds, segment_name, split_collections,
+                             whitening_kernel)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, missing earlier stage)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a training loop; the message says where to resume from."""
 
 
 def _subset(tree: Variables, groups: tuple[str, ...]) -> Variables:
@@ -60,22 +65,39 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay:
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=_decay_mask), base)
 
 
-def _is_bn_bias(path) -> bool:
+def _backbone_label(path, whiten_stem: bool) -> str:
     keys = [getattr(k, "key", None) for k in path]
-    return len(keys) >= 2 and keys[-1] == "bias" and keys[-2] == "bn"
+    if whiten_stem and "Conv2d_1a_3x3" in keys and keys[-1] == "kernel":
+        return "frozen"
+    if len(keys) >= 2 and keys[-1] == "bias" and keys[-2] == "bn":
+        return "bn_bias"
+    return "rest"
 
 
 def backbone_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The backbone's SGD+Nesterov; BatchNorm offsets at `bn_bias_lr_mult` times the lr."""
+    """The backbone's SGD+Nesterov; BatchNorm offsets at `bn_bias_lr_mult` times the lr; a
+    whitening first conv stays frozen (no update, no weight decay)."""
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     tx = lambda lr: make_optimizer(lr, total, warmup, cfg.weight_decay, cfg.momentum)
-    if cfg.bn_bias_lr_mult == 1.0:
+    if cfg.bn_bias_lr_mult == 1.0 and not cfg.whiten_stem:
         return tx(cfg.lr)
     labels = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: "bn_bias" if _is_bn_bias(path) else "rest", params)
-    return optax.multi_transform({"rest": tx(cfg.lr), "bn_bias": tx(cfg.lr * cfg.bn_bias_lr_mult)},
-                                 labels)
+        lambda path, _: _backbone_label(path, cfg.whiten_stem), params)
+    return optax.multi_transform({"rest": tx(cfg.lr), "bn_bias": tx(cfg.lr * cfg.bn_bias_lr_mult),
+                                  "frozen": optax.set_to_zero()}, labels)
+
+
+def whiten_stem(cfg: Config, params: Variables, images: np.ndarray) -> Variables:
+    """`params` with the first conv set to the whitening of `images`' patches (5,000 at most:
+    the covariance of 27-dimensional patches needs no more)."""
+    seg = segment_name(*segment_bounds(cfg)[0])
+    conv = params["segments"][seg]["Conv2d_1a_3x3"]["conv"]
+    kernel = whitening_kernel(images[:5000], cfg.stem_channels)
+    out = jax.tree_util.tree_map(lambda a: a, params)  # fresh containers, same leaves
+    out["segments"][seg]["Conv2d_1a_3x3"]["conv"] = {
+        **conv, "kernel": jnp.asarray(kernel, conv["kernel"].dtype)}
+    return out
 
 
 def init_ema(params: Variables, stats: Variables) -> dict:
@@ -222,43 +244,58 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
     key = jax.random.PRNGKey(cfg.seed)
     pbar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True)
     perm, t0, seen, last = None, time.perf_counter(), 0, {}
-    for step in range(start, total):
-        epoch, i = divmod(step, steps_per_epoch)
-        if perm is None or i == 0:
-            # The order depends only on (seed, epoch): a resumed run sees the same batches.
-            perm = epoch_batches(np.random.default_rng([cfg.seed, epoch]), n, batch_size)
-            flips = mirror(epoch) if mirror is not None else None
-        batch = images[perm[i]]
-        if flips is not None:
-            batch = np.where(flips[perm[i]][:, None, None, None], batch[:, :, ::-1], batch)
-        batch_images, batch_labels = dist.shard_batch(mesh, batch, labels[perm[i]])
-        state, metrics = step_fn(state, batch_images, batch_labels,
-                                 jax.random.fold_in(key, step), *extra_args)
-        seen += batch_size
-        done = step + 1
-        saving = done % cfg.checkpoint_every_steps == 0 or done == total
-        # Check the loss before every save, so a checkpoint never holds diverged parameters.
-        if done % 10 == 0 or saving:
-            last = {k: float(v) for k, v in metrics.items()}
-            if not math.isfinite(last["loss"]):
-                raise TrainingError(f"{stage}: loss became {last['loss']} at step {done}; "
-                                    f"the last good checkpoint is kept in {stage_dir / 'ckpt'}")
-            rate = seen / (time.perf_counter() - t0)
-            pbar.set_postfix({**{k: f"{v:.3f}" for k, v in last.items()}, "img/s": f"{rate:.0f}"})
-            ckpt.log_metrics(workdir, {"stage": stage, "step": done, "epoch": epoch,
-                                       "img_per_s": rate, **last})
-        pbar.update(1)
-        if saving:
-            ckpt.save(mngr, done, state, {"step": done, "stage": stage})
-        if on_epoch_end is not None and done % steps_per_epoch == 0:
-            t_eval = time.perf_counter()
-            res = on_epoch_end(epoch + 1, state)
-            if res:
-                ckpt.log_metrics(workdir, {"stage": stage, "event": "epoch", "epoch": epoch + 1,
-                                           "step": done, **res})
-                pbar.write(f"[{stage}] epoch {epoch + 1}: " +
-                           ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-            t0 += time.perf_counter() - t_eval  # keep img/s about training only
+    completed = saved = start
+    metrics = None
+    try:
+        for step in range(start, total):
+            epoch, i = divmod(step, steps_per_epoch)
+            if perm is None or i == 0:
+                # The order depends only on (seed, epoch): a resumed run sees the same batches.
+                perm = epoch_batches(np.random.default_rng([cfg.seed, epoch]), n, batch_size)
+                flips = mirror(epoch) if mirror is not None else None
+            batch = images[perm[i]]
+            if flips is not None:
+                batch = np.where(flips[perm[i]][:, None, None, None], batch[:, :, ::-1], batch)
+            batch_images, batch_labels = dist.shard_batch(mesh, batch, labels[perm[i]])
+            state, metrics = step_fn(state, batch_images, batch_labels,
+                                     jax.random.fold_in(key, step), *extra_args)
+            completed = step + 1
+            seen += batch_size
+            done = step + 1
+            saving = done % cfg.checkpoint_every_steps == 0 or done == total
+            # Check the loss before every save, so a checkpoint never holds diverged parameters.
+            if done % 10 == 0 or saving:
+                last = {k: float(v) for k, v in metrics.items()}
+                if not math.isfinite(last["loss"]):
+                    raise TrainingError(f"{stage}: loss became {last['loss']} at step {done}; "
+                                        f"the last good checkpoint is kept in {stage_dir / 'ckpt'}")
+                rate = seen / (time.perf_counter() - t0)
+                pbar.set_postfix({**{k: f"{v:.3f}" for k, v in last.items()}, "img/s": f"{rate:.0f}"})
+                ckpt.log_metrics(workdir, {"stage": stage, "step": done, "epoch": epoch,
+                                           "img_per_s": rate, **last})
+            pbar.update(1)
+            if saving:
+                ckpt.save(mngr, done, state, {"step": done, "stage": stage})
+                saved = done
+            if on_epoch_end is not None and done % steps_per_epoch == 0:
+                t_eval = time.perf_counter()
+                res = on_epoch_end(epoch + 1, state)
+                if res:
+                    ckpt.log_metrics(workdir, {"stage": stage, "event": "epoch", "epoch": epoch + 1,
+                                               "step": done, **res})
+                    pbar.write(f"[{stage}] epoch {epoch + 1}: " +
+                               ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+                t0 += time.perf_counter() - t_eval  # keep img/s about training only
+    except KeyboardInterrupt:
+        pbar.close()
+        # Keep the steps done so far (unless the loss had diverged): nothing is lost.
+        if completed > saved and metrics is not None and math.isfinite(float(metrics["loss"])):
+            ckpt.save(mngr, completed, state, {"step": completed, "stage": stage})
+            saved = completed
+        mngr.close()
+        raise TrainingInterrupted(
+            f"[{stage}] interrupted at step {completed}/{total}; checkpoint of step {saved} "
+            f"kept in {stage_dir / 'ckpt'}: run the same command again to resume") from None
     pbar.close()
     mngr.close()
     return state
@@ -274,6 +311,8 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
     model = build_model(cfg)
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
     params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
+    if cfg.whiten_stem:
+        params = whiten_stem(cfg, params, data["train_images"])
     n = len(data["train_images"])
     total = cfg.epochs * (n // cfg.batch_size)
     tx = backbone_optimizer(cfg, n // cfg.batch_size)

@@ -5,10 +5,18 @@ import pytest
 
 from cnneb_jax import api
 
+from conftest import copy_workdir
+
 
 @pytest.fixture(scope="module")
-def cascade(tiny_workdir):
-    return api.load(tiny_workdir, max_batch=8)
+def api_workdir(tiny_workdir, tmp_path_factory):
+    # A copy: calibrate stores its point in the workdir.
+    return copy_workdir(tiny_workdir, tmp_path_factory.mktemp("api") / "w")
+
+
+@pytest.fixture(scope="module")
+def cascade(api_workdir):
+    return api.load(api_workdir, max_batch=8)
 
 
 def test_predict_uint8_and_float_agree(cascade, tiny_data):
@@ -44,13 +52,14 @@ def test_single_image_and_batch_of_one(cascade, tiny_data):
 ])
 def test_bad_images_are_refused(cascade, images, message):
     with pytest.raises(ValueError, match=message):
-        api.predict(cascade, images)
+        api.predict(cascade, images, "max_softmax", 0.5)
 
 
 @pytest.mark.parametrize("rule, threshold, message", [
-    ("expert", 1.5, r"threshold must lie in \[0, 1\]"),
+    ("expert", 1.5, r"threshold must be a number in \[0, 1\]"),
     ("expert", -0.1, "threshold"),
     ("expert", float("nan"), "threshold"),
+    ("expert", "0.5", "threshold must be a number"),
     ("magic", 0.5, "unknown rule"),
 ])
 def test_bad_rule_or_threshold(cascade, tiny_data, rule, threshold, message):
@@ -64,6 +73,56 @@ def test_calibrate_argument_errors(cascade, tiny_data):
         api.calibrate(cascade, x, y, "expert")
     with pytest.raises(ValueError, match="labels must have shape"):
         api.calibrate(cascade, x, y[:-1], "expert", max_drop=0.01)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        api.calibrate(cascade, x, y + 10, "expert", max_drop=0.01)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        api.calibrate(cascade, x, y.astype(float), "expert", max_drop=0.01)
+    for bad in (5, 1.0, -0.01, "0.01", True):
+        with pytest.raises(ValueError, match=r"max_drop is a fraction in \[0, 1\)"):
+            api.calibrate(cascade, x, y, "expert", max_drop=bad)
+    with pytest.raises(ValueError, match="flops_budget must be a positive"):
+        api.calibrate(cascade, x, y, "expert", flops_budget=0)
+    with pytest.raises(ValueError, match="below the cheapest path"):
+        api.calibrate(cascade, x, y, "expert", flops_budget=1.0)
+    with pytest.raises(ValueError, match="oracle"):
+        api.calibrate(cascade, x, y, "oracle", max_drop=0.01)
+
+
+def test_predict_needs_a_point_and_checks_labels(tiny_workdir, tiny_data):
+    fresh = api.load(tiny_workdir, max_batch=8, warm=False)  # nothing calibrated there
+    x = tiny_data["test_images"][:3]
+    with pytest.raises(ValueError, match="no rule given and no stored operating point"):
+        api.predict(fresh, x)
+    with pytest.raises(ValueError, match="no threshold given for rule 'expert'"):
+        api.predict(fresh, x, "expert")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        api.predict(fresh, x, "oracle", 0.5, labels=[0, 1, 10])
+    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+        api.load(tiny_workdir, max_batch=0)
+    with pytest.raises(ValueError, match="not a folder"):
+        api.load(tiny_workdir / "config.json")
+
+
+def test_calibrated_point_is_stored_and_used_by_default(api_workdir, tiny_data):
+    """calibrate stores its point with the workdir; predict without rule/threshold uses it,
+    in this process and after a new load; a damaged point file is a clear error."""
+    c = api.load(api_workdir, max_batch=8, warm=False)
+    x, y = tiny_data["calib_images"], tiny_data["calib_labels"]
+    point = api.calibrate(c, x, y, "max_softmax", max_drop=0.1)
+    t = tiny_data["test_images"][:6]
+    explicit = api.predict(c, t, "max_softmax", point["threshold"])
+    for cascade in (c, api.load(api_workdir, max_batch=8, warm=False)):
+        assert cascade.operating_point["rule"] == "max_softmax"
+        assert cascade.operating_point["threshold"] == point["threshold"]
+        default = api.predict(cascade, t)
+        np.testing.assert_array_equal(default["exit"], explicit["exit"])
+        np.testing.assert_array_equal(default["labels"], explicit["labels"])
+    with pytest.raises(ValueError, match="no threshold given for rule 'entropy'"):
+        api.predict(c, t, "entropy")
+    (api_workdir / api.OPERATING_POINT_FILE).write_text('{"rule": "max_softmax"}')
+    with pytest.raises(ValueError, match="operating_point.json is damaged"):
+        api.load(api_workdir, max_batch=8, warm=False)
+    (api_workdir / api.OPERATING_POINT_FILE).unlink()
 
 
 def _real_accuracy_and_flops(cascade, x, y, rule, threshold):
@@ -98,7 +157,7 @@ def test_calibrated_point_meets_the_drop_and_nothing_cheaper_does(cascade, tiny_
 
 def test_calibrated_budget_point_is_the_most_accurate_within_budget(cascade, tiny_data):
     x, y = tiny_data["calib_images"], tiny_data["calib_labels"]
-    ref = api.calibrate(cascade, x, y, "entropy", max_drop=1.0)
+    ref = api.calibrate(cascade, x, y, "entropy", max_drop=0.99)
     budget = 0.5 * (ref["flops"] + ref["reference_flops"])
     q = api.calibrate(cascade, x, y, "entropy", flops_budget=budget)
     acc, flops = _real_accuracy_and_flops(cascade, x, y, "entropy", q["threshold"])

@@ -40,6 +40,18 @@ def test_workdir_refuses_another_config(tmp_path):
     assert ckpt.load_config(tmp_path) == cfg
 
 
+def test_workdir_that_is_a_file_or_holds_an_edited_config_is_a_clear_error(tmp_path):
+    cfg = get_config("tiny")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ckpt.CheckpointError, match="is an existing file, not a folder"):
+        ckpt.check_config(tmp_path / "file", cfg)
+    ckpt.check_config(tmp_path / "w", cfg)
+    raw = (tmp_path / "w" / "config.json").read_text().replace('"batch_size": 8', '"batch_size": 0')
+    (tmp_path / "w" / "config.json").write_text(raw)
+    with pytest.raises(ckpt.CheckpointError, match="invalid config: config field batch_size"):
+        ckpt.load_config(tmp_path / "w")
+
+
 def test_workdir_from_before_a_field_existed_keeps_its_behaviour(tmp_path):
     """A config.json written before the EMA and alternating flips existed loads with them
     off (its checkpoints hold no EMA), not with today's recipe defaults."""

@@ -20,8 +20,17 @@ def test_overrides_are_typed():
     ({"epochs": "many"}, "bad value for epochs"),
     ({"branch_points": "Conv2d_1a_3x3"}, "Mixed_"),
     ({"branch_points": "Mixed_6e,Mixed_5b"}, "network order"),
-    ({"flip": "sometimes"}, "flip must be random or alternate"),
+    ({"flip": "sometimes"}, "flip must be one of random, alternate"),
     ({"expert_inputs": "all"}, "expert_inputs must be"),
+    ({"batch_size": "0"}, "batch_size must be >= 1"),
+    ({"width": "0"}, "width must be > 0"),
+    ({"lr": "nan"}, "lr must be > 0"),
+    ({"ema_decay": "1"}, r"ema_decay must be in \[0.0, 1.0\)"),
+    ({"padding": "same"}, "padding must be one of SAME, VALID"),
+    ({"calib_size": "7000"}, "calib_size .* must not exceed val_size"),
+    ({"pad_crop": "32"}, "pad_crop must be < image_size"),
+    ({"whiten_stem": "1"}, "stem_channels must be in"),
+    ({"branch_points": ""}, "at least one"),
 ])
 def test_bad_overrides_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -35,3 +44,13 @@ def test_unknown_config_name():
 
 def test_second_exit_variant():
     assert CONFIGS["cifar_2exit"].branch_points == ("Mixed_5b", "Mixed_6e")
+
+
+def test_every_named_config_is_valid_and_python_edits_are_checked():
+    from cnneb_jax.configs import validate
+    for name in CONFIGS:
+        validate(CONFIGS[name])
+    with pytest.raises(ValueError, match="config field width must be float"):
+        validate(CONFIGS["cifar"].replace(width="wide"))
+    with pytest.raises(ValueError, match="config field epochs must be int"):
+        validate(CONFIGS["cifar"].replace(epochs=2.5))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cnneb_jax.configs import get_config
-from cnneb_jax.data import (DataError, alternating_flips, augment, epoch_batches, load_dataset, load_image_folder,
+from cnneb_jax.data import (DataError, check_folder_layout, alternating_flips, augment, epoch_batches, load_dataset, load_image_folder,
                             split_dataset)
 
 
@@ -159,3 +159,15 @@ def test_a_dir_without_the_layout_is_not_sent_to_tfds(tmp_path, tiny_cfg):
     (tmp_path / "photos").mkdir()
     with pytest.raises(DataError, match="no 'train/' folder"):
         load_dataset(tiny_cfg, str(tmp_path / "photos"), tmp_path / "cache")
+
+
+def test_files_the_reader_skips_are_named_in_a_warning(tmp_path, capsys):
+    from PIL import Image
+    root = _folder(tmp_path / "d")
+    Image.new("RGB", (32, 32)).save(root / "train" / "cat" / "extra.bmp")
+    (root / "train" / "dog" / "notes.txt").write_text("x")
+    (root / "train" / "dog" / ".DS_Store").write_text("x")  # hidden: not worth a word
+    check_folder_layout(root)
+    err = capsys.readouterr().err
+    assert "warning: ignored 2 file(s) in train/ that are not .jpg, .jpeg, .png" in err
+    assert "cat/extra.bmp" in err and "dog/notes.txt" in err and "DS_Store" not in err

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def exported(tiny_workdir, tiny_data, tmp_path_factory):
     cascade = api.load(tiny_workdir, max_batch=8)
     point = api.calibrate(cascade, tiny_data["calib_images"], tiny_data["calib_labels"],
-                          "max_softmax", max_drop=0.0)
+                          "max_softmax", max_drop=0.0, save=False)  # shared workdir: no write
     out = export_cascade(cascade, tmp_path_factory.mktemp("export") / "export", "max_softmax",
                          point["threshold"], point)
     return cascade, out, point
@@ -95,5 +95,50 @@ def test_serving_refuses_bad_input(exported, served):
         serving.predict(served, np.zeros((2, 28, 28, 3), np.uint8))
     with pytest.raises(ValueError, match="threshold"):
         serving.predict(served, np.zeros((2, 32, 32, 3), np.uint8), threshold=2.0)
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        serving.predict(served, np.zeros((2, 32, 32, 3), np.uint8), threshold="0.5")
     with pytest.raises(ValueError, match="no manifest.json"):
         serving.load(exported[1].parent)
+
+
+def test_export_runs_on_cpu_and_cuda(exported):
+    """Every part is lowered for both platforms, whatever machine exported it."""
+    import jax
+    _, out, _ = exported
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["platforms"] == ["cpu", "cuda"]
+    for part in m["parts"]:
+        exp = jax.export.deserialize(bytearray((out / part["file"]).read_bytes()))
+        assert exp.platforms == ("cpu", "cuda")
+
+
+def _edit_manifest(d, **changes):
+    m = json.loads((d / "manifest.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            del m[k]
+        else:
+            m[k] = v
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "seg1.stablehlo").unlink(), r"part seg1 \(seg1.stablehlo\) is missing"),
+    (lambda d: (d / "head0.stablehlo").write_bytes((d / "head0.stablehlo").read_bytes()[:100]),
+     "part head0 .* is damaged or was changed"),
+    (lambda d: (d / "manifest.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: _edit_manifest(d, input_shape=[28, 28, 3]), "input_shape .* disagrees"),
+    (lambda d: _edit_manifest(d, num_classes=100), "num_classes 100 disagrees"),
+    (lambda d: _edit_manifest(d, threshold=2), r"threshold must be a number in \[0, 1\]"),
+    (lambda d: _edit_manifest(d, rule=None), "field 'rule' is missing"),
+    (lambda d: _edit_manifest(d, platforms=["tpu"]), "exported for tpu; this machine runs cpu"),
+    (lambda d: _edit_manifest(d, parts=[p for p in json.loads(
+        (d / "manifest.json").read_text())["parts"] if p["name"] != "expert0"]),
+     r"parts \['expert0'\] are missing"),
+])
+def test_damaged_or_edited_export_is_a_clear_error(exported, tmp_path, damage, message):
+    import shutil
+    d = Path(shutil.copytree(exported[1], tmp_path / "export"))
+    damage(d)
+    with pytest.raises(serving.ExportError, match=message):
+        serving.load(d)

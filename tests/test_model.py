@@ -99,3 +99,21 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32(tiny_cfg):
         assert fns["head:O1"](variables["heads"]["O1"], h).dtype == jnp.float32
     assert np.isfinite(losses["bfloat16"])
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * losses["float32"]
+
+
+def test_whitening_kernel_decorrelates_patches():
+    """Both signs of the top eigen-directions: the first half of the channels gives
+    uncorrelated, unit-variance responses on the images it was computed from."""
+    from cnneb_jax.data import normalize
+    from cnneb_jax.model import whitening_kernel
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (40, 16, 16, 3)).astype(np.float64)
+    images = ((noise + np.roll(noise, 1, 1) + np.roll(noise, 1, 2)) / 3).astype(np.uint8)
+    w = whitening_kernel(images, 20)
+    assert w.shape == (3, 3, 3, 20)
+    np.testing.assert_allclose(w[..., 10:], -w[..., :10])
+    x = np.asarray(normalize(images), np.float64)
+    patches = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))
+    patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 27)
+    cov = np.cov((patches @ w.reshape(27, 20)[:, :10]).T)
+    np.testing.assert_allclose(cov, np.eye(10), atol=2e-3)

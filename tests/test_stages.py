@@ -126,6 +126,54 @@ def test_resume_after_interruption_gives_identical_parameters(trained, tiny_cfg,
     assert _leaves_equal(a, b)
 
 
+def test_ctrl_c_saves_the_steps_done_and_resumes_bit_identical(trained, tiny_cfg, tiny_data,
+                                                               tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the loop keeps every finished step (a checkpoint between the
+    regular ones), says how to resume, and the resumed run equals the uninterrupted one."""
+    from cnneb_jax import stages
+    real = stages.make_backbone_step
+    calls = []
+
+    def interrupting(*args, **kw):
+        step = real(*args, **kw)
+
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+            return step(*a)
+        return wrapped
+
+    monkeypatch.setattr(stages, "make_backbone_step", interrupting)
+    with pytest.raises(stages.TrainingInterrupted, match="step 4/.*run the same command again"):
+        train_backbone(tiny_cfg, tiny_data, tmp_path)
+    assert (tmp_path / "backbone" / "ckpt" / "4").is_dir()  # not a multiple of 8: saved on Ctrl-C
+    monkeypatch.setattr(stages, "make_backbone_step", real)
+    train_backbone(tiny_cfg, tiny_data, tmp_path)
+    _, a = load_backbone(trained[0], tiny_cfg)
+    _, b = load_backbone(tmp_path, tiny_cfg)
+    assert _leaves_equal(a, b)
+
+
+def test_whitened_stem_is_set_from_the_images_and_never_moves(tiny_cfg):
+    from cnneb_jax.model import build_model, init_variables, split_collections, whitening_kernel
+    from cnneb_jax.stages import backbone_optimizer, whiten_stem
+    cfg = tiny_cfg.replace(whiten_stem=True, stem_channels=12, warmup_epochs=0.0, epochs=1)
+    v = init_variables(build_model(cfg), jax.random.PRNGKey(0))
+    params, _ = split_collections({"segments": v["segments"], "heads": v["heads"]})
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3)).astype(np.uint8)
+    params = whiten_stem(cfg, params, images)
+    stem = lambda p: p["segments"]["stem->Mixed_5b"]["Conv2d_1a_3x3"]["conv"]["kernel"]
+    np.testing.assert_array_equal(stem(params), whitening_kernel(images, 12))
+    tx = backbone_optimizer(cfg, 100)
+    grads = jax.tree_util.tree_map(jax.numpy.ones_like, params)
+    _, state = tx.update(grads, tx.init(params), params)  # step 0: warm-up lr is 0
+    updates, _ = tx.update(grads, state, params)
+    assert float(jax.numpy.abs(stem(updates)).max()) == 0.0
+    second = updates["segments"]["stem->Mixed_5b"]["Conv2d_2a_3x3"]["conv"]["kernel"]
+    assert float(jax.numpy.abs(second).max()) > 0.0
+
+
 def test_expert_needs_a_backbone(tiny_cfg, tiny_data, tmp_path):
     with pytest.raises(TrainingError, match="no finished backbone"):
         train_expert(tiny_cfg, tiny_data, tmp_path)

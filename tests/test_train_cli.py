@@ -51,6 +51,9 @@ def test_user_mistakes_give_a_message_not_a_traceback(tmp_path):
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = _run("--config", "tiny", "--workdir", str(tmp_path), "--set", "epochs")
     assert r.returncode == 2 and "FIELD=VALUE" in r.stderr
+    r = _run("--config", "tiny", "--workdir", str(tmp_path), "--set", "batch_size=0")
+    assert r.returncode == 1 and "config field batch_size must be >= 1" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def _latest_step(ckpt_dir):

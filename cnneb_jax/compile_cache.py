@@ -1,0 +1,43 @@
+"""JAX's persistent compilation cache, on by default for loading a cascade.
+
+`api.load` compiles every bucket size of every segment (about 200 small programs); with the
+cache a second load in a new process reads them from disk instead. Folder: $CNNEB_COMPILE_CACHE,
+else JAX_COMPILATION_CACHE_DIR if the user set one, else ~/.cache/cnneb_jax/xla (or
+$CNNEB_CACHE/xla). CNNEB_COMPILE_CACHE=off (or 0) turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+from cnneb_jax.data import DEFAULT_CACHE
+
+OFF = ("0", "off", "false", "no")
+
+
+def cache_dir() -> Path | None:
+    """The folder the cache would use, or None when it is turned off."""
+    env = os.environ.get("CNNEB_COMPILE_CACHE")
+    if env is not None and env.strip().lower() in OFF:
+        return None
+    if env:
+        return Path(env)
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    return DEFAULT_CACHE / "xla"
+
+
+def enable() -> Path | None:
+    """Turns the cache on (idempotent); returns its folder or None when off. Every program
+    is cached, however quick to compile: the cascade's are many and small."""
+    d = cache_dir()
+    if d is None:
+        return None
+    d.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return d
