@@ -11,21 +11,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
 
 from cnneb_jax.configs import CONFIGS, get_config  # noqa: E402
 from cnneb_jax.metrics import prefix_share, segment_flops  # noqa: E402
-from cnneb_jax.model import build_model, count_params, init_variables  # noqa: E402
+from cnneb_jax.model import abstract_variables, build_model, count_params  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="cifar", choices=sorted(CONFIGS))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, as train.py --set")
     args = p.parse_args()
-    cfg = get_config(args.config)
+    cfg = get_config(args.config, dict(kv.split("=", 1) for kv in args.set))
     model = build_model(cfg)
-    v = init_variables(model, jax.random.PRNGKey(0))
+    # Shapes are all the cost analysis needs (no eager initialisation).
+    v = abstract_variables(model)
     flops = segment_flops(model, v)
     print("| part | MFLOPs / image | parameters |\n|---|---:|---:|")
     for key, f in flops.items():

@@ -124,11 +124,14 @@ def predict(cascade: Cascade, images, rule: str | None = None, threshold: float 
 
 def calibrate(cascade: Cascade, images, labels, rule: str = "expert",
               max_drop: float | None = None, flops_budget: float | None = None,
-              save: bool = True) -> dict:
+              save: bool = True, alpha: float | None = None) -> dict:
     """Chooses a threshold on a labelled set (use the calibration split, never test): the
     largest FLOPs saving with accuracy at most `max_drop` (a fraction in [0, 1): 0.01 = one
     point) below the last exit alone, or the best accuracy within `flops_budget` FLOPs per
-    image. The point becomes the cascade's default and, with `save`, is stored in its
+    image. With `alpha` (and `max_drop`), the threshold is certified instead (Learn-then-
+    Test, `cnneb_jax.guarantee`): the drop on new images from the same distribution exceeds
+    `max_drop` with probability at most `alpha`; without it, the drop is met on these images
+    only. The point becomes the cascade's default and, with `save`, is stored in its
     workdir for later loads. Returns it (rule, threshold, accuracy, flops, exit shares,
     the target) with the last exit's reference accuracy and FLOPs."""
     _check_rule(rule)
@@ -142,14 +145,20 @@ def calibrate(cascade: Cascade, images, labels, rule: str = "expert",
                                          and math.isfinite(flops_budget)):
         raise ValueError(f"flops_budget must be a positive number of FLOPs per image; "
                          f"got {flops_budget!r}")
+    if alpha is not None and (max_drop is None or not (_is_number(alpha) and 0 < alpha < 1)):
+        raise ValueError(f"alpha (a probability in (0, 1)) goes with max_drop; got {alpha!r}")
     cfg = cascade.model.cfg
     x = check_images(images, cfg.image_size)
     y = _check_labels(labels, len(x), cfg.num_classes)
     outputs = all_outputs(cascade, x)
     costs = path_flops(cascade, rule)
-    points = sweep_rule(outputs, y, rule, costs)
     ref_acc = float((outputs["exits"][-1].argmax(-1) == y).mean())
-    chosen = choose_threshold(points, ref_acc, max_drop, flops_budget)
+    if alpha is not None:
+        from cnneb_jax.guarantee import choose_threshold_guaranteed
+        chosen = choose_threshold_guaranteed(outputs, y, rule, costs, max_drop, alpha)
+    else:
+        chosen = choose_threshold(sweep_rule(outputs, y, rule, costs), ref_acc, max_drop,
+                                  flops_budget)
     if chosen is None:
         if flops_budget is not None:
             raise ValueError(f"flops_budget {flops_budget:.4g} is below the cheapest path of "

@@ -1,7 +1,10 @@
 """JAX's persistent compilation cache, on by default for loading a cascade.
 
 `api.load` compiles every bucket size of every segment (about 200 small programs); with the
-cache a second load in a new process reads them from disk instead. Folder: $CNNEB_COMPILE_CACHE,
+cache a second load in a new process reads them from disk instead of compiling them (it
+still traces and lowers each one: most of a second load's time). Serialized executables
+(jax.experimental.serialize_executable) would skip that too, but on XLA:CPU some of ours
+failed when called after loading ("Function ... fusion not found"), so they are not used. Folder: $CNNEB_COMPILE_CACHE,
 else JAX_COMPILATION_CACHE_DIR if the user set one, else ~/.cache/cnneb_jax/xla (or
 $CNNEB_CACHE/xla). CNNEB_COMPILE_CACHE=off (or 0) turns it off.
 """
@@ -41,3 +44,4 @@ def enable() -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return d
+

@@ -59,15 +59,85 @@ def time_batch(c: Cascade, images: np.ndarray, run, repeats: int) -> float:
     return 1000.0 * median_seconds(lambda: run(images), repeats) / len(images)
 
 
-def time_single(c: Cascade, images: np.ndarray, run) -> float:
-    """Median milliseconds for one image at a time."""
+def time_single(images: np.ndarray, run) -> dict[str, float]:
+    """Milliseconds for one image at a time: mean, median and p95 over `images`."""
     run(images[:1])
-    ts = []
-    for x in images:
-        t = time.perf_counter()
-        run(x[None])
-        ts.append(time.perf_counter() - t)
-    return 1000.0 * float(np.median(ts))
+    ms = np.array([1000.0 * _seconds(run, x[None]) for x in images])
+    return {"ms_single": float(ms.mean()), "ms_single_p50": float(np.median(ms)),
+            "ms_single_p95": float(np.percentile(ms, 95))}
+
+
+def _seconds(run, x) -> float:
+    t = time.perf_counter()
+    run(x)
+    return time.perf_counter() - t
+
+
+def paired_batch(images: np.ndarray, runs: dict, repeats: int) -> dict[str, np.ndarray]:
+    """Seconds per image of every run, timed in interleaved rounds (A B C A B C ...), so
+    that a machine whose speed drifts slows all of them alike; one array per run, one entry
+    per round. Each run is warmed once first."""
+    for run in runs.values():
+        run(images[:len(images) // 4 or 1])
+    out = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            out[k].append(_seconds(run, images) / len(images))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def paired_single(images: np.ndarray, run_ref, run_point) -> dict[str, float]:
+    """Single-image latency (ms) of a point and of the reference on the same images, each
+    image timed with both in alternating order. Latency is bimodal (leave at O1 or go deep),
+    so mean, median and p95 are all reported; pass images in which both paths occur in
+    their true share (`stratified`)."""
+    run_ref(images[:1])
+    run_point(images[:1])
+    ref, pt = [], []
+    for i, x in enumerate(images):
+        pair = [(ref, run_ref), (pt, run_point)]
+        for store, run in (pair if i % 2 == 0 else pair[::-1]):
+            store.append(1000.0 * _seconds(run, x[None]))
+    ref, pt = np.array(ref), np.array(pt)
+    return {"ms_single_mean": float(pt.mean()), "ms_single_p50": float(np.median(pt)),
+            "ms_single_p95": float(np.percentile(pt, 95)),
+            "ref_single_mean": float(ref.mean()), "ref_single_p50": float(np.median(ref)),
+            "ref_single_p95": float(np.percentile(ref, 95)),
+            "single_saving": float(1.0 - pt.mean() / ref.mean())}
+
+
+def stratified(exits: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of n samples whose exits occur in the same shares as in `exits` (largest
+    remainder rounding), drawn at random inside each exit."""
+    rng = np.random.default_rng(seed)
+    n = min(n, len(exits))
+    values, counts = np.unique(exits, return_counts=True)
+    quota = counts / counts.sum() * n
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take))[:n - take.sum()]] += 1
+    idx = [rng.choice(np.nonzero(exits == v)[0], k, replace=False) for v, k in zip(values, take)]
+    return rng.permutation(np.concatenate(idx))
+
+
+def executed_flops(c: Cascade, exits: np.ndarray, rule: str) -> float:
+    """FLOPs per image that the controller really ran for these exits, bucket padding
+    included: each chunk of at most `max_batch` runs segment and exit i (and the rule at a
+    branch point) at the bucket size of the samples still active there."""
+    segs = [f for k, f in c.flops.items() if k.startswith("seg:")]
+    heads = [f for k, f in c.flops.items() if k.startswith("head:")]
+    m = len(segs)
+    rule_cost = [{"expert": c.flops.get(f"expert:E{i + 1}", 0.0),
+                  "aux5b": c.flops.get(f"aux5b:E{i + 1}", 0.0)}.get(rule, 0.0)
+                 for i in range(m - 1)] + [0.0]
+    total = 0.0
+    for s in range(0, len(exits), c.max_batch):
+        chunk = exits[s:s + c.max_batch]
+        for i in range(m):
+            active = int((chunk >= i).sum())
+            if active == 0:
+                break
+            total += bucket_for(c, active) * (segs[i] + heads[i] + rule_cost[i])
+    return total / len(exits)
 
 
 def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images: int = 2000,
@@ -90,8 +160,9 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
         run = lambda x, i=idx: run_plain(c, x, i)
         base[name] = {"accuracy": acc[idx], "flops": flops,
                       "ms_batch": time_batch(c, x_time, run, repeats),
-                      "ms_single": time_single(c, x_single, run)}
+                      **time_single(x_single, run)}
     ref = base[f"O{m} only"]
+    ref_run = lambda x: run_plain(c, x, m - 1)
 
     points: list[dict] = []
     rules = list(EXPERT_RULES) + ["oracle"]
@@ -141,15 +212,36 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
             run = lambda x, r=rule, t=t: run_cascade(c, x, r, t)
             row = {"rule": rule, "target_drop": drop, "threshold": t, "accuracy": test_acc,
                    "flops": float(real["flops"].mean()),
-                   "share_exit1": float((real["exit"] == 0).mean()),
-                   "ms_batch": time_batch(c, x_time, run, repeats),
-                   "ms_single": time_single(c, x_single, run)}
-            row["time_saving"] = 1 - row["ms_batch"] / ref["ms_batch"]
-            row["single_saving"] = 1 - row["ms_single"] / ref["ms_single"]
-            row["flops_saving"] = 1 - row["flops"] / ref["flops"]
+                   "executed_flops": executed_flops(c, real["exit"], rule),
+                   "share_exit1": float((real["exit"] == 0).mean())}
+            # Batch mode, paired: the reference, the point and the point's two pure paths
+            # (every sample leaves at O1 / none does, same rule) in interleaved rounds.
+            runs = {"ref": ref_run, "point": run,
+                    "all_leave": lambda x, r=rule: run_cascade(c, x, r, -1.0),
+                    "none_leave": lambda x, r=rule: run_cascade(c, x, r, 2.0)}
+            sec = paired_batch(x_time, runs, repeats)
+            ratio = sec["point"] / sec["ref"]
+            row.update({"ms_batch": 1e3 * float(np.median(sec["point"])),
+                        "ref_ms_batch": 1e3 * float(np.median(sec["ref"])),
+                        "time_saving": float(1 - np.median(ratio)),
+                        "time_saving_min": float(1 - ratio.max()),
+                        "time_saving_max": float(1 - ratio.min())})
             # Batch-mode time is measured on the timing subset: compare with its FLOPs.
+            exits_sub = real["exit"][:len(x_time)]
             f_sub = evaluate_point(out_time, y_time, scores_time[rule], t, costs)["flops"]
-            row["time_over_flops"] = (row["ms_batch"] / ref["ms_batch"]) / (f_sub / ref["flops"])
+            row["time_over_flops"] = float(np.median(ratio)) / (f_sub / ref["flops"])
+            if m == 2:
+                # Routing overhead: measured time against the time its two paths predict
+                # for this mix of exits (segments run at different GFLOP/s on a CPU, so a
+                # FLOPs line cannot separate overhead from hardware efficiency).
+                s1 = float((exits_sub == 0).mean())
+                pred = s1 * sec["all_leave"] + (1 - s1) * sec["none_leave"]
+                row["routing_overhead"] = float(np.median(sec["point"] / pred) - 1)
+            idx = stratified(real["exit"], len(x_single))
+            row.update(paired_single(x_test[idx], lambda x: run_plain(c, x, m - 1), run))
+            row["ms_single"] = row["ms_single_mean"]
+            row["flops_saving"] = 1 - row["flops"] / ref["flops"]
+            row["executed_flops_saving"] = 1 - row["executed_flops"] / ref["flops"]
             # Consistency: the real cascade's accuracy equals the one the exit outputs give.
             row["accuracy_from_outputs"] = evaluate_point(
                 out_test, y_test, scores_test[rule], t, costs)["accuracy"]
@@ -186,22 +278,36 @@ def _write_points(out_dir: Path, points: list[dict]) -> None:
 
 def _write_table2(path: Path, base: dict, table: list[dict], m: int) -> None:
     ref = base[f"O{m} only"]
-    lines = ["| Method | target drop (val) | Accuracy | Time (ms/img, batch) | Time (ms, single) "
-             "| Accuracy decrease | Time saving | FLOPs saving | Oracle FLOPs saving at same acc. "
+    lines = ["| Method | target drop (val) | Accuracy | Time (ms/img, batch) "
+             "| Time (ms, single: mean / p50 / p95) | Accuracy decrease "
+             "| Time saving, paired (min-max) | Single saving (means) "
+             "| FLOPs saving: useful / executed | Routing overhead | Oracle FLOPs saving at same acc. "
              "| share at O1 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, b in base.items():
         lines.append(f"| Inception v3 {name} | - | {b['accuracy']:.2%} | {b['ms_batch']:.3f} | "
-                     f"{b['ms_single']:.2f} | - | - | - | - | - |")
+                     f"{b['ms_single']:.2f} / {b['ms_single_p50']:.2f} / "
+                     f"{b['ms_single_p95']:.2f} | - | - | - | - | - | - | - |")
     for r in table:
         oracle = "-" if r["oracle_flops_saving_same_acc"] is None \
             else f"{r['oracle_flops_saving_same_acc']:.1%}"
+        overhead = f"{r['routing_overhead']:+.1%}" if "routing_overhead" in r else "-"
         lines.append(
             f"| {RULE_NAMES[r['rule']]} | {r['target_drop'] * 100:.1f} pt | {r['accuracy']:.2%} | "
-            f"{r['ms_batch']:.3f} | {r['ms_single']:.2f} | "
-            f"{(ref['accuracy'] - r['accuracy']) * 100:.2f} pt | {r['time_saving']:.1%} | "
-            f"{r['flops_saving']:.1%} | {oracle} | {r['share_exit1']:.1%} |")
-    path.write_text("\n".join(lines) + "\n")
+            f"{r['ms_batch']:.3f} | {r['ms_single_mean']:.2f} / {r['ms_single_p50']:.2f} / "
+            f"{r['ms_single_p95']:.2f} | "
+            f"{(ref['accuracy'] - r['accuracy']) * 100:.2f} pt | {r['time_saving']:.1%} "
+            f"({r['time_saving_min']:.1%} to {r['time_saving_max']:.1%}) | "
+            f"{r['single_saving']:.1%} | {r['flops_saving']:.1%} / "
+            f"{r['executed_flops_saving']:.1%} | {overhead} | {oracle} | {r['share_exit1']:.1%} |")
+    notes = ["",
+             "Time saving: median over rounds of the paired ratio (point / O2 alone, timed in "
+             "interleaved rounds), with its range. Single: one image at a time on test images "
+             "drawn so that each exit occurs in its test share; the saving compares the means. "
+             "Executed FLOPs count bucket padding. Routing overhead: measured batch time against "
+             "the time its exit shares predict from the two pure paths (all leave at O1 / none "
+             "does) timed in the same rounds."]
+    path.write_text("\n".join(lines + notes) + "\n")
 
 
 def _plots(out_dir: Path, c: Cascade, out_test: dict, y: np.ndarray, data: dict,

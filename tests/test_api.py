@@ -88,6 +88,17 @@ def test_calibrate_argument_errors(cascade, tiny_data):
         api.calibrate(cascade, x, y, "oracle", max_drop=0.01)
 
 
+def test_certified_calibration_is_at_most_as_aggressive_and_bounded(cascade, tiny_data):
+    x, y = tiny_data["calib_images"], tiny_data["calib_labels"]
+    plain = api.calibrate(cascade, x, y, "max_softmax", max_drop=0.2, save=False)
+    certified = api.calibrate(cascade, x, y, "max_softmax", max_drop=0.2, alpha=0.1,
+                              save=False)
+    assert certified["drop_ucb"] <= 0.2 and certified["alpha"] == 0.1
+    assert certified["flops"] >= plain["flops"] - 1e-6  # a margin costs FLOPs, never saves
+    with pytest.raises(ValueError, match="alpha"):
+        api.calibrate(cascade, x, y, "max_softmax", flops_budget=1e6, alpha=0.1)
+
+
 def test_predict_needs_a_point_and_checks_labels(tiny_workdir, tiny_data):
     fresh = api.load(tiny_workdir, max_batch=8, warm=False)  # nothing calibrated there
     x = tiny_data["test_images"][:3]

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +33,41 @@ def test_sweep_writes_table_figures_and_points(tiny_workdir, image_folder, decod
     assert "Inception v3 O2 only" in table and "| Method |" in table
     timed = [p for p in result["points"] if "ms_batch" in p]
     assert timed and all(p["ms_batch"] > 0 for p in timed)
+    for row in result["table2"]:
+        assert row["ms_single_p50"] <= row["ms_single_p95"]
+        assert row["time_saving_min"] <= row["time_saving"] <= row["time_saving_max"]
+        assert row["executed_flops"] >= row["flops"] - 1e-6  # padding only adds
+        assert "routing_overhead" in row
+
+
+def _fake_cascade(buckets=(1, 2, 4, 8, 16)):
+    from cnneb_jax.controller import Cascade
+    flops = {"seg:a": 10.0, "seg:b": 100.0, "head:O1": 1.0, "head:O2": 0.0, "expert:E1": 2.0,
+             "aux5b:E1": 5.0}
+    return Cascade(None, None, {}, buckets, flops)
+
+
+def test_executed_flops_count_bucket_padding():
+    from cnneb_jax.report import executed_flops
+    c = _fake_cascade()
+    # 16 images, 5 go deep: the deep segment runs on a bucket of 8, not 5.
+    exits = np.array([1] * 5 + [0] * 11)
+    assert executed_flops(c, exits, "expert") == pytest.approx(
+        (16 * (10 + 1 + 2) + 8 * 100) / 16)
+    assert executed_flops(c, exits, "max_softmax") == pytest.approx((16 * 11 + 8 * 100) / 16)
+    # Exactly a bucket deep: no padding, executed = useful.
+    exits = np.array([1] * 8 + [0] * 8)
+    assert executed_flops(c, exits, "max_softmax") == pytest.approx((16 * 11 + 8 * 100) / 16)
+    # 20 images: chunks of 16 and 4, each padded separately.
+    exits = np.array([1] * 3 + [0] * 13 + [1, 0, 0, 0])
+    want = (16 * 11 + 4 * 100) + (4 * 11 + 1 * 100)
+    assert executed_flops(c, exits, "max_softmax") == pytest.approx(want / 20)
+
+
+def test_stratified_subset_keeps_the_exit_shares():
+    from cnneb_jax.report import stratified
+    exits = np.array([0] * 815 + [1] * 185)
+    idx = stratified(exits, 50, seed=3)
+    assert len(idx) == len(set(idx)) == 50
+    assert (exits[idx] == 1).sum() == 9  # 18.5% of 50, rounded by largest remainder
+    assert not np.array_equal(np.sort(idx), np.arange(50))  # drawn, not the first 50
