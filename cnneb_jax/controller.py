@@ -109,14 +109,21 @@ def oracle_scores(exit_preds: list[np.ndarray], labels: np.ndarray, i: int,
     return np.where(ft, 0.5 * u, 0.5 + 0.5 * u)
 
 
-def path_flops(c: Cascade, rule: str) -> np.ndarray:
-    """FLOPs per image for leaving at exit 0..m-1 under `rule` (rule cost at each branch)."""
+def step_flops(c: Cascade, rule: str) -> tuple[list[float], list[float], list[float]]:
+    """FLOPs per image of each segment, each exit, and the rule at each branch point (0 at
+    the last exit and for rules computed from O_i alone)."""
     segs = [f for k, f in c.flops.items() if k.startswith("seg:")]
     heads = [f for k, f in c.flops.items() if k.startswith("head:")]
-    m = len(segs)
     rule_cost = [{"expert": c.flops.get(f"expert:E{i + 1}", 0.0),
                   "aux5b": c.flops.get(f"aux5b:E{i + 1}", 0.0)}.get(rule, 0.0)
-                 for i in range(m - 1)] + [0.0]
+                 for i in range(len(segs) - 1)] + [0.0]
+    return segs, heads, rule_cost
+
+
+def path_flops(c: Cascade, rule: str) -> np.ndarray:
+    """FLOPs per image for leaving at exit 0..m-1 under `rule` (rule cost at each branch)."""
+    segs, heads, rule_cost = step_flops(c, rule)
+    m = len(segs)
     # Reaching exit i costs all segments and heads up to i, and the rule at every branch
     # point passed (0..i-1) plus the one at i (evaluated before deciding to leave).
     return np.cumsum([segs[i] + heads[i] + rule_cost[i] for i in range(m)])

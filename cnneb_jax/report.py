@@ -19,7 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cnneb_jax.controller import (Cascade, all_outputs, bucket_for, first_exit_flops,
-                                  last_exit_flops, pad_rows, path_flops, run_cascade, softmax_np)
+                                  last_exit_flops, pad_rows, path_flops, run_cascade, softmax_np,
+                                  step_flops)
 from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, evaluate_point,
                              pr_roc, sweep_rule, threshold_grid)
 
@@ -123,12 +124,8 @@ def executed_flops(c: Cascade, exits: np.ndarray, rule: str) -> float:
     """FLOPs per image that the controller really ran for these exits, bucket padding
     included: each chunk of at most `max_batch` runs segment and exit i (and the rule at a
     branch point) at the bucket size of the samples still active there."""
-    segs = [f for k, f in c.flops.items() if k.startswith("seg:")]
-    heads = [f for k, f in c.flops.items() if k.startswith("head:")]
+    segs, heads, rule_cost = step_flops(c, rule)
     m = len(segs)
-    rule_cost = [{"expert": c.flops.get(f"expert:E{i + 1}", 0.0),
-                  "aux5b": c.flops.get(f"aux5b:E{i + 1}", 0.0)}.get(rule, 0.0)
-                 for i in range(m - 1)] + [0.0]
     total = 0.0
     for s in range(0, len(exits), c.max_batch):
         chunk = exits[s:s + c.max_batch]
