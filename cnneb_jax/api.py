@@ -86,7 +86,7 @@ def _is_number(x) -> bool:
 def _check_rule(rule, threshold=None) -> None:
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
-    if threshold is not None and not (_is_number(threshold) and 0.0 <= threshold <= 1.0):
+    if threshold is not None and not serving.is_threshold(threshold):
         raise ValueError(f"threshold must be a number in [0, 1]; got {threshold!r}")
 
 

@@ -163,7 +163,7 @@ def run_cascade(c: Cascade, images: np.ndarray, rule: str, threshold: float,
     out_exit = np.full(n, m - 1, np.int32)
     active = np.arange(n)
     size = bucket_for(c, n)
-    h = fns["normalize"](pad_rows(_pixels(images), size))
+    h = fns["normalize"](pad_rows(pixels(images), size))
     for i in range(m):
         h = fns[f"seg:{seg_names[i]}"](v["segments"][seg_names[i]], h)
         o = fns[f"head:{head_names[i]}"](v["heads"][head_names[i]], h)
@@ -216,7 +216,7 @@ def all_outputs(c: Cascade, images: np.ndarray) -> dict[str, list[np.ndarray]]:
                                               "experts": [[] for _ in range(m - 1)],
                                               "aux5b": [[] for _ in range(m - 1)]}
     for s in range(0, len(images), c.max_batch):
-        chunk = _pixels(images[s:s + c.max_batch])
+        chunk = pixels(images[s:s + c.max_batch])
         k = len(chunk)
         h = fns["normalize"](pad_rows(chunk, bucket_for(c, k)))
         for i in range(m):
@@ -231,7 +231,7 @@ def all_outputs(c: Cascade, images: np.ndarray) -> dict[str, list[np.ndarray]]:
     return {key: [np.concatenate(parts) for parts in lists] for key, lists in acc.items()}
 
 
-def _pixels(images) -> np.ndarray:
+def pixels(images) -> np.ndarray:
     """uint8 stays uint8 (cast on the device); anything else becomes float32 in [0, 255]."""
     x = np.asarray(images)
     return x if x.dtype == np.uint8 else x.astype(np.float32)

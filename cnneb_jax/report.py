@@ -19,8 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cnneb_jax.controller import (Cascade, all_outputs, bucket_for, first_exit_flops,
-                                  last_exit_flops, pad_rows, path_flops, run_cascade, softmax_np,
-                                  step_flops)
+                                  last_exit_flops, pad_rows, path_flops, pixels, run_cascade,
+                                  softmax_np, step_flops)
 from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, evaluate_point,
                              pr_roc, sweep_rule, threshold_grid)
 
@@ -36,7 +36,7 @@ def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
     segs, heads = list(c.model.segments), list(c.model.heads)
     out = []
     for s in range(0, len(images), c.max_batch):
-        chunk = np.asarray(images[s:s + c.max_batch], np.float32)
+        chunk = pixels(images[s:s + c.max_batch])
         h = fns["normalize"](pad_rows(chunk, bucket_for(c, len(chunk))))
         for i in range(exit_index + 1):
             h = fns[f"seg:{segs[i]}"](v["segments"][segs[i]], h)
@@ -60,12 +60,18 @@ def time_batch(c: Cascade, images: np.ndarray, run, repeats: int) -> float:
     return 1000.0 * median_seconds(lambda: run(images), repeats) / len(images)
 
 
+def _latency(ms: list[float], prefix: str) -> dict[str, float]:
+    ms = np.asarray(ms)
+    return {f"{prefix}_mean": float(ms.mean()), f"{prefix}_p50": float(np.median(ms)),
+            f"{prefix}_p95": float(np.percentile(ms, 95))}
+
+
 def time_single(images: np.ndarray, run) -> dict[str, float]:
-    """Milliseconds for one image at a time: mean, median and p95 over `images`."""
+    """Milliseconds for one image at a time: mean (`ms_single`), median and p95."""
     run(images[:1])
-    ms = np.array([1000.0 * _seconds(run, x[None]) for x in images])
-    return {"ms_single": float(ms.mean()), "ms_single_p50": float(np.median(ms)),
-            "ms_single_p95": float(np.percentile(ms, 95))}
+    stats = _latency([1000.0 * _seconds(run, x[None]) for x in images], "ms_single")
+    stats["ms_single"] = stats.pop("ms_single_mean")
+    return stats
 
 
 def _seconds(run, x) -> float:
@@ -99,12 +105,8 @@ def paired_single(images: np.ndarray, run_ref, run_point) -> dict[str, float]:
         pair = [(ref, run_ref), (pt, run_point)]
         for store, run in (pair if i % 2 == 0 else pair[::-1]):
             store.append(1000.0 * _seconds(run, x[None]))
-    ref, pt = np.array(ref), np.array(pt)
-    return {"ms_single_mean": float(pt.mean()), "ms_single_p50": float(np.median(pt)),
-            "ms_single_p95": float(np.percentile(pt, 95)),
-            "ref_single_mean": float(ref.mean()), "ref_single_p50": float(np.median(ref)),
-            "ref_single_p95": float(np.percentile(ref, 95)),
-            "single_saving": float(1.0 - pt.mean() / ref.mean())}
+    return {**_latency(pt, "ms_single"), **_latency(ref, "ref_single"),
+            "single_saving": float(1.0 - np.mean(pt) / np.mean(ref))}
 
 
 def stratified(exits: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -213,9 +215,10 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
                    "share_exit1": float((real["exit"] == 0).mean())}
             # Batch mode, paired: the reference, the point and the point's two pure paths
             # (every sample leaves at O1 / none does, same rule) in interleaved rounds.
-            runs = {"ref": ref_run, "point": run,
-                    "all_leave": lambda x, r=rule: run_cascade(c, x, r, -1.0),
-                    "none_leave": lambda x, r=rule: run_cascade(c, x, r, 2.0)}
+            runs = {"ref": ref_run, "point": run}
+            if m == 2:
+                runs.update(all_leave=lambda x, r=rule: run_cascade(c, x, r, -1.0),
+                            none_leave=lambda x, r=rule: run_cascade(c, x, r, 2.0))
             sec = paired_batch(x_time, runs, repeats)
             ratio = sec["point"] / sec["ref"]
             row.update({"ms_batch": 1e3 * float(np.median(sec["point"])),

@@ -69,8 +69,7 @@ def _check_manifest(m, path: Path) -> None:
           path, f"bucket_sizes must be increasing positive integers, got {b!r}")
     _need(m["rule"] in RULES, path, f"rule must be one of {RULES}, got {m['rule']!r}")
     t = m["threshold"]
-    _need(isinstance(t, numbers.Real) and not isinstance(t, bool) and 0.0 <= t <= 1.0, path,
-          f"threshold must be a number in [0, 1], got {t!r}")
+    _need(is_threshold(t), path, f"threshold must be a number in [0, 1], got {t!r}")
     pf = m["path_flops"]
     _need(isinstance(pf, dict) and all(isinstance(pf.get(r), list) and len(pf[r]) == k
                                        for r in RULES), path,
@@ -82,6 +81,11 @@ def _check_manifest(m, path: Path) -> None:
     want = {f"seg{i}" for i in range(k)} | {f"head{i}" for i in range(k)} | \
         {f"expert{i}" for i in range(k - 1)} | {f"aux5b{i}" for i in range(k - 1)}
     _need(want <= names, path, f"parts {sorted(want - names)} are missing from the manifest")
+
+
+def is_threshold(t) -> bool:
+    """A real number (not a bool) in [0, 1]: what every threshold must be."""
+    return isinstance(t, numbers.Real) and not isinstance(t, bool) and 0.0 <= t <= 1.0
 
 
 def _platform() -> str:
@@ -197,8 +201,7 @@ def predict(c: ExportedCascade, images, rule: str | None = None,
     threshold = m["threshold"] if threshold is None else threshold
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
-    if not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
-            and 0.0 <= threshold <= 1.0):
+    if not is_threshold(threshold):
         raise ValueError(f"threshold must be a number in [0, 1]; got {threshold!r}")
     threshold = float(threshold)
     x = check_images(images, m["input_shape"])

@@ -244,7 +244,7 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
     key = jax.random.PRNGKey(cfg.seed)
     pbar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True)
     perm, t0, seen, last = None, time.perf_counter(), 0, {}
-    completed = saved = start
+    done = saved = start
     metrics = None
     try:
         for step in range(start, total):
@@ -259,9 +259,8 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
             batch_images, batch_labels = dist.shard_batch(mesh, batch, labels[perm[i]])
             state, metrics = step_fn(state, batch_images, batch_labels,
                                      jax.random.fold_in(key, step), *extra_args)
-            completed = step + 1
-            seen += batch_size
             done = step + 1
+            seen += batch_size
             saving = done % cfg.checkpoint_every_steps == 0 or done == total
             # Check the loss before every save, so a checkpoint never holds diverged parameters.
             if done % 10 == 0 or saving:
@@ -289,12 +288,12 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
     except KeyboardInterrupt:
         pbar.close()
         # Keep the steps done so far (unless the loss had diverged): nothing is lost.
-        if completed > saved and metrics is not None and math.isfinite(float(metrics["loss"])):
-            ckpt.save(mngr, completed, state, {"step": completed, "stage": stage})
-            saved = completed
+        if done > saved and metrics is not None and math.isfinite(float(metrics["loss"])):
+            ckpt.save(mngr, done, state, {"step": done, "stage": stage})
+            saved = done
         mngr.close()
         raise TrainingInterrupted(
-            f"[{stage}] interrupted at step {completed}/{total}; checkpoint of step {saved} "
+            f"[{stage}] interrupted at step {done}/{total}; checkpoint of step {saved} "
             f"kept in {stage_dir / 'ckpt'}: run the same command again to resume") from None
     pbar.close()
     mngr.close()
