@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None,
                    help="image folder with train/ and test/ (default: tfds.load of the config's "
                         "dataset)")
+    p.add_argument("--val-dir", default=None,
+                   help="the --val-dir the workdir was trained with, if any (its last "
+                        "calib_size images are the calibration split)")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/cnneb_jax)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="largest batch the controller runs at once (default 256)")
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cnneb_jax import api
     from cnneb_jax import data as data_lib
+    from cnneb_jax.pipeline import materialize
     from cnneb_jax import distributed
     from cnneb_jax.checkpoints import CheckpointError, load_config
     from cnneb_jax.report import sweep
@@ -59,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_test:
             cfg = cfg.replace(max_test_examples=args.max_test)
         cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
-        data = data_lib.load_dataset(cfg, args.data_dir, cache)
+        data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
+        # The cascade routes arrays: a streamed dataset's evaluation splits are decoded here.
+        for split in ("test", "calib"):
+            data[f"{split}_images"] = materialize(data[f"{split}_images"])
         # The sweep times the cascade, so it compiles every bucket size first; plain
         # accuracies only compile what they run.
         print(f"[evaluate] loading {args.workdir}"

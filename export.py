@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None,
                    help="use this threshold instead of calibrating (no data needed)")
     p.add_argument("--data-dir", default=None, help="image folder or tfds data dir")
+    p.add_argument("--val-dir", default=None,
+                   help="the --val-dir the workdir was trained with, if any (its last "
+                        "calib_size images are the calibration split)")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache folder")
     p.add_argument("--max-batch", type=int, default=256, help="largest bucket size")
     p.add_argument("--platforms", default="cpu,cuda",
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cnneb_jax import api
     from cnneb_jax import data as data_lib
+    from cnneb_jax.pipeline import materialize
     from cnneb_jax.checkpoints import CheckpointError, load_config
     from cnneb_jax.export import export_cascade
     from cnneb_jax.stages import TrainingError
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(Path(args.workdir))
             cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
-            data = data_lib.load_dataset(cfg, args.data_dir, cache)
+            data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
+            data["calib_images"] = materialize(data["calib_images"])  # when streamed
             point = api.calibrate(cascade, data["calib_images"], data["calib_labels"],
                                   rule, max_drop=args.max_drop)
             threshold = point["threshold"]

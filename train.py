@@ -29,6 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None,
                    help="image folder with train/<class>/* and test/<class>/* (read with "
                         "tfds ImageFolder); if omitted, tfds.load(config.dataset) downloads it")
+    p.add_argument("--val-dir", default=None,
+                   help="folder of <class>/<image> held out for expert labels and calibration "
+                        "(the last calib_size of them), instead of val_size images drawn from "
+                        "train/; all of train/ then trains the backbone. Or hold out whole "
+                        "groups of near-identical images: --set group_pattern=REGEX")
     p.add_argument("--cache-dir", default=None,
                    help="where decoded images are cached (default: ~/.cache/cnneb_jax "
                         "or $CNNEB_CACHE)")
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from cnneb_jax import data as data_lib
     from cnneb_jax import distributed
     from cnneb_jax.checkpoints import CheckpointError
+    from cnneb_jax.pipeline import FileSplit
     from cnneb_jax.stages import (TrainingError, TrainingInterrupted, train_backbone,
                                   train_expert)
 
@@ -75,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = get_config(args.config, overrides)
         cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
-        data = data_lib.load_dataset(cfg, args.data_dir, cache)
+        data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
+        cfg = data_lib.with_classes(cfg, data["class_names"])
+        streamed = isinstance(data["train_images"], FileSplit)
         print(f"[data] train {len(data['train_images'])}, held-out val "
               f"{len(data['val_images'])} + calib {len(data['calib_images'])}, "
-              f"test {len(data['test_images'])}")
+              f"test {len(data['test_images'])}; {cfg.num_classes} classes; "
+              + ("streamed from the files" if streamed else "decoded in memory"))
         if args.stage in ("backbone", "all"):
             train_backbone(cfg, data, args.workdir, retrain=args.retrain)
         if args.stage in ("expert", "all"):

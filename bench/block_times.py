@@ -31,6 +31,7 @@ def main() -> None:
                         "parameters and the input) instead of the eval forward")
     args = p.parse_args()
     cfg = get_config(args.config)
+    cfg = cfg.replace(num_classes=cfg.num_classes or 10)  # CIFAR-10 unless set
     h = jnp.asarray(np.random.default_rng(0).standard_normal(
         (args.batch, cfg.image_size, cfg.image_size, 3), np.float32))
     prev, total_ms, total_flops = None, 0.0, 0.0

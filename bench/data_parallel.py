@@ -22,6 +22,7 @@ from cnneb_jax import distributed as dist, stages
 from cnneb_jax.configs import get_config
 from cnneb_jax.model import build_model, init_variables, split_collections
 cfg = get_config(sys.argv[1]); steps = int(sys.argv[2])
+cfg = cfg.replace(num_classes=cfg.num_classes or 10)  # CIFAR-10 unless set
 model = build_model(cfg)
 v = init_variables(model, jax.random.PRNGKey(0))
 params, stats = split_collections({g: v[g] for g in ("segments", "heads")})

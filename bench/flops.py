@@ -25,6 +25,7 @@ def main() -> None:
                    help="override a config field, as train.py --set")
     args = p.parse_args()
     cfg = get_config(args.config, dict(kv.split("=", 1) for kv in args.set))
+    cfg = cfg.replace(num_classes=cfg.num_classes or 10)  # CIFAR-10 unless set
     model = build_model(cfg)
     # Shapes are all the cost analysis needs (no eager initialisation).
     v = abstract_variables(model)

@@ -22,7 +22,7 @@ from cnneb_jax.configs import CONFIGS, get_config
 from cnneb_jax.data import normalize
 from cnneb_jax.model import (BACKBONE_GROUPS, abstract_variables, backbone_forward, build_model,
                              split_collections)
-from cnneb_jax.stages import backbone_optimizer, init_ema, make_backbone_step
+from cnneb_jax.stages import backbone_optimizer, backbone_state, make_backbone_step
 
 
 def main() -> None:
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="calls per part per round")
     args = p.parse_args()
     cfg = get_config(args.config, dict(kv.split("=", 1) for kv in args.set))
+    cfg = cfg.replace(num_classes=cfg.num_classes or 10)  # CIFAR-10 unless set
     cfg = cfg.replace(batch_size=args.batch)
     model = build_model(cfg)
     leaves, tree = jax.tree_util.tree_flatten(abstract_variables(model))
@@ -55,9 +56,7 @@ def main() -> None:
     train_fwd = jax.jit(lambda prm: loss(prm, True))
     fwd_bwd = jax.jit(jax.grad(lambda prm: loss(prm, True)))
     tx = backbone_optimizer(cfg, 100)
-    state = {"params": params, "stats": stats, "opt": tx.init(params)}
-    if cfg.ema_decay > 0:
-        state["ema"] = init_ema(params, stats)
+    state = backbone_state(cfg, tx, params, stats)
     step = make_backbone_step(model, cfg, tx)
     holder = {"state": state}
 

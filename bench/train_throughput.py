@@ -21,7 +21,7 @@ import numpy as np
 
 from cnneb_jax.configs import CONFIGS, get_config
 from cnneb_jax.model import BACKBONE_GROUPS, abstract_variables, build_model, split_collections
-from cnneb_jax.stages import backbone_optimizer, init_ema, make_backbone_step
+from cnneb_jax.stages import backbone_optimizer, backbone_state, make_backbone_step
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -33,6 +33,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 def make_runner(config: str, overrides: dict[str, str], steps_per_epoch: int):
     """A compiled train step of the variant and its state; returns run(n) -> seconds."""
     cfg = get_config(config, overrides)
+    cfg = cfg.replace(num_classes=cfg.num_classes or 10)  # CIFAR-10 unless set
     model = build_model(cfg)
     variables = abstract_variables(model)
     # Random normal weights of the right shapes, without the slow eager init.
@@ -42,9 +43,7 @@ def make_runner(config: str, overrides: dict[str, str], steps_per_epoch: int):
     variables = jax.tree_util.tree_unflatten(tree, leaves)
     params, stats = split_collections({g: variables[g] for g in BACKBONE_GROUPS})
     tx = backbone_optimizer(cfg, steps_per_epoch)
-    state = {"params": params, "stats": stats, "opt": tx.init(params)}
-    if cfg.ema_decay > 0:
-        state["ema"] = init_ema(params, stats)
+    state = backbone_state(cfg, tx, params, stats)
     step = make_backbone_step(model, cfg, tx)
     images = rng.integers(0, 256, (cfg.batch_size, cfg.image_size, cfg.image_size, 3), np.uint8)
     labels = rng.integers(0, cfg.num_classes, cfg.batch_size).astype(np.int32)

@@ -6,11 +6,12 @@
                           max_drop=0.01)     # stored in the workdir: later loads use it
     out = api.predict(cascade, images)       # the stored operating point
     out = api.predict(cascade, images, rule="max_softmax", threshold=0.9)  # or any other
-    out["labels"], out["probs"], out["exit"], out["flops"]
+    out["labels"], out["probs"], out["exit"], out["flops"], out["names"]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cnneb_jax import serving
+from cnneb_jax.checkpoints import read_classes
 from cnneb_jax.controller import (RULES, Cascade, all_outputs, last_exit_flops, make_cascade,
                                   path_flops, run_cascade, softmax_np, warm_up)
 from cnneb_jax.sweep import choose_threshold, sweep_rule
@@ -42,6 +44,12 @@ def load(workdir: str | Path, max_batch: int = 256, warm: bool = True) -> Cascad
         raise ValueError(f"{workdir} is not a folder (a trained workdir or a release)")
     model, variables = load_trained(workdir)
     cascade = make_cascade(model, variables, max_batch, workdir, read_operating_point(workdir))
+    names = read_classes(workdir)
+    if names is not None:
+        if len(names) != model.cfg.num_classes:
+            raise ValueError(f"{workdir}/class_names.json names {len(names)} classes, the "
+                             f"model has {model.cfg.num_classes}")
+        cascade = dataclasses.replace(cascade, class_names=tuple(names))
     if warm:
         warm_up(cascade)
     return cascade
@@ -111,7 +119,8 @@ def predict(cascade: Cascade, images, rule: str | None = None, threshold: float 
             labels=None) -> dict[str, np.ndarray]:
     """Routes a batch. Without `rule` and `threshold`, the stored operating point (from
     `calibrate`) is used. Returns `labels` (predicted class), `probs` (softmax of the exit
-    taken), `exit` (0 = O1, ..., m-1 = last exit) and `flops` (cost of each sample's path).
+    taken), `exit` (0 = O1, ..., m-1 = last exit), `flops` (cost of each sample's path) and,
+    when the workdir stores the class names, `names` (the predicted class's name).
     `labels` (true classes) are needed only by the oracle rule."""
     rule, threshold = _resolve_point(cascade, rule, threshold)
     cfg = cascade.model.cfg
@@ -119,7 +128,11 @@ def predict(cascade: Cascade, images, rule: str | None = None, threshold: float 
     y = None if labels is None else _check_labels(labels, len(x), cfg.num_classes)
     out = run_cascade(cascade, x, rule, threshold, y)
     probs = softmax_np(out["logits"])
-    return {"labels": probs.argmax(-1), "probs": probs, "exit": out["exit"], "flops": out["flops"]}
+    pred = {"labels": probs.argmax(-1), "probs": probs, "exit": out["exit"],
+            "flops": out["flops"]}
+    if cascade.class_names is not None:
+        pred["names"] = np.asarray(cascade.class_names)[pred["labels"]]
+    return pred
 
 
 def calibrate(cascade: Cascade, images, labels, rule: str = "expert",

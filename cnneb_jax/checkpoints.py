@@ -5,7 +5,9 @@ Layout of a workdir:
     backbone/ckpt/<step>/       Orbax steps: {"state": pytree, "meta": json}
     backbone/result.json        written when the stage finished (test accuracies, time)
     expert/ckpt/<step>/ ...     same for the expert stage
+    class_names.json            the class names, in label order, as the data gave them
     metrics.jsonl               one JSON line per logged step / evaluation
+    tensorboard/                the same numbers as TensorBoard event files
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ from cnneb_jax.configs import Config, validate
 # Fields that only change how a run goes, not the shapes or meaning of what it trains
 # (compute_dtype: a float32-trained model may be evaluated in bf16 and vice versa).
 _RUN_FIELDS = {"checkpoint_every_steps", "eval_batch_size", "name", "compute_dtype",
-               "eval_every_epochs"}
+               "eval_every_epochs", "pipeline"}
 
 
 # Config fields added after workdirs existed, with the value that reproduces a workdir
 # made before them (the recipe's new defaults would not: no EMA was saved then).
 _ADDED_FIELDS = {"ema_decay": 0.0, "bn_bias_lr_mult": 1.0, "eval_every_epochs": 0,
                  "flip": "random", "expert_inputs": "paper+confidence",
-                 "stem_channels": 0, "whiten_stem": False}
+                 "stem_channels": 0, "whiten_stem": False, "resize": "none",
+                 "pipeline": "auto", "group_pattern": ""}
 
 
 def _with_added_fields(raw: dict) -> dict:
@@ -136,11 +139,71 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+CLASS_NAMES_FILE = "class_names.json"
+
+
+def record_classes(workdir: Path, names) -> None:
+    """Stores the data's class names in the workdir; refuses data with other classes."""
+    names = [str(n) for n in names]
+    path = Path(workdir) / CLASS_NAMES_FILE
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        if theirs != names:
+            raise CheckpointError(f"workdir {workdir} was trained on classes {theirs[:5]}"
+                                  f"{'...' if len(theirs) > 5 else ''} ({len(theirs)}); the data "
+                                  f"has {names[:5]}{'...' if len(names) > 5 else ''} "
+                                  f"({len(names)}): use a new --workdir")
+        return
+    write_json(path, names)
+
+
+def read_classes(workdir: Path) -> list[str] | None:
+    """The class names stored with a workdir or release (None for older ones)."""
+    path = Path(workdir) / CLASS_NAMES_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def log_metrics(workdir: Path, record: dict) -> None:
+    """Appends `record` to metrics.jsonl and its numbers to TensorBoard (`<stage>/<key>`)."""
     if jax.process_index() != 0:  # multi-host: one log, written by the first process
         return
     with open(Path(workdir) / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"time": time.time(), **record}, default=_to_py) + "\n")
+    tag = record.get("stage", "run") + ("/" + record["event"] if "event" in record else "")
+    step = record.get("step", record.get("epoch", 0))
+    write_scalars(Path(workdir) / "tensorboard", tag, int(step), _flat_numbers(record))
+
+
+def _flat_numbers(record: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in record.items():
+        if k in ("step", "time", "stage", "event"):
+            continue
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def write_scalars(logdir: Path, tag: str, step: int, values: dict[str, float]) -> None:
+    """TensorBoard scalars `tag/<name>` at `step`, flushed at once (a crash loses nothing)."""
+    if not values:
+        return
+    from cnneb_jax import data  # noqa: F401  (quiets TensorFlow before it loads)
+    import tensorflow as tf
+    key = str(Path(logdir).absolute())
+    if key not in _WRITERS:
+        _WRITERS[key] = tf.summary.create_file_writer(key)
+    with _WRITERS[key].as_default():
+        for name, value in values.items():
+            tf.summary.scalar(f"{tag}/{name}", value, step=step)
+    _WRITERS[key].flush()
+
+
+# One TensorBoard writer per log folder for the life of the process: a new writer per call
+# would start a new event file each time.
+_WRITERS: dict[str, Any] = {}
 
 
 def _to_py(x: Any) -> Any:

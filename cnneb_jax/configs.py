@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 # Inception v3 blocks in order, named as in the paper / TF-slim.
@@ -20,7 +21,7 @@ BLOCKS: tuple[str, ...] = (
 class Config:
     name: str = "cifar"
     # --- model ---
-    num_classes: int = 10
+    num_classes: int = 0           # 0 = from the data (class folders or the tfds builder)
     image_size: int = 32
     width: float = 0.25            # multiplier on every Inception v3 channel count
     # Padding of the stride-2 / "valid" convs and pools. Original Inception v3: VALID.
@@ -55,6 +56,20 @@ class Config:
     dataset: str = "cifar10"
     val_size: int = 6000           # held out of train: expert labels and calibration
     calib_size: int = 2000         # last part of val, kept for threshold calibration
+    # Images of other sizes: "none" refuses them (all must be image_size square);
+    # "resize_crop" resizes the shorter side to image_size and centre-crops, for training
+    # and evaluation; "random_resized_crop" trains on Inception-style random crops (25-100%
+    # of the area, aspect 3/4-4/3, streamed: new crops every epoch) and evaluates as
+    # resize_crop.
+    resize: str = "none"
+    # Input path: "memory" decodes every split once into arrays (cached on disk), "stream"
+    # reads files batch by batch through tf.data; "auto" streams when the decoded images
+    # would take over a quarter of the machine's memory, or with random_resized_crop.
+    pipeline: str = "auto"
+    # Held-out split by groups: a regular expression on file names whose first group (or
+    # whole match) names an image's group (a video, an object); whole groups are held out,
+    # so near-identical images never sit on both sides. "" = images held out one by one.
+    group_pattern: str = ""
     pad_crop: int = 2              # random-crop padding; light augmentation suits a short run
     # Horizontal flips in the backbone stage: "random" per view, or "alternate" (each image
     # mirrored in every other epoch, see data.alternating_flips).
@@ -103,13 +118,19 @@ CONFIGS: dict[str, Config] = {
     "cifar_2exit": _DEFAULT.replace(name="cifar_2exit", branch_points=("Mixed_5b", "Mixed_6e")),
     # Faithful Inception v3 at 299x299 with the original widths (ImageNet-sized).
     "full": _DEFAULT.replace(
-        name="full", num_classes=1000, image_size=299, width=1.0, padding="VALID",
+        name="full", num_classes=1000, image_size=299, resize="random_resized_crop", width=1.0, padding="VALID",
         stem_stride=2, use_pool_5a=True, aux_pool=5, aux_pool_stride=3,
         expert_hidden=128, dataset="imagenet2012", batch_size=64, pad_crop=0,
         bn_momentum=0.99),
+    # Imagenette (ImageNet photos of 10 classes) from its image folder: photos resized and
+    # centre-cropped to 64x64, a stride-2 first conv, so the grids after the stem are CIFAR's.
+    # 3,000 training photos: 600 held out (200 of them for calibration).
+    "imagenette": _DEFAULT.replace(
+        name="imagenette", image_size=64, stem_stride=2, resize="resize_crop",
+        val_size=600, calib_size=200, epochs=20, warmup_epochs=4.6),
     # Tiny: for tests on a handful of images.
     "tiny": _DEFAULT.replace(
-        name="tiny", width=0.0625, aux_channels=64, aux_hidden=128, expert_hidden=8,
+        name="tiny", num_classes=10, width=0.0625, aux_channels=64, aux_hidden=128, expert_hidden=8,
         batch_size=8, epochs=4, eval_batch_size=16, checkpoint_every_steps=8,
         max_train_examples=48, max_test_examples=16,
         # The tests' schedule predates the CIFAR recipe's EMA, flips and smoothing.
@@ -155,7 +176,7 @@ def get_config(name: str, overrides: dict[str, str] | None = None) -> Config:
 
 # Ranges of the numeric fields: (low, high, low inclusive, high inclusive); None = unbounded.
 _RANGES: dict[str, tuple] = {
-    "num_classes": (2, None, True, True), "image_size": (8, None, True, True),
+    "num_classes": (0, None, True, True), "image_size": (8, None, True, True),
     "width": (0.0, None, False, True), "stem_stride": (1, None, True, True),
     "stem_channels": (0, None, True, True), "aux_pool": (1, None, True, True),
     "aux_pool_stride": (1, None, True, True), "aux_channels": (1, None, True, True),
@@ -177,6 +198,8 @@ _RANGES: dict[str, tuple] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "padding": ("SAME", "VALID"), "compute_dtype": ("float32", "bfloat16", "float64"),
     "expert_inputs": ("paper", "paper+confidence"), "flip": ("random", "alternate"),
+    "resize": ("none", "resize_crop", "random_resized_crop"),
+    "pipeline": ("auto", "memory", "stream"),
 }
 
 
@@ -208,6 +231,14 @@ def validate(cfg: Config) -> None:
         if f.name in _CHOICES and value not in _CHOICES[f.name]:
             raise ValueError(f"config field {f.name} must be one of "
                              f"{', '.join(_CHOICES[f.name])}, got {value!r}")
+    if cfg.num_classes == 1:
+        raise ValueError("config field num_classes must be 0 (from the data) or >= 2, got 1")
+    if cfg.group_pattern:
+        try:
+            re.compile(cfg.group_pattern)
+        except re.error as e:
+            raise ValueError(f"config field group_pattern is not a regular expression "
+                             f"({e}): {cfg.group_pattern!r}") from None
     if cfg.calib_size > cfg.val_size:
         raise ValueError(f"config field calib_size ({cfg.calib_size}) must not exceed "
                          f"val_size ({cfg.val_size}): calibration images are part of val")

@@ -56,6 +56,7 @@ class Cascade:
     # (rule, threshold, ...) that api.predict uses when it is given neither.
     workdir: Path | None = None
     operating_point: dict = dataclasses.field(default_factory=dict)
+    class_names: tuple[str, ...] | None = None   # in label order, when the workdir has them
 
     @property
     def max_batch(self) -> int:

@@ -11,17 +11,23 @@ Augmentation (random crop with padding, horizontal flip) runs inside the jitted 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
+import random
+import re
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from cnneb_jax.configs import Config
 
+# TensorFlow (under tfds and tf.data) prints C++ start-up lines on import; nothing here needs
+# them, and oneDNN's reordered float ops (its one message) do not matter for decoding images.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 DEFAULT_CACHE = Path(os.environ.get("CNNEB_CACHE", Path.home() / ".cache" / "cnneb_jax"))
 
 
@@ -91,33 +97,63 @@ def _folder_fingerprint(root: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _read_folder_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes one split with Pillow (file by file, so one bad file does not stop the rest).
+def list_class_folder(d: Path, classes: list[str], order_seed: str) -> tuple[np.ndarray, np.ndarray]:
+    """Paths and labels of `d/<class>/<image>`, in the order tfds' ImageFolder gives them
+    (sorted by class, then by file name, then shuffled by `random.Random(order_seed)`, the
+    split's name). Keeping that order keeps today's held-out split image for image."""
+    examples = []
+    for label, name in enumerate(classes):
+        cdir = d / name
+        if not cdir.is_dir():
+            continue
+        files = sorted(str(cdir / f) for f in os.listdir(cdir)
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        examples += [(f, label) for f in files]
+    random.Random(order_seed).shuffle(examples)
+    return (np.array([e[0] for e in examples], dtype=object),
+            np.array([e[1] for e in examples], np.int32))
 
-    Unreadable or corrupt files are skipped and counted in a warning; images that are not
-    RGB (grayscale, RGBA, palette) are converted and counted; images of differing sizes
-    stop the read with a message naming examples of each size.
+
+def resize_crop(im, size: int):
+    """PIL image -> its shorter side resized to `size` (aspect kept), centre-cropped to
+    size x size."""
+    from PIL import Image
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def decode_files(paths, labels: np.ndarray, split: str, size: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decodes files with Pillow, one by one, so one bad file does not stop the rest.
+
+    Returns (images, labels, kept): `kept` indexes the files that decoded. Unreadable or
+    corrupt files are skipped and counted in a warning; images that are not RGB (grayscale,
+    RGBA, palette) are converted and counted. With `size`, every image is resized (shorter
+    side) and centre-cropped to size x size; without, images of differing sizes stop the
+    read with a message naming examples of each size.
     """
-    import tensorflow_datasets as tfds
     from PIL import Image
 
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
-    images, labels, names, bad, converted = [], [], [], [], []
-    for batch in tfds.as_numpy(ds.batch(1024)):
-        for raw, name, label in zip(batch["image"], batch["image/filename"], batch["label"]):
-            name = name.decode()
-            try:
-                with Image.open(io.BytesIO(raw)) as im:
-                    if im.mode != "RGB":
-                        converted.append(f"{name} ({im.mode})")
-                    arr = np.asarray(im.convert("RGB"))
-            except (OSError, ValueError, SyntaxError) as e:
-                bad.append(f"{name} ({type(e).__name__}: {e})")
-                continue
-            images.append(arr)
-            labels.append(label)
-            names.append(name)
+    images, kept, bad, converted = [], [], [], []
+    for i, path in enumerate(tqdm(paths, desc=f"decoding {split}/", leave=False,
+                                  disable=len(paths) < 5000)):
+        name = os.path.relpath(path, Path(path).parents[1])
+        try:
+            with Image.open(path) as im:
+                if im.mode != "RGB":
+                    converted.append(f"{name} ({im.mode})")
+                im = im.convert("RGB")
+                arr = np.asarray(resize_crop(im, size) if size else im)
+        except (OSError, ValueError, SyntaxError) as e:
+            bad.append(f"{name} ({type(e).__name__}: {e})")
+            continue
+        images.append(arr)
+        kept.append(i)
     if bad:
         print(f"warning: skipped {len(bad)} unreadable image file(s) in {split}/: "
               + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""), file=sys.stderr)
@@ -128,31 +164,56 @@ def _read_folder_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
     if not images:
         raise DataError(f"no readable images in {split}/ ({len(bad)} files failed to decode)")
     by_size: dict[tuple, list[str]] = {}
-    for arr, name in zip(images, names):
-        by_size.setdefault(arr.shape[:2], []).append(name)
+    for arr, i in zip(images, kept):
+        by_size.setdefault(arr.shape[:2], []).append(os.path.basename(paths[i]))
     if len(by_size) > 1:
         parts = [f"{len(v)} are {h}x{w} (e.g. {v[0]})" for (h, w), v in
                  sorted(by_size.items(), key=lambda kv: -len(kv[1]))]
         raise DataError(f"images in {split}/ differ in size: " + "; ".join(parts)
-                        + ". Resize them to one size first.")
-    return np.stack(images).astype(np.uint8), np.asarray(labels, np.int32)
+                        + ". Resize them to one size first, or let the config resize them "
+                        "(--set resize=resize_crop).")
+    kept = np.asarray(kept, np.int64)
+    return np.stack(images).astype(np.uint8), labels[kept], kept
 
 
-def load_image_folder(root: str | Path, cache_dir: Path = DEFAULT_CACHE) -> dict[str, np.ndarray]:
-    """Reads `root/{train,test}/<class>/*` once with tfds ImageFolder; caches the arrays."""
+def _decoded_bytes(n: int, size: int) -> int:
+    return n * size * size * 3
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def use_streaming(cfg: Config, n_images: int) -> bool:
+    """The rule for `pipeline=auto`: stream when the decoded images (uint8, at the config's
+    size) would take more than a quarter of this machine's memory, or when every epoch needs
+    the original files (`resize=random_resized_crop`); otherwise decode once into memory."""
+    if cfg.pipeline != "auto":
+        return cfg.pipeline == "stream"
+    return (cfg.resize == "random_resized_crop"
+            or _decoded_bytes(n_images, cfg.image_size) > physical_memory() // 4)
+
+
+def load_image_folder(root: str | Path, cache_dir: Path = DEFAULT_CACHE, size: int | None = None,
+                      val_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Reads `root/{train,test}/<class>/*` (and `val_dir/<class>/*`) once with Pillow and
+    caches the arrays; `size` resizes and centre-crops every image (see `decode_files`)."""
     root = Path(root)
-    check_folder_layout(root)
-    cache = Path(cache_dir) / f"{root.name}-{_folder_fingerprint(root)}.npz"
+    classes = check_folder_layout(root)
+    dirs = {"train": root / "train", "test": root / "test"}
+    if val_dir is not None:
+        dirs["val"] = check_val_dir(Path(val_dir), classes)
+    key = _folder_fingerprint(root) + (f"-val{_dir_fingerprint(dirs['val'])}" if val_dir else "")
+    cache = Path(cache_dir) / f"{root.name}-{key}-v2{f'-s{size}' if size else ''}.npz"
     if cache.exists():
-        with np.load(cache) as z:
+        with np.load(cache, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    import tensorflow_datasets as tfds
-    builder = tfds.folder_dataset.ImageFolder(str(root))
-    classes = builder.info.features["label"].names
     out: dict[str, np.ndarray] = {}
-    for split in ("train", "test"):
-        x, y = _read_folder_split(builder, split)
+    for split, d in dirs.items():
+        paths, labels = list_class_folder(d, classes, split)
+        x, y, kept = decode_files(paths, labels, split, size)
         out[f"{split}_images"], out[f"{split}_labels"] = x, y
+        out[f"{split}_files"] = np.array([os.path.basename(p) for p in paths[kept]])
     if out["train_images"].shape[1:] != out["test_images"].shape[1:]:
         raise DataError(f"train images are {out['train_images'].shape[1:3]} but test images "
                         f"are {out['test_images'].shape[1:3]}")
@@ -161,6 +222,44 @@ def load_image_folder(root: str | Path, cache_dir: Path = DEFAULT_CACHE) -> dict
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, **out)
     os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
+    return out
+
+
+def _dir_fingerprint(d: Path) -> str:
+    h = hashlib.sha1(str(d.resolve()).encode())
+    for cls in sorted(p.name for p in d.iterdir() if p.is_dir()):
+        h.update(f"{cls}:{len(os.listdir(d / cls))}".encode())
+    return h.hexdigest()[:12]
+
+
+def check_val_dir(d: Path, classes: list[str]) -> Path:
+    """`--val-dir` must hold `<class>/<image>` with the training classes' folder names."""
+    if not d.is_dir():
+        raise DataError(f"val dir {d} does not exist")
+    names = sorted(p.name for p in d.iterdir() if p.is_dir())
+    unknown = sorted(set(names) - set(classes))
+    if not names:
+        raise DataError(f"val dir {d} has no class folders (expected {d}/<class>/<image>)")
+    if unknown:
+        raise DataError(f"val dir {d} has class folders the training data lacks: {unknown}")
+    if not any(f.lower().endswith(IMAGE_EXTENSIONS) for n in names for f in os.listdir(d / n)):
+        raise DataError(f"val dir {d} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return d
+
+
+def load_folder_files(root: str | Path, val_dir: str | Path | None = None) -> dict:
+    """The streaming path's stand-in for `load_image_folder`: file lists, nothing decoded."""
+    from cnneb_jax.pipeline import FileSplit
+    root = Path(root)
+    classes = check_folder_layout(root)
+    dirs = {"train": root / "train", "test": root / "test"}
+    if val_dir is not None:
+        dirs["val"] = check_val_dir(Path(val_dir), classes)
+    out: dict = {"class_names": np.array(classes)}
+    for split, d in dirs.items():
+        paths, labels = list_class_folder(d, classes, split)
+        out[f"{split}_images"], out[f"{split}_labels"] = FileSplit(paths), labels
+        out[f"{split}_files"] = np.array([os.path.basename(p) for p in paths])
     return out
 
 
@@ -177,51 +276,134 @@ def load_tfds(name: str, data_dir: str | None = None) -> dict[str, np.ndarray]:
     return out
 
 
-def load_dataset(cfg: Config, data_dir: str | None, cache_dir: Path = DEFAULT_CACHE
-                 ) -> dict[str, np.ndarray]:
-    """All splits as uint8 NHWC arrays and int32 labels: train, val, calib, test.
+def load_dataset(cfg: Config, data_dir: str | None, cache_dir: Path = DEFAULT_CACHE,
+                 val_dir: str | None = None) -> dict:
+    """Splits train, val, calib and test, each as uint8 NHWC arrays (or, when streaming,
+    `pipeline.FileSplit`s) with int32 labels, plus the class names (`with_classes` fills a
+    config's `num_classes` from them).
 
     Without `data_dir`, or with a tfds data dir that holds `cfg.dataset`, the dataset is
-    loaded through tfds; any other `data_dir` is read as an image folder.
+    loaded through tfds; any other `data_dir` is read as an image folder; `val_dir` (a folder
+    of `<class>/<image>`) then supplies the held-out images instead of a random split.
     """
     if data_dir and not Path(data_dir).exists():
         raise DataError(f"data dir {data_dir} does not exist")
     if data_dir and not (Path(data_dir) / cfg.dataset).is_dir():
         # Not a tfds data dir holding the dataset: it must be an image folder.
-        raw = load_image_folder(data_dir, cache_dir)
+        files = load_folder_files(data_dir, val_dir)
+        n = sum(len(v) for k, v in files.items() if k.endswith("_labels"))
+        if use_streaming(cfg, n):
+            raw = files
+            for k in [k for k in raw if k.endswith("_images")]:
+                raw[k] = raw[k].with_size(cfg.image_size, cfg.resize)
+        else:
+            if cfg.resize == "random_resized_crop":
+                raise DataError("resize=random_resized_crop crops the original files every "
+                                "epoch: it needs pipeline=stream (or auto)")
+            raw = load_image_folder(data_dir, cache_dir,
+                                    cfg.image_size if cfg.resize != "none" else None, val_dir)
     else:
+        if val_dir is not None:
+            raise DataError("--val-dir needs --data-dir to be an image folder")
+        if cfg.pipeline == "stream":
+            raise DataError("pipeline=stream reads image folders; a tfds dataset by name "
+                            "is decoded into memory (pipeline=auto or memory)")
         raw = load_tfds(cfg.dataset, data_dir)
     return split_dataset(cfg, raw)
 
 
-def split_dataset(cfg: Config, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    x, y = raw["train_images"], raw["train_labels"]
-    n_cls = len(raw["class_names"])
+def with_classes(cfg: Config, class_names) -> Config:
+    """`cfg` with `num_classes` from the data (when 0); a stated count that disagrees with
+    the data is an error."""
+    n_cls = len(class_names)
+    if cfg.num_classes == 0:
+        return cfg.replace(num_classes=n_cls)
     if n_cls != cfg.num_classes:
         raise DataError(f"the data has {n_cls} classes but config {cfg.name!r} expects "
-                        f"{cfg.num_classes} (override with --set num_classes={n_cls})")
+                        f"{cfg.num_classes} (override with --set num_classes={n_cls}, "
+                        f"or 0 to take it from the data)")
+    return cfg
+
+
+def group_ids(files: np.ndarray, pattern: str) -> np.ndarray:
+    """One group key per file name: the regular expression's first group (or whole match)."""
+    rx = re.compile(pattern)
+    keys, unmatched = [], []
+    for f in files:
+        m = rx.search(str(f))
+        if m is None:
+            unmatched.append(str(f))
+            keys.append(None)
+        else:
+            keys.append(m.group(1) if rx.groups else m.group(0))
+    if unmatched:
+        raise DataError(f"group_pattern {pattern!r} matches no part of {len(unmatched)} file "
+                        f"name(s), e.g. {unmatched[:3]}; every image needs a group")
+    return np.array(keys)
+
+
+def heldout_split(n: int, size: int, calib_size: int, files: np.ndarray | None = None,
+                  pattern: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rest, val, calib) indices of n images: `size` held out, the last `calib_size` of
+    them for calibration. A fixed permutation (seed 0, independent of the training seed),
+    so every run and stage holds out the same images. With a group `pattern`, whole groups
+    go to one side (calibration groups first, then val groups, until each is full), so
+    near-identical images (frames of one video, shots of one object) never straddle it."""
+    rng = np.random.default_rng(0)
+    if not pattern:
+        perm = rng.permutation(n)
+        held = perm[:size]
+        return perm[size:], held[:size - calib_size], held[size - calib_size:]
+    keys = group_ids(files, pattern)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    members = [[] for _ in uniq]
+    for i, g in enumerate(inverse):
+        members[g].append(i)
+    val, calib, rest = [], [], []
+    for g in rng.permutation(len(uniq)):
+        if len(calib) < calib_size:
+            calib += members[g]
+        elif len(val) + len(calib) < size:
+            val += members[g]
+        else:
+            rest += members[g]
+    as_idx = lambda a: np.array(sorted(a), np.int64)
+    return as_idx(rest), as_idx(val), as_idx(calib)
+
+
+def split_dataset(cfg: Config, raw: dict) -> dict:
+    x, y = raw["train_images"], raw["train_labels"]
+    cfg = with_classes(cfg, raw["class_names"])
     if x.shape[1:3] != (cfg.image_size, cfg.image_size):
         raise DataError(f"images are {x.shape[1]}x{x.shape[2]}, config {cfg.name!r} expects "
-                        f"{cfg.image_size}x{cfg.image_size}")
-    if cfg.val_size >= len(x):
-        raise DataError(f"val_size={cfg.val_size} leaves no training images ({len(x)} in all)")
-    # A fixed permutation (seed 0, independent of the training seed) so that every run and
-    # stage sees the same held-out images.
-    perm = np.random.default_rng(0).permutation(len(x))
-    val_idx, train_idx = perm[:cfg.val_size], perm[cfg.val_size:]
+                        f"{cfg.image_size}x{cfg.image_size} (or let it resize them: "
+                        f"--set resize=resize_crop)")
+    if "val_images" in raw:
+        # Held-out images the user chose (--val-dir): all of train/ trains the backbone.
+        xv, yv = raw["val_images"], raw["val_labels"]
+        if cfg.calib_size >= len(xv):
+            raise DataError(f"calib_size={cfg.calib_size} leaves no expert images in the "
+                            f"val dir ({len(xv)} images)")
+        _, val_idx, cal_idx = heldout_split(len(xv), len(xv), cfg.calib_size,
+                                            raw.get("val_files"), cfg.group_pattern)
+        train_idx = np.random.default_rng(0).permutation(len(x))
+        held = {"val_images": xv[val_idx], "val_labels": yv[val_idx],
+                "calib_images": xv[cal_idx], "calib_labels": yv[cal_idx]}
+    else:
+        if cfg.val_size >= len(x):
+            raise DataError(f"val_size={cfg.val_size} leaves no training images "
+                            f"({len(x)} in all)")
+        train_idx, val_idx, cal_idx = heldout_split(len(x), cfg.val_size, cfg.calib_size,
+                                                    raw.get("train_files"), cfg.group_pattern)
+        held = {"val_images": x[val_idx], "val_labels": y[val_idx],
+                "calib_images": x[cal_idx], "calib_labels": y[cal_idx]}
     if cfg.max_train_examples:
         train_idx = train_idx[:cfg.max_train_examples]
     xt, yt = raw["test_images"], raw["test_labels"]
     if cfg.max_test_examples:
         xt, yt = xt[:cfg.max_test_examples], yt[:cfg.max_test_examples]
-    n_expert = cfg.val_size - cfg.calib_size
-    return {
-        "train_images": x[train_idx], "train_labels": y[train_idx],
-        "val_images": x[val_idx[:n_expert]], "val_labels": y[val_idx[:n_expert]],
-        "calib_images": x[val_idx[n_expert:]], "calib_labels": y[val_idx[n_expert:]],
-        "test_images": xt, "test_labels": yt,
-        "class_names": raw["class_names"],
-    }
+    return {"train_images": x[train_idx], "train_labels": y[train_idx], **held,
+            "test_images": xt, "test_labels": yt, "class_names": raw["class_names"]}
 
 
 # Per-channel CIFAR-10 statistics; close enough for any natural-image dataset.

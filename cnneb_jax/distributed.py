@@ -82,6 +82,19 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
     return tuple(out)
 
 
+def process_rows(batch_size: int) -> slice:
+    """This process's rows of every global batch."""
+    per_process = batch_size // jax.process_count()
+    return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def shard_local(mesh: Mesh, global_batch: int, *local: np.ndarray) -> tuple[jax.Array, ...]:
+    """This process's rows (`process_rows`) -> global arrays split along the mesh."""
+    sharding = batch_sharded(mesh)
+    return tuple(jax.make_array_from_process_local_data(
+        sharding, a, (global_batch,) + a.shape[1:]) for a in local)
+
+
 def replicate(mesh: Mesh, tree):
     return jax.device_put(tree, replicated(mesh))
 

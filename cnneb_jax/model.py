@@ -55,6 +55,9 @@ class Model:
 
 
 def build_model(cfg: Config) -> Model:
+    if cfg.num_classes == 0:
+        raise ValueError("config num_classes is 0 (taken from the data): resolve it with "
+                         "data.with_classes, or --set num_classes=N")
     bounds = segment_bounds(cfg)
     m = len(bounds)
     segments = {segment_name(s, e): Segment(cfg, s, e) for s, e in bounds}

@@ -2,6 +2,7 @@
 
     release.json        how it was made (command, source) and its measured accuracies
     config.json         the config it was trained with
+    class_names.json    the class names in label order (when the workdir has them)
     variables.msgpack   eval variables of both stages (the EMA backbone when one was kept):
                         parameters and BatchNorm statistics, no optimizer state
     backbone/result.json, expert/result.json    the stages' own results
@@ -73,6 +74,8 @@ def save_release(workdir: str | Path, out: str | Path, command: str, test_dir: s
     out.mkdir(parents=True, exist_ok=True)
     (out / VARIABLES_FILE).write_bytes(serialization.msgpack_serialize(variables))
     shutil.copy(workdir / "config.json", out / "config.json")
+    if (workdir / ckpt.CLASS_NAMES_FILE).exists():
+        shutil.copy(workdir / ckpt.CLASS_NAMES_FILE, out / ckpt.CLASS_NAMES_FILE)
     for stage in ("backbone", "expert"):
         (out / stage).mkdir(exist_ok=True)
         shutil.copy(workdir / stage / "result.json", out / stage / "result.json")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from cnneb_jax import checkpoints as ckpt
 from cnneb_jax import distributed as dist
+from cnneb_jax import pipeline
 from cnneb_jax.configs import Config
 from cnneb_jax.data import alternating_flips, augment, epoch_batches, normalize
 from cnneb_jax.heads import FT, OTHER
@@ -113,6 +115,14 @@ def update_ema(ema: dict, params: Variables, stats: Variables, decay: float) -> 
             "stats": jax.tree_util.tree_map(mix, ema["stats"], stats), "count": count + 1.0}
 
 
+def backbone_state(cfg: Config, tx: optax.GradientTransformation, params: Variables,
+                   stats: Variables) -> dict:
+    """The backbone stage's training state: parameters, BatchNorm statistics, optimizer
+    state and (with `ema_decay`) the EMA."""
+    state = backbone_state(cfg, tx, params, stats)
+    return state
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def make_predict_fn(model: Model):
@@ -150,8 +160,9 @@ def predict_all(model: Model, variables: Variables, images: np.ndarray, batch_si
     batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
     chunks: list[Any] = []
     n = len(images)
-    for s in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=desc is None):
-        batch = images[s:s + batch_size]
+    rows = [np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+    stream = pipeline.batches(images, np.zeros(n, np.int32), rows, train=False)
+    for batch, _ in tqdm(stream, total=len(rows), desc=desc, leave=False, disable=desc is None):
         pad = batch_size - len(batch)
         if pad:
             batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
@@ -203,10 +214,14 @@ def _stage_done(stage_dir: Path) -> dict | None:
     return None
 
 
-def _begin_stage(cfg: Config, workdir: Path, stage: str, retrain: bool) -> dict | None:
-    """Checks the workdir's config; returns the stage's result if it already finished
-    (and `retrain` is off); with `retrain`, removes the stage's checkpoints."""
+def _begin_stage(cfg: Config, workdir: Path, stage: str, retrain: bool,
+                 class_names=None) -> dict | None:
+    """Checks the workdir's config (and class names); returns the stage's result if it
+    already finished (and `retrain` is off); with `retrain`, removes the stage's
+    checkpoints."""
     ckpt.check_config(workdir, cfg)
+    if class_names is not None:
+        ckpt.record_classes(workdir, class_names)
     stage_dir = workdir / stage
     done = _stage_done(stage_dir)
     if done is not None and not retrain:
@@ -243,20 +258,20 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
         print(f"[{stage}] resuming from step {start}/{total}")
     key = jax.random.PRNGKey(cfg.seed)
     pbar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True)
-    perm, t0, seen, last = None, time.perf_counter(), 0, {}
+    stream, t0, seen, last = None, time.perf_counter(), 0, {}
+    rows = dist.process_rows(batch_size)
     done = saved = start
     metrics = None
     try:
         for step in range(start, total):
             epoch, i = divmod(step, steps_per_epoch)
-            if perm is None or i == 0:
+            if stream is None or i == 0:
                 # The order depends only on (seed, epoch): a resumed run sees the same batches.
                 perm = epoch_batches(np.random.default_rng([cfg.seed, epoch]), n, batch_size)
-                flips = mirror(epoch) if mirror is not None else None
-            batch = images[perm[i]]
-            if flips is not None:
-                batch = np.where(flips[perm[i]][:, None, None, None], batch[:, :, ::-1], batch)
-            batch_images, batch_labels = dist.shard_batch(mesh, batch, labels[perm[i]])
+                stream = pipeline.batches(images, labels, perm[i:, rows], train=True,
+                                          seed=cfg.seed, epoch=epoch,
+                                          mirror=mirror(epoch) if mirror is not None else None)
+            batch_images, batch_labels = dist.shard_local(mesh, batch_size, *next(stream))
             state, metrics = step_fn(state, batch_images, batch_labels,
                                      jax.random.fold_in(key, step), *extra_args)
             done = step + 1
@@ -303,7 +318,7 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
 def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
     workdir = Path(workdir)
     stage_dir = workdir / "backbone"
-    done = _begin_stage(cfg, workdir, "backbone", retrain)
+    done = _begin_stage(cfg, workdir, "backbone", retrain, data.get("class_names"))
     if done is not None:
         return done
     t_start = time.time()
@@ -311,15 +326,13 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
     params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
     if cfg.whiten_stem:
-        params = whiten_stem(cfg, params, data["train_images"])
+        params = whiten_stem(cfg, params, pipeline.materialize(data["train_images"][:5000]))
     n = len(data["train_images"])
     total = cfg.epochs * (n // cfg.batch_size)
     tx = backbone_optimizer(cfg, n // cfg.batch_size)
-    state = {"params": params, "stats": stats, "opt": tx.init(params)}
-    if cfg.ema_decay > 0:
-        state["ema"] = init_ema(params, stats)
+    state = backbone_state(cfg, tx, params, stats)
     predict = make_predict_fn(model)
-    heldout = (np.concatenate([data["val_images"], data["calib_images"]]),
+    heldout = (pipeline.concat(data["val_images"], data["calib_images"]),
                np.concatenate([data["val_labels"], data["calib_labels"]]))
 
     def on_epoch_end(epoch, st):
@@ -457,10 +470,26 @@ def expert_aucs(outputs: dict, labels: np.ndarray) -> dict[str, float]:
     return out
 
 
+# Below this many FT examples an expert has next to nothing to learn "go deeper" from.
+MIN_FT_EXAMPLES = 30
+
+
+def _warn_leak(heldout_rate: list[float], test_rate: list[float], n_test: int) -> None:
+    """Warns when the held-out FT rate is far below the test one: the backbone has seen
+    near-copies of the held-out images (a random split of video frames, several shots of
+    one object), so they look easy and the expert learns that everything may leave early."""
+    for i, (h, t) in enumerate(zip(heldout_rate, test_rate)):
+        if t * n_test >= MIN_FT_EXAMPLES and h < 0.5 * t:
+            print(f"warning: the FT rate of E{i + 1} is {h:.2%} on the held-out images but "
+                  f"{t:.2%} on test: the held-out images look leaked (near-duplicates of "
+                  f"training images). Hold out whole groups (--set group_pattern=REGEX) or "
+                  f"give held-out images of your own (--val-dir)", file=sys.stderr)
+
+
 def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
     workdir = Path(workdir)
     stage_dir = workdir / "expert"
-    done = _begin_stage(cfg, workdir, "expert", retrain)
+    done = _begin_stage(cfg, workdir, "expert", retrain, data.get("class_names"))
     if done is not None:
         return done
     t_start = time.time()
@@ -474,7 +503,15 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
     for i in range(model.num_exits - 1):
         p_ft = float(np.clip(ft_labels(preds, data["val_labels"], i).mean(), 1e-3, 1 - 1e-3))
         class_w[i] = [0.5 / p_ft, 0.5 / (1 - p_ft)]
-    print(f"[expert] FT rate on held-out images: {1 / (2 * class_w[:, 0])}")
+    ft_counts = [int(ft_labels(preds, data["val_labels"], i).sum())
+                 for i in range(model.num_exits - 1)]
+    print(f"[expert] FT examples (wrong at the expert's exit, right at a later one) per "
+          f"expert, of {len(data['val_labels'])} held-out images: {ft_counts}")
+    for i, c in enumerate(ft_counts):
+        if c < MIN_FT_EXAMPLES:
+            print(f"warning: E{i + 1} has only {c} FT examples to learn from (fewer than "
+                  f"{MIN_FT_EXAMPLES}); its scores will be unreliable. Hold out more images "
+                  f"(--set val_size=..., or --val-dir)", file=sys.stderr)
 
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1))
     params, stats = split_collections(_subset(variables, EXPERT_GROUPS))
@@ -489,8 +526,13 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
                       extra_args=(jnp.asarray(class_w),))
     full = {**backbone, **merge_collections(state["params"], state["stats"])}
     outputs = predict_all(model, full, data["test_images"], cfg.eval_batch_size, "test")
+    aucs = expert_aucs(outputs, data["test_labels"])
+    heldout_rate = [c / len(data["val_labels"]) for c in ft_counts]
+    _warn_leak(heldout_rate, [aucs[f"ft_rate_E{i + 1}"] for i in range(len(ft_counts))],
+               len(data["test_labels"]))
     result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
-              "test_auc_other_vs_ft": expert_aucs(outputs, data["test_labels"]),
+              "test_auc_other_vs_ft": aucs, "heldout_ft_examples": ft_counts,
+              "heldout_ft_rate": heldout_rate,
               "train_seconds": time.time() - t_start, "steps": total, "train_images": n}
     ckpt.write_json(stage_dir / "result.json", result)
     ckpt.log_metrics(workdir, {"stage": "expert", "event": "test", **result})

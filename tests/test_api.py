@@ -28,6 +28,9 @@ def test_predict_uint8_and_float_agree(cascade, tiny_data):
     np.testing.assert_array_equal(a["exit"], b["exit"])
     np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-5)
     assert set(a["exit"]) <= {0, 1} and (a["flops"] > 0).all()
+    # class names stored by training (from the folder names) come back with the labels
+    assert cascade.class_names[:2] == ("airplane", "automobile")
+    assert [cascade.class_names[k] for k in a["labels"]] == list(a["names"])
 
 
 def test_single_image_and_batch_of_one(cascade, tiny_data):

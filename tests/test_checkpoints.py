@@ -128,3 +128,14 @@ def test_json_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ckpt.write_json(path, {"a": 2})
     assert path.read_text() == '{\n  "a": 1\n}'
+
+
+def test_workdir_refuses_data_with_other_classes(tmp_path):
+    from cnneb_jax.checkpoints import CheckpointError, read_classes, record_classes
+    assert read_classes(tmp_path) is None
+    record_classes(tmp_path, ["cat", "dog"])
+    record_classes(tmp_path, np.array(["cat", "dog"]))   # the same names again: fine
+    assert read_classes(tmp_path) == ["cat", "dog"]
+    with pytest.raises(CheckpointError, match=r"trained on classes \['cat', 'dog'\].*"
+                                              r"the data has \['cat', 'emu'\]"):
+        record_classes(tmp_path, ["cat", "emu"])

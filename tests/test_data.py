@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cnneb_jax.configs import get_config
-from cnneb_jax.data import (DataError, check_folder_layout, alternating_flips, augment, epoch_batches, load_dataset, load_image_folder,
+from cnneb_jax.data import (DataError, check_folder_layout, alternating_flips, augment, epoch_batches, heldout_split, load_dataset, load_image_folder, with_classes,
                             split_dataset)
 
 
@@ -171,3 +171,49 @@ def test_files_the_reader_skips_are_named_in_a_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: ignored 2 file(s) in train/ that are not .jpg, .jpeg, .png" in err
     assert "cat/extra.bmp" in err and "dog/notes.txt" in err and "DS_Store" not in err
+
+
+def test_class_count_comes_from_the_data(tmp_path):
+    root = _folder(tmp_path / "d", n=4, classes=("cat", "dog", "emu"))
+    cfg = get_config("tiny", {"num_classes": "0", "val_size": "3", "calib_size": "1"})
+    d = load_dataset(cfg, str(root), tmp_path / "cache")
+    assert list(d["class_names"]) == ["cat", "dog", "emu"]
+    assert with_classes(cfg, d["class_names"]).num_classes == 3
+    assert get_config("cifar").num_classes == 0      # the default takes it from the data
+    with pytest.raises(DataError, match="the data has 3 classes but config 'tiny' expects 10"):
+        load_dataset(cfg.replace(num_classes=10), str(root), tmp_path / "cache")
+
+
+def test_group_split_keeps_each_group_on_one_side():
+    # 30 "videos" of 10 frames each: frame files named like video07_frame3.jpg
+    files = np.array([f"video{v:02d}_frame{f}.jpg" for v in range(30) for f in range(10)])
+    rest, val, calib = heldout_split(len(files), 60, 20, files, r"video(\d+)_")
+    assert len(set(rest) | set(val) | set(calib)) == len(files)
+    assert len(calib) >= 20 and len(val) + len(calib) >= 60
+    group = lambda idx: {f.split("_")[0] for f in files[idx]}
+    assert not group(rest) & group(val) and not group(rest) & group(calib)
+    assert not group(val) & group(calib)
+    # a random split puts frames of most videos on both sides
+    r, v, c = heldout_split(len(files), 60, 20)
+    assert len(group(r) & (group(v) | group(c))) > 20
+    with pytest.raises(DataError, match="matches no part of 300 file"):
+        heldout_split(len(files), 60, 20, files, r"clip(\d+)")
+
+
+def test_group_pattern_is_checked_when_the_config_is_built():
+    with pytest.raises(ValueError, match="group_pattern is not a regular expression"):
+        get_config("tiny", {"group_pattern": "video(\\d+"})
+
+
+def test_val_dir_supplies_the_held_out_images(tmp_path):
+    root = _folder(tmp_path / "d", n=5)
+    val = _folder(tmp_path / "v", n=4)
+    import shutil
+    shutil.rmtree(val / "test")
+    cfg = get_config("tiny", {"calib_size": "3"})
+    d = load_dataset(cfg.replace(num_classes=2), str(root), tmp_path / "cache", str(val / "train"))
+    assert len(d["train_images"]) == 10          # all of train/
+    assert len(d["val_images"]) == 5 and len(d["calib_images"]) == 3
+    with pytest.raises(DataError, match="val dir .* has class folders the training data lacks"):
+        (val / "train" / "owl").mkdir()
+        load_dataset(cfg.replace(num_classes=2), str(root), tmp_path / "cache", str(val / "train"))

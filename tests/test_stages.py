@@ -34,13 +34,38 @@ def test_backbone_stage_end_to_end(trained, tiny_cfg):
     epochs = [l for l in lines if l.get("stage") == "backbone" and l.get("event") == "epoch"]
     assert [l["epoch"] for l in epochs] == list(range(1, tiny_cfg.epochs + 1))
     assert all(0.0 <= l["heldout_O2"] <= 1.0 for l in epochs)
+    assert json.loads((workdir / "class_names.json").read_text())[:2] == ["airplane", "automobile"]
+
+
+def test_metrics_are_also_tensorboard_events(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(trained[0] / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    assert {"backbone/loss", "backbone/epoch/heldout_O2", "expert/loss",
+            "backbone/test/test_accuracy/O2"} <= tags
+    last = acc.Tensors("backbone/epoch/heldout_O2")[-1]
+    line = [json.loads(l) for l in (trained[0] / "metrics.jsonl").read_text().splitlines()
+            if '"event": "epoch"' in l and '"backbone"' in l][-1]
+    assert abs(float(jax.numpy.asarray(__import__("tensorflow").make_ndarray(last.tensor_proto)))
+               - line["heldout_O2"]) < 1e-6
 
 
 def test_expert_stage_end_to_end(trained, tiny_cfg):
     workdir, _, e = trained
     assert {"experts_E1", "aux5b_E1", "max_softmax_O1"} <= set(e["test_auc_other_vs_ft"])
+    assert len(e["heldout_ft_examples"]) == 1 and e["heldout_ft_examples"][0] >= 0
     model, full = load_trained(workdir)
     assert set(full) == {"segments", "heads", "experts", "aux5b"}
+
+
+def test_expert_stage_warns_of_few_or_leaked_ft_examples(capsys):
+    from cnneb_jax.stages import _warn_leak
+    _warn_leak([0.005], [0.023], 10_000)   # the leak seen on a split of video frames
+    assert "held-out images look leaked" in capsys.readouterr().err
+    _warn_leak([0.02], [0.023], 10_000)
+    _warn_leak([0.0], [0.02], 100)         # too few test FT examples to tell
+    assert capsys.readouterr().err == ""
 
 
 def test_expert_step_updates_only_the_experts(trained, tiny_cfg, tiny_data):
