@@ -139,6 +139,18 @@ def executed_flops(c: Cascade, exits: np.ndarray, rule: str) -> float:
     return total / len(exits)
 
 
+def _write_tensorboard(logdir: Path, points: list[dict]) -> None:
+    """Each rule's sweep as TensorBoard scalars `sweep/<rule>/<name>`, one step per threshold
+    (in the sweep's order), beside sweep.csv."""
+    from cnneb_jax.checkpoints import write_scalars
+    for rule in sorted({p["rule"] for p in points}):
+        for i, p in enumerate(q for q in points if q["rule"] == rule):
+            write_scalars(logdir, f"sweep/{rule}", i,
+                          {k: float(p[k]) for k in ("threshold", "accuracy", "flops",
+                                                     "flops_saving", "time_saving")
+                           if k in p and p[k] is not None})
+
+
 def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images: int = 2000,
           single_images: int = 50, timed_points: int = 9) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +266,7 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
               "single_images": len(x_single)}
     _write_points(out_dir, points)
     (out_dir / "sweep.json").write_text(json.dumps(result, indent=2))
+    _write_tensorboard(out_dir / "tensorboard", points)
     _write_table2(out_dir / "table2.md", base, table, m)
     _plots(out_dir, c, out_test, y_test, data, points, base, m)
     return result

@@ -119,7 +119,9 @@ def backbone_state(cfg: Config, tx: optax.GradientTransformation, params: Variab
                    stats: Variables) -> dict:
     """The backbone stage's training state: parameters, BatchNorm statistics, optimizer
     state and (with `ema_decay`) the EMA."""
-    state = backbone_state(cfg, tx, params, stats)
+    state = {"params": params, "stats": stats, "opt": tx.init(params)}
+    if cfg.ema_decay > 0:
+        state["ema"] = init_ema(params, stats)
     return state
 
 

@@ -38,6 +38,13 @@ def test_sweep_writes_table_figures_and_points(tiny_workdir, image_folder, decod
         assert row["time_saving_min"] <= row["time_saving"] <= row["time_saving_max"]
         assert row["executed_flops"] >= row["flops"] - 1e-6  # padding only adds
         assert "routing_overhead" in row
+    # the sweep is also a set of TensorBoard curves, one step per threshold
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    n_expert = sum(p["rule"] == "expert" for p in result["points"])
+    assert len(acc.Tensors("sweep/expert/accuracy")) == n_expert
+    assert "sweep/oracle/flops_saving" in acc.Tags()["tensors"]
 
 
 def _fake_cascade(buckets=(1, 2, 4, 8, 16)):
