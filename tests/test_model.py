@@ -61,7 +61,7 @@ def test_cifar_prefix_is_cheap():
     """Issue budget: stem -> Mixed_5b + O1 + E1 costs at most 35% of the whole network."""
     from cnneb_jax.metrics import prefix_share, segment_flops
     from cnneb_jax.model import abstract_variables
-    cfg = get_config("cifar")
+    cfg = get_config("cifar", {"num_classes": "10"})
     model = build_model(cfg)
     # Shapes are all XLA's cost analysis needs: skip the eager initialisation (~20 s).
     v = abstract_variables(model)

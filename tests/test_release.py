@@ -25,7 +25,8 @@ def tiny_release(tiny_workdir, image_folder, tmp_path_factory):
 def test_release_holds_the_eval_variables_of_both_stages(tiny_workdir, tiny_release):
     out, meta = tiny_release
     assert sorted(p.name for p in out.iterdir()) == [
-        "backbone", "config.json", "expert", "release.json", "variables.msgpack"]
+        "backbone", "class_names.json", "config.json", "expert", "release.json",
+        "variables.msgpack"]
     assert meta["command"] == "python train.py --config tiny"
     assert meta["reference"]["images"] == 20
     _, want = load_trained(tiny_workdir)
