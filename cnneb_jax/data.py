@@ -354,6 +354,9 @@ def heldout_split(n: int, size: int, calib_size: int, files: np.ndarray | None =
         perm = rng.permutation(n)
         held = perm[:size]
         return perm[size:], held[:size - calib_size], held[size - calib_size:]
+    if files is None:
+        raise DataError("group_pattern groups images by file name: it needs an image folder "
+                        "(--data-dir), not a tfds dataset by name")
     keys = group_ids(files, pattern)
     uniq, inverse = np.unique(keys, return_inverse=True)
     members = [[] for _ in uniq]

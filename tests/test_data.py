@@ -198,6 +198,8 @@ def test_group_split_keeps_each_group_on_one_side():
     assert len(group(r) & (group(v) | group(c))) > 20
     with pytest.raises(DataError, match="matches no part of 300 file"):
         heldout_split(len(files), 60, 20, files, r"clip(\d+)")
+    with pytest.raises(DataError, match="needs an image folder"):
+        heldout_split(len(files), 60, 20, None, r"video(\d+)_")
 
 
 def test_group_pattern_is_checked_when_the_config_is_built():
