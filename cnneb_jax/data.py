@@ -195,29 +195,28 @@ def use_streaming(cfg: Config, n_images: int) -> bool:
 
 
 def load_image_folder(root: str | Path, cache_dir: Path = DEFAULT_CACHE, size: int | None = None,
-                      val_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+                      val_dir: str | Path | None = None, files: dict | None = None
+                      ) -> dict[str, np.ndarray]:
     """Reads `root/{train,test}/<class>/*` (and `val_dir/<class>/*`) once with Pillow and
-    caches the arrays; `size` resizes and centre-crops every image (see `decode_files`)."""
+    caches the arrays; `size` resizes and centre-crops every image (see `decode_files`).
+    `files` is the folder's listing (`load_folder_files`) when the caller already has it."""
     root = Path(root)
-    classes = check_folder_layout(root)
-    dirs = {"train": root / "train", "test": root / "test"}
-    if val_dir is not None:
-        dirs["val"] = check_val_dir(Path(val_dir), classes)
-    key = _folder_fingerprint(root) + (f"-val{_dir_fingerprint(dirs['val'])}" if val_dir else "")
+    files = files or load_folder_files(root, val_dir)
+    key = _folder_fingerprint(root) + (f"-val{_dir_fingerprint(Path(val_dir))}" if val_dir else "")
     cache = Path(cache_dir) / f"{root.name}-{key}-v2{f'-s{size}' if size else ''}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     out: dict[str, np.ndarray] = {}
-    for split, d in dirs.items():
-        paths, labels = list_class_folder(d, classes, split)
+    for split in [k[:-len("_images")] for k in files if k.endswith("_images")]:
+        paths, labels = files[f"{split}_images"].paths, files[f"{split}_labels"]
         x, y, kept = decode_files(paths, labels, split, size)
         out[f"{split}_images"], out[f"{split}_labels"] = x, y
-        out[f"{split}_files"] = np.array([os.path.basename(p) for p in paths[kept]])
+        out[f"{split}_files"] = files[f"{split}_files"][kept]
     if out["train_images"].shape[1:] != out["test_images"].shape[1:]:
         raise DataError(f"train images are {out['train_images'].shape[1:3]} but test images "
                         f"are {out['test_images'].shape[1:3]}")
-    out["class_names"] = np.array(classes)
+    out["class_names"] = files["class_names"]
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, **out)
@@ -301,7 +300,8 @@ def load_dataset(cfg: Config, data_dir: str | None, cache_dir: Path = DEFAULT_CA
                 raise DataError("resize=random_resized_crop crops the original files every "
                                 "epoch: it needs pipeline=stream (or auto)")
             raw = load_image_folder(data_dir, cache_dir,
-                                    cfg.image_size if cfg.resize != "none" else None, val_dir)
+                                    cfg.image_size if cfg.resize != "none" else None, val_dir,
+                                    files)
     else:
         if val_dir is not None:
             raise DataError("--val-dir needs --data-dir to be an image folder")

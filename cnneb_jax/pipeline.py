@@ -20,9 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from cnneb_jax import data  # noqa: F401  (sets TensorFlow's log level before it loads)
-
-RESIZE_MODES = ("none", "resize_crop", "random_resized_crop")
+from cnneb_jax.data import DataError  # data.py also sets TensorFlow's log level first
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -30,7 +28,7 @@ class FileSplit:
     """A split kept as image file paths; indexes like an (N, size, size, 3) uint8 array."""
     paths: np.ndarray            # object array of str
     image_size: int = 0          # 0 = not set yet (see `with_size`)
-    resize: str = "none"         # one of RESIZE_MODES
+    resize: str = "none"         # the config field `resize`
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -100,7 +98,6 @@ def stream(split: FileSplit, index_batches: np.ndarray, train: bool, seed: int =
     Rows whose files failed to decode are missing from a batch's `indices` (the caller fills
     them); a file of the wrong size under `resize=none` raises DataError.
     """
-    from cnneb_jax.data import DataError
     if len(index_batches) > 1 and len(index_batches[-1]) != len(index_batches[0]):
         # Evaluation's last batch is shorter: stream it on its own.
         yield from stream(split, index_batches[:-1], train, seed, epoch, prefetch)
@@ -123,11 +120,14 @@ def stream(split: FileSplit, index_batches: np.ndarray, train: bool, seed: int =
 
     ds = steps.interleave(one_batch, cycle_length=2, block_length=1,
                           num_parallel_calls=2, deterministic=True).prefetch(prefetch)
+    def all_failed(step: int) -> DataError:
+        return DataError(f"no file of batch {step} could be decoded, e.g. "
+                         f"{split.paths[index_batches[step][0]]}")
+
     expected = 0
     for step, idx, images, ok in ds.as_numpy_iterator():
         if step != expected:
-            raise DataError(f"no file of batch {expected} could be decoded, e.g. "
-                            f"{split.paths[index_batches[expected][0]]}")
+            raise all_failed(expected)
         if not ok.all():
             bad = split.paths[idx[~ok][0]]
             raise DataError(f"{bad} is not {split.image_size}x{split.image_size}; let the "
@@ -135,8 +135,7 @@ def stream(split: FileSplit, index_batches: np.ndarray, train: bool, seed: int =
         expected += 1
         yield idx, images
     if expected != n_rows:
-        raise DataError(f"no file of batch {expected} could be decoded, e.g. "
-                        f"{split.paths[index_batches[expected][0]]}")
+        raise all_failed(expected)
 
 
 def _report_skipped(split: FileSplit, missing: np.ndarray, filled: str) -> None:
@@ -171,9 +170,7 @@ def batches(images, labels: np.ndarray, index_batches: np.ndarray, train: bool,
             else:
                 _report_skipped(images, missing, "they are evaluated as blank images")
                 full = np.zeros((len(row),) + x.shape[1:], x.dtype)
-                pos = np.searchsorted(row, idx) if np.all(np.diff(row) > 0) else \
-                    np.array([np.flatnonzero(row == i)[0] for i in idx])
-                full[pos] = x
+                full[np.isin(row, idx)] = x  # tf.data keeps the row's order
                 x, idx = full, row
         if mirror is not None:
             x = np.where(mirror[idx][:, None, None, None], x[:, :, ::-1], x)

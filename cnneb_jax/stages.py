@@ -501,12 +501,12 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
     # Class balance from the un-augmented held-out images: FT is the rare class.
     val_out = predict_all(model, backbone, data["val_images"], cfg.eval_batch_size, "FT labels")
     preds = [o.argmax(-1) for o in val_out["exits"]]
+    is_ft = [ft_labels(preds, data["val_labels"], i) for i in range(model.num_exits - 1)]
     class_w = np.zeros((model.num_exits - 1, 2), np.float32)
-    for i in range(model.num_exits - 1):
-        p_ft = float(np.clip(ft_labels(preds, data["val_labels"], i).mean(), 1e-3, 1 - 1e-3))
+    for i, ft in enumerate(is_ft):
+        p_ft = float(np.clip(ft.mean(), 1e-3, 1 - 1e-3))
         class_w[i] = [0.5 / p_ft, 0.5 / (1 - p_ft)]
-    ft_counts = [int(ft_labels(preds, data["val_labels"], i).sum())
-                 for i in range(model.num_exits - 1)]
+    ft_counts = [int(ft.sum()) for ft in is_ft]
     print(f"[expert] FT examples (wrong at the expert's exit, right at a later one) per "
           f"expert, of {len(data['val_labels'])} held-out images: {ft_counts}")
     for i, c in enumerate(ft_counts):
