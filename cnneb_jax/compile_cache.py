@@ -11,8 +11,11 @@ $CNNEB_CACHE/xla). CNNEB_COMPILE_CACHE=off (or 0) turns it off.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 
@@ -45,3 +48,33 @@ def enable() -> Path | None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return d
 
+
+
+# Model code whose change invalidates memoised facts (shapes, FLOPs) about a config.
+_FACT_SOURCES = ("configs.py", "model.py", "segments.py", "heads.py", "metrics.py")
+
+
+def memo_json(kind: str, key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()` (JSON-serialisable), memoised in the cache folder under a digest of
+    `kind`, `key`, the JAX and Flax versions and the model code's source, so that facts a
+    load needs (variable shapes, FLOPs per part) are traced once per config, not per
+    process. Computed afresh when the cache is off or its file is unreadable."""
+    d = cache_dir()
+    if d is None:
+        return compute()
+    import flax
+    h = hashlib.sha256(f"{kind}\0{key}\0{jax.__version__}\0{flax.__version__}".encode())
+    here = Path(__file__).parent
+    for name in _FACT_SOURCES:
+        h.update((here / name).read_bytes())
+    path = d / "cnneb-facts" / f"{kind}-{h.hexdigest()[:32]}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)   # atomic: a concurrent reader sees the old file or the whole new one
+    return value

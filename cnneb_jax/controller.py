@@ -18,7 +18,10 @@ Rules (score = how sure we are that the sample may leave; it leaves when score >
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -26,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnneb_jax.data import normalize
+from cnneb_jax.compile_cache import memo_json
 from cnneb_jax.heads import OTHER
 from cnneb_jax.metrics import ft_labels, segment_flops
-from cnneb_jax.model import Model, Variables, segment_fns
+from cnneb_jax.model import Model, Variables, branch_fn, segment_fns
 
 RULES = ("expert", "aux5b", "max_softmax", "entropy", "oracle")
 
@@ -45,8 +48,9 @@ def bucket_sizes(max_batch: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Cascade:
-    """A trained CNN-EB ready to route: variables, per-segment jitted functions, buckets,
-    and the FLOPs per image of every part (for the cost of each sample's path)."""
+    """A trained CNN-EB ready to route: variables (on the device), buckets, the compiled
+    branch programs, and the FLOPs per image of every part (for the cost of each sample's
+    path). `fns` holds the per-part jitted functions that export.py writes out."""
     model: Model
     variables: Variables
     fns: dict[str, Callable]
@@ -57,6 +61,9 @@ class Cascade:
     workdir: Path | None = None
     operating_point: dict = dataclasses.field(default_factory=dict)
     class_names: tuple[str, ...] | None = None   # in label order, when the workdir has them
+    # (program, input shapes and dtypes) -> compiled executable; filled by warm_up or on
+    # first use, so a routed call never traces or compiles twice.
+    programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def max_batch(self) -> int:
@@ -65,13 +72,81 @@ class Cascade:
 
 def make_cascade(model: Model, variables: Variables, max_batch: int = 256,
                  workdir: Path | None = None, operating_point: dict | None = None) -> Cascade:
-    fns = dict(segment_fns(model))
-    # uint8 pixels travel to the device as uint8 (4x fewer bytes than float32) and are cast
-    # there; floats in [0, 255] take the same function at their own dtype.
-    fns["normalize"] = jax.jit(normalize)
-    fns["take"] = jax.jit(lambda h, idx: jnp.take(h, idx, axis=0))
-    return Cascade(model, variables, fns, bucket_sizes(max_batch),
-                   segment_flops(model, variables), workdir, dict(operating_point or {}))
+    key = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True)
+    flops = memo_json("flops", key, lambda: segment_flops(model, variables))
+    return Cascade(model, jax.device_put(variables), dict(segment_fns(model)),
+                   bucket_sizes(max_batch), flops, workdir, dict(operating_point or {}))
+
+
+# The branch program each rule routes with: the scores of max_softmax, entropy and the
+# oracle come from the exit's logits alone, so they share "plain".
+RULE_VARIANT = {"expert": "expert", "aux5b": "aux5b", "max_softmax": "plain",
+                "entropy": "plain", "oracle": "plain"}
+
+
+def _take(h: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.take(h, idx, axis=0)
+
+
+def _to_float(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
+
+
+def _spec(a) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+def _exported(c: Cascade, i: int, variant: str, x) -> jax.export.Exported:
+    """Branch program (i, variant) traced once for any batch size (a symbolic batch axis):
+    lowering it for each bucket then costs a fraction of tracing the Flax model again."""
+    key = ("export", i, variant, _signature(x)[0][1:], _signature(x)[1])
+    exp = c.programs.get(key)
+    if exp is None:
+        batch, = jax.export.symbolic_shape("b")
+        spec = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), x.dtype)
+        fn = jax.jit(branch_fn(c.model, i, variant))
+        exp = c.programs[key] = jax.export.export(fn)(
+            jax.tree_util.tree_map(_spec, c.variables), spec)
+    return exp
+
+
+def _lower(c: Cascade, key: tuple, x):
+    if key[0] == "take":
+        return jax.jit(_take).lower(*x)
+    if key[0] == "pixels":
+        return jax.jit(_to_float).lower(x)
+    _, i, variant = key
+    return jax.jit(_exported(c, i, variant, x).call).lower(c.variables, x)
+
+
+def _signature(x) -> tuple:
+    return tuple((a.shape, jnp.dtype(a.dtype).name) for a in x) if isinstance(x, tuple) \
+        else (x.shape, jnp.dtype(x.dtype).name)
+
+
+def _program(c: Cascade, key: tuple, x) -> Callable:
+    """The compiled program `key` for the shapes and dtypes of `x` (compiled on first use)."""
+    k = key + (_signature(x),)
+    prog = c.programs.get(k)
+    if prog is None:
+        prog = c.programs[k] = _lower(c, key, x).compile()
+    return prog
+
+
+def branch(c: Cascade, i: int, variant: str, x):
+    """Runs branch program (i, variant) on pixels (i = 0) or features; see model.branch_fn.
+    uint8 pixels reach the device as uint8 and are cast there. Dispatch is asynchronous:
+    the result is a device array the host may read later."""
+    if i == c.model.num_exits - 1 and variant != "seg":
+        variant = "plain"   # no expert after the last segment
+    if i == 0 and x.dtype != np.float32:
+        x = _program(c, ("pixels",), x)(x)
+    return _program(c, ("branch", i, variant), x)(c.variables, x)
+
+
+def gather(c: Cascade, h: jax.Array, idx: np.ndarray) -> jax.Array:
+    """Rows `idx` of device features `h`, on the device."""
+    return _program(c, ("take",), (h, idx))(h, idx)
 
 
 def bucket_for(c: Cascade, n: int) -> int:
@@ -145,53 +220,71 @@ def first_exit_flops(c: Cascade) -> float:
 def run_cascade(c: Cascade, images: np.ndarray, rule: str, threshold: float,
                 labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Routes a batch (uint8, or float in [0, 255], NHWC). Returns per sample: `logits` of
-    the exit taken, `exit` (0-based), `flops` of its path. Batches larger than the biggest
-    bucket are processed in chunks."""
-    if len(images) > c.max_batch:
-        parts = [run_cascade(c, images[s:s + c.max_batch], rule, threshold,
-                             None if labels is None else labels[s:s + c.max_batch])
-                 for s in range(0, len(images), c.max_batch)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    model, v, fns = c.model, c.variables, c.fns
-    m = model.num_exits
-    n = len(images)
-    seg_names, head_names = list(model.segments), list(model.heads)
-    oracle_s = None
-    if rule == "oracle":
-        oracle_s = _oracle_all(c, images, labels)
-    costs = path_flops(c, rule)
-    out_logits = np.zeros((n, model.cfg.num_classes), np.float32)
-    out_exit = np.full(n, m - 1, np.int32)
+    the exit taken, `exit` (0-based), `flops` of its path. A batch larger than the biggest
+    bucket runs in chunks, the next chunk's first program dispatched before the host routes
+    the current one, so the device is not idle while the host decides."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
+    x = pixels(images)
+    oracle = _oracle_all(c, x, labels) if rule == "oracle" else None
+    variant, top = RULE_VARIANT[rule], c.max_batch
+    starts = list(range(0, len(x), top))
+    first = lambda s: branch(c, 0, variant, pad_rows(x[s:s + top], bucket_for(c, len(x[s:s + top]))))
+    parts, ahead = [], first(0)
+    for k, s in enumerate(starts):
+        current = ahead
+        if k + 1 < len(starts):
+            ahead = first(starts[k + 1])
+        scores = None if oracle is None else [o[s:s + top] for o in oracle]
+        parts.append(_route(c, current, len(x[s:s + top]), rule, threshold, scores))
+    out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    out["flops"] = path_flops(c, rule)[out["exit"]]
+    return out
+
+
+def _route(c: Cascade, first_out, n: int, rule: str, threshold: float,
+           oracle: list[np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Routes one chunk whose first branch program is already dispatched."""
+    m, k = c.model.num_exits, c.model.cfg.num_classes
+    variant = RULE_VARIANT[rule]
+    logits = np.zeros((n, k), np.float32)
+    exits = np.full(n, m - 1, np.int32)
     active = np.arange(n)
-    size = bucket_for(c, n)
-    h = fns["normalize"](pad_rows(pixels(images), size))
+    out = first_out
     for i in range(m):
-        h = fns[f"seg:{seg_names[i]}"](v["segments"][seg_names[i]], h)
-        o = fns[f"head:{head_names[i]}"](v["heads"][head_names[i]], h)
         if i == m - 1:
-            out_logits[active] = np.asarray(o)[:len(active)]
-            out_exit[active] = i
+            logits[active] = np.asarray(out)[:len(active)]
             break
-        name = f"E{i + 1}"
-        if rule == "expert":
-            e = np.asarray(fns[f"expert:{name}"](v["experts"][name], h, o))[:len(active)]
-        elif rule == "aux5b":
-            e = np.asarray(fns[f"aux5b:{name}"](v["aux5b"][name], h))[:len(active)]
-        else:
-            e = None
-        o_np = np.asarray(o)[:len(active)]
-        score = oracle_s[i][active] if rule == "oracle" else rule_score(rule, o_np, e)
+        h, small = out
+        small = np.asarray(small)[:len(active)]   # the one host read per branch point
+        o, e = small[:, :k], small[:, k:]
+        score = oracle[i][active] if rule == "oracle" else rule_score(rule, o, e)
         leave = score > threshold
-        out_logits[active[leave]] = o_np[leave]
-        out_exit[active[leave]] = i
+        logits[active[leave]] = o[leave]
+        exits[active[leave]] = i
         keep = np.nonzero(~leave)[0]
         if len(keep) == 0:
             break
+        if len(keep) < len(active):   # nobody left: the rows are already in place
+            h = gather(c, h, pad_rows(keep.astype(np.int32), bucket_for(c, len(keep))))
         active = active[keep]
-        size = bucket_for(c, len(keep))
-        # Gather the samples that go on, padded to a bucket (pad rows repeat row 0).
-        h = fns["take"](h, pad_rows(keep.astype(np.int32), size))
-    return {"logits": out_logits, "exit": out_exit, "flops": costs[out_exit]}
+        out = branch(c, i + 1, variant, h)
+    return {"logits": logits, "exit": exits}
+
+
+def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
+    """Logits of the network without branches, up to one exit (segments 0..exit_index and
+    that exit), through the same kind of fused programs as the cascade: the reference."""
+    out = []
+    for s in range(0, len(images), c.max_batch):
+        chunk = pixels(images[s:s + c.max_batch])
+        h = pad_rows(chunk, bucket_for(c, len(chunk)))
+        for i in range(exit_index):
+            h = branch(c, i, "seg", h)
+        o = branch(c, exit_index, "plain", h)
+        o = o if exit_index == c.model.num_exits - 1 else o[1]
+        out.append(np.asarray(o)[:len(chunk)])
+    return np.concatenate(out)
 
 
 def _oracle_all(c: Cascade, images: np.ndarray, labels: np.ndarray | None) -> list[np.ndarray]:
@@ -208,27 +301,26 @@ def all_exit_predictions(c: Cascade, images: np.ndarray) -> list[np.ndarray]:
 
 
 def all_outputs(c: Cascade, images: np.ndarray) -> dict[str, list[np.ndarray]]:
-    """Logits of every exit and expert for every sample, through the same per-segment
-    functions the cascade uses (for sweeps, PR/ROC curves and the oracle)."""
-    model, v, fns = c.model, c.variables, c.fns
-    seg_names, head_names = list(model.segments), list(model.heads)
-    m = model.num_exits
+    """Logits of every exit and expert for every sample, through the "all" branch programs
+    (for sweeps, calibration, PR/ROC curves and the oracle)."""
+    m, k = c.model.num_exits, c.model.cfg.num_classes
     acc: dict[str, list[list[np.ndarray]]] = {"exits": [[] for _ in range(m)],
                                               "experts": [[] for _ in range(m - 1)],
                                               "aux5b": [[] for _ in range(m - 1)]}
     for s in range(0, len(images), c.max_batch):
         chunk = pixels(images[s:s + c.max_batch])
-        k = len(chunk)
-        h = fns["normalize"](pad_rows(chunk, bucket_for(c, k)))
+        n = len(chunk)
+        h = pad_rows(chunk, bucket_for(c, n))
         for i in range(m):
-            h = fns[f"seg:{seg_names[i]}"](v["segments"][seg_names[i]], h)
-            o = fns[f"head:{head_names[i]}"](v["heads"][head_names[i]], h)
-            acc["exits"][i].append(np.asarray(o)[:k])
-            if i < m - 1:
-                name = f"E{i + 1}"
-                acc["experts"][i].append(np.asarray(
-                    fns[f"expert:{name}"](v["experts"][name], h, o))[:k])
-                acc["aux5b"][i].append(np.asarray(fns[f"aux5b:{name}"](v["aux5b"][name], h))[:k])
+            out = branch(c, i, "all", h)
+            if i == m - 1:
+                acc["exits"][i].append(np.asarray(out)[:n])
+                break
+            h, small = out
+            small = np.asarray(small)[:n]
+            acc["exits"][i].append(small[:, :k])
+            acc["experts"][i].append(small[:, k:k + 2])
+            acc["aux5b"][i].append(small[:, k + 2:])
     return {key: [np.concatenate(parts) for parts in lists] for key, lists in acc.items()}
 
 
@@ -238,18 +330,39 @@ def pixels(images) -> np.ndarray:
     return x if x.dtype == np.uint8 else x.astype(np.float32)
 
 
-def warm_up(c: Cascade) -> None:
-    """Compiles every function at every bucket size for uint8 and float32 pixels, and every
-    gather routing can run (from a bucket to the same or a smaller one: the samples that
-    go on are never more than those that came in), so that routing never compiles later."""
-    cfg = c.model.cfg
+ROUTED_RULES = ("expert", "aux5b", "max_softmax", "entropy")
+
+
+def warm_up(c: Cascade, rules: tuple[str, ...] = ROUTED_RULES, workers: int | None = None) -> int:
+    """Compiles, without running them, the programs `run_cascade` can reach for `rules`:
+    every branch program at every bucket size, the cast of uint8 pixels, and every gather
+    routing can run (from a bucket to the same or a smaller one: the samples that go on are
+    never more than those that came in). Tracing runs here in turn; compiling (or reading
+    the persistent cache) in `workers` threads. Returns the number of programs."""
+    cfg, m = c.model.cfg, c.model.num_exits
+    variants = sorted({RULE_VARIANT[r] for r in rules})
+    # Each segment's input (pixels, then features) for one image, traced once.
+    inputs = [jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)]
+    for i in range(m - 1):
+        inputs.append(jax.eval_shape(branch_fn(c.model, i, "seg"), c.variables, inputs[-1]))
+    todo: dict[tuple, tuple] = {}
     for p in c.buckets:
-        x = np.zeros((p, cfg.image_size, cfg.image_size, 3), np.uint8)
-        c.fns["normalize"](x.astype(np.float32))
-        all_outputs(c, x)  # every segment, head and expert at size p
-        h = c.fns["normalize"](x)
-        for name in list(c.model.segments)[:-1]:
-            h = c.fns[f"seg:{name}"](c.variables["segments"][name], h)
-            for q in c.buckets:
-                if q <= p:
-                    c.fns["take"](h, np.zeros(q, np.int32))
+        x = jax.ShapeDtypeStruct((p,) + inputs[0].shape[1:], jnp.uint8)
+        todo[("pixels", _signature(x))] = x
+        for i in range(m):
+            x = jax.ShapeDtypeStruct((p,) + inputs[i].shape[1:], inputs[i].dtype)
+            for v in variants:
+                key = ("branch", i, v if i < m - 1 else "plain")
+                todo[key + (_signature(x),)] = x
+            if i < m - 1:
+                x = jax.ShapeDtypeStruct((p,) + inputs[i + 1].shape[1:], inputs[i + 1].dtype)
+                for q in c.buckets:
+                    if q <= p:
+                        idx = jax.ShapeDtypeStruct((q,), jnp.int32)
+                        todo[("take", _signature((x, idx)))] = (x, idx)
+    todo = {k: x for k, x in todo.items() if k not in c.programs}
+    lowered = {k: _lower(c, k[:-1], x) for k, x in todo.items()}
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        compiled = dict(zip(lowered, pool.map(lambda lo: lo.compile(), lowered.values())))
+    c.programs.update(compiled)
+    return len(compiled)

@@ -11,6 +11,7 @@ each leaf dict holding Flax collections "params" and "batch_stats".
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -116,7 +117,19 @@ def abstract_variables(model: Model, seed: int = 0) -> Variables:
     """Shapes and dtypes of `init_variables` without computing them: restoring and shape
     checks need only the structure, and eager initialisation of every layer takes about
     20 s for the cifar config."""
-    return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(seed)))
+    from cnneb_jax.compile_cache import memo_json
+
+    def shapes():
+        tree = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(seed)))
+        return jax.tree_util.tree_map(lambda a: [list(a.shape), a.dtype.name], tree)
+
+    def rebuild(node):
+        if isinstance(node, dict):
+            return {k: rebuild(v) for k, v in node.items()}
+        return jax.ShapeDtypeStruct(tuple(node[0]), jnp.dtype(node[1]))
+    # Shapes do not depend on the seed; tracing init takes seconds for the cifar config.
+    key = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True)
+    return rebuild(memo_json("variables", key, shapes))
 
 
 def split_collections(variables: Variables) -> tuple[Variables, Variables]:
@@ -193,17 +206,21 @@ def count_params(tree: Any) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
+def eval_apply(module, variables: Variables, *args):
+    """A module in eval mode at the config's compute dtype, logits in float32."""
+    params, args = to_compute_dtype(module.cfg, (variables["params"], args))
+    return _logits_f32(module.apply({**variables, "params": params}, *args, train=False))
+
+
 def segment_fns(model: Model) -> dict[str, Any]:
-    """Eval-mode functions, one per segment/head/expert, each jit-compiled on its own.
+    """Eval-mode functions, one per segment/head/expert, each jit-compiled on its own
+    (export and tests; the early-exit controller runs `branch_fn` programs).
 
     seg:<name>(vars, x) -> features; head:<O_i>(vars, feats) -> logits;
     expert:<E_i>(vars, feats, o_logits) -> logits; aux5b:<E_i>(vars, feats) -> logits.
     """
     def eval_fn(module):
-        def run(v, *args):
-            params, args = to_compute_dtype(model.cfg, (v["params"], args))
-            return _logits_f32(module.apply({**v, "params": params}, *args, train=False))
-        return jax.jit(run)
+        return jax.jit(lambda v, *args: eval_apply(module, v, *args))
 
     fns: dict[str, Any] = {}
     for name, seg in model.segments.items():
@@ -215,3 +232,37 @@ def segment_fns(model: Model) -> dict[str, Any]:
     for name, e in model.aux5b.items():
         fns[f"aux5b:{name}"] = eval_fn(e)
     return fns
+
+
+# What a branch program computes after segment i: "seg" nothing more; "plain" exit O_{i+1};
+# "expert" / "aux5b" that exit and one expert; "all" the exit and both experts.
+BRANCH_VARIANTS = ("seg", "plain", "expert", "aux5b", "all")
+
+
+def branch_fn(model: Model, i: int, variant: str):
+    """The pure function of one branch point, to be compiled as one program: segment i
+    (from pixels when i = 0: uint8, or float in [0, 255], cast and standardised on the
+    device), then what `variant` names. Returns the features (except after the last
+    segment) and one small array: the exit's logits with the expert logits appended
+    ([o | e], [o | a] or [o | e | a]); "seg" returns the features alone."""
+    if variant not in BRANCH_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {BRANCH_VARIANTS}")
+    seg_name, seg = list(model.segments.items())[i]
+    head_name, head = list(model.heads.items())[i]
+    last = i == model.num_exits - 1
+    expert = f"E{i + 1}"
+
+    def run(v: Variables, x: jax.Array):
+        if i == 0:
+            x = normalize(x)
+        h = eval_apply(seg, v["segments"][seg_name], x)
+        if variant == "seg":
+            return h
+        parts = [eval_apply(head, v["heads"][head_name], h)]
+        if not last and variant in ("expert", "all"):
+            parts.append(eval_apply(model.experts[expert], v["experts"][expert], h, parts[0]))
+        if not last and variant in ("aux5b", "all"):
+            parts.append(eval_apply(model.aux5b[expert], v["aux5b"][expert], h))
+        small = jnp.concatenate(parts, -1) if len(parts) > 1 else parts[0]
+        return small if last else (h, small)
+    return run

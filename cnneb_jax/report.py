@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cnneb_jax.controller import (Cascade, all_outputs, bucket_for, first_exit_flops,
-                                  last_exit_flops, pad_rows, path_flops, pixels, run_cascade,
+                                  last_exit_flops, path_flops, run_cascade, run_plain,
                                   softmax_np, step_flops)
 from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, evaluate_point,
                              pr_roc, sweep_rule, threshold_grid)
@@ -28,21 +28,6 @@ RULE_NAMES = {"expert": "Proposed Expert Branch", "aux5b": "Auxiliary+5b as Expe
               "max_softmax": "Auxiliary as Expert Branch", "entropy": "Entropy of O1 (BranchyNet)",
               "oracle": "Oracle router (upper bound)"}
 DROPS = (0.005, 0.01, 0.02)
-
-
-def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
-    """The network without branches, up to one exit: segments 0..exit_index and that head."""
-    fns, v = c.fns, c.variables
-    segs, heads = list(c.model.segments), list(c.model.heads)
-    out = []
-    for s in range(0, len(images), c.max_batch):
-        chunk = pixels(images[s:s + c.max_batch])
-        h = fns["normalize"](pad_rows(chunk, bucket_for(c, len(chunk))))
-        for i in range(exit_index + 1):
-            h = fns[f"seg:{segs[i]}"](v["segments"][segs[i]], h)
-        out.append(np.asarray(fns[f"head:{heads[exit_index]}"](v["heads"][heads[exit_index]], h))
-                   [:len(chunk)])
-    return np.concatenate(out)
 
 
 def median_seconds(fn, repeats: int) -> float:

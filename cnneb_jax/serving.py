@@ -27,7 +27,7 @@ RULES = ("expert", "aux5b", "max_softmax", "entropy")
 @dataclasses.dataclass(frozen=True)
 class ExportedCascade:
     manifest: dict
-    fns: dict[str, Callable]
+    fns: dict[tuple | str, Callable]   # ("branch", i, rule) programs and "take"
 
     @property
     def buckets(self) -> list[int]:
@@ -109,7 +109,7 @@ def load(export_dir: str | Path) -> ExportedCascade:
     _need(_platform() in platforms, d,
           f"exported for {', '.join(platforms)}; this machine runs {_platform()}: export again "
           f"with platforms including {_platform()!r}")
-    fns, exps = {}, {}
+    exps = {}
     for part in manifest["parts"]:
         f = d / part["file"]
         _need(f.is_file(), d, f"part {part['name']} ({part['file']}) is missing")
@@ -124,7 +124,6 @@ def load(export_dir: str | Path) -> ExportedCascade:
             raise ExportError(f"{d}: part {part['name']} ({part['file']}) cannot be read "
                               f"({type(e).__name__}: {e})") from None
         exps[part["name"]] = exp
-        fns[part["name"]] = jax.jit(exp.call)  # compiles once per bucket size
     first = tuple(exps["seg0"].in_avals[0].shape[1:])
     _need(first == tuple(manifest["input_shape"]), d,
           f"manifest input_shape {manifest['input_shape']} disagrees with seg0's input {first}")
@@ -133,6 +132,14 @@ def load(export_dir: str | Path) -> ExportedCascade:
         _need(out == manifest["num_classes"], d,
               f"manifest num_classes {manifest['num_classes']} disagrees with head{i}'s "
               f"{out} outputs")
+    k = manifest["num_exits"]
+    fns = {}
+    for i in range(k):
+        plain = _branch_program(exps, i, i == k - 1, "plain")  # max_softmax and entropy share it
+        for rule in RULES:   # each program compiles once per bucket size
+            fns[("branch", i, rule)] = (_branch_program(exps, i, i == k - 1, rule)
+                                        if rule in ("expert", "aux5b") else plain)
+    fns["take"] = jax.jit(_take)
     return ExportedCascade(manifest, fns)
 
 
@@ -188,12 +195,38 @@ def _pad(x: np.ndarray, buckets: list[int]) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
 
 
+def _branch_program(exps: dict, i: int, last: bool, rule: str) -> Callable:
+    """Segment i, its exit and the rule's expert as one jitted program (the exported parts
+    called inside it). Pixels arrive as they are (uint8 stays uint8: 4x fewer bytes to the
+    device) and are cast there. Returns the exit's logits after the last segment, else the
+    features and [o | expert logits]."""
+    def run(x):
+        if i == 0:
+            x = x.astype(np.float32)
+        h = exps[f"seg{i}"].call(x)
+        o = exps[f"head{i}"].call(h)
+        if last:
+            return o
+        if rule == "expert":
+            return h, jax.numpy.concatenate([o, exps[f"expert{i}"].call(h, o)], -1)
+        if rule == "aux5b":
+            return h, jax.numpy.concatenate([o, exps[f"aux5b{i}"].call(h)], -1)
+        return h, o
+    return jax.jit(run)
+
+
+def _take(h, idx):
+    return jax.numpy.take(h, idx, axis=0)
+
+
 def predict(c: ExportedCascade, images, rule: str | None = None,
             threshold: float | None = None) -> dict[str, np.ndarray]:
     """Routes a batch (NHWC: uint8 in [0, 255] or float in [0, 1], as `api.predict`) through
     the exported parts exactly as the live controller does: a sample leaves at the first
     branch point whose score exceeds the threshold. Defaults: the manifest's calibrated
-    rule and threshold."""
+    rule and threshold. Features stay on the device; the host reads one small array per
+    branch point, and the next chunk of a large batch is dispatched before the host routes
+    the current one."""
     if not isinstance(c, ExportedCascade):
         raise TypeError(f"predict takes what serving.load returns; got {type(c).__name__}")
     m = c.manifest
@@ -204,40 +237,43 @@ def predict(c: ExportedCascade, images, rule: str | None = None,
     if not is_threshold(threshold):
         raise ValueError(f"threshold must be a number in [0, 1]; got {threshold!r}")
     threshold = float(threshold)
-    x = check_images(images, m["input_shape"])
+    x = check_images(images, m["input_shape"], keep_uint8=True)
     top = c.buckets[-1]
-    parts = [_route(c, x[s:s + top], rule, threshold) for s in range(0, len(x), top)]
+    starts = list(range(0, len(x), top))
+    first = lambda s: c.fns[("branch", 0, rule)](_pad(x[s:s + top], c.buckets))
+    parts, ahead = [], first(0)
+    for k, s in enumerate(starts):
+        current = ahead
+        if k + 1 < len(starts):
+            ahead = first(starts[k + 1])
+        parts.append(_route(c, current, len(x[s:s + top]), rule, threshold))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _route(c: ExportedCascade, x: np.ndarray, rule: str, threshold: float) -> dict:
-    """One chunk of at most the largest bucket, float32 pixels in [0, 255]."""
+def _route(c: ExportedCascade, out, n: int, rule: str, threshold: float) -> dict:
+    """One chunk of at most the largest bucket whose first program is already dispatched."""
     m = c.manifest
-    n, last = len(x), m["num_exits"] - 1
-    logits = np.zeros((n, m["num_classes"]), np.float32)
+    last, k = m["num_exits"] - 1, m["num_classes"]
+    logits = np.zeros((n, k), np.float32)
     exits = np.full(n, last, np.int32)
     active = np.arange(n)
-    h = _pad(x, c.buckets)
     for i in range(m["num_exits"]):
-        h = c.fns[f"seg{i}"](h)
-        o = c.fns[f"head{i}"](h)
-        o_np = np.asarray(o)[:len(active)]
         if i == last:
-            logits[active] = o_np
+            logits[active] = np.asarray(out)[:len(active)]
             break
-        e = None
-        if rule == "expert":
-            e = np.asarray(c.fns[f"expert{i}"](h, o))[:len(active)]
-        elif rule == "aux5b":
-            e = np.asarray(c.fns[f"aux5b{i}"](h))[:len(active)]
+        h, small = out
+        small = np.asarray(small)[:len(active)]
+        o_np, e = small[:, :k], (small[:, k:] if rule in ("expert", "aux5b") else None)
         leave = _score(rule, o_np, e, m["expert_other_index"]) > threshold
         logits[active[leave]] = o_np[leave]
         exits[active[leave]] = i
         keep = np.nonzero(~leave)[0]
         if len(keep) == 0:
             break
+        if len(keep) < len(active):
+            h = c.fns["take"](h, _pad(keep.astype(np.int32), c.buckets))
         active = active[keep]
-        h = _pad(np.asarray(h)[keep], c.buckets)
+        out = c.fns[("branch", i + 1, rule)](h)
     probs = _softmax(logits)
     flops = np.asarray(m["path_flops"][rule])[exits]
     return {"labels": probs.argmax(-1), "probs": probs, "exit": exits, "flops": flops}
