@@ -126,10 +126,14 @@ def predict(cascade: Cascade, images, rule: str | None = None, threshold: float 
     cfg = cascade.model.cfg
     x = check_images(images, cfg.image_size)
     y = None if labels is None else _check_labels(labels, len(x), cfg.num_classes)
-    out = run_cascade(cascade, x, rule, threshold, y)
-    probs = softmax_np(out["logits"])
-    pred = {"labels": probs.argmax(-1), "probs": probs, "exit": out["exit"],
-            "flops": out["flops"]}
+    return answer(cascade, run_cascade(cascade, x, rule, threshold, y))
+
+
+def answer(cascade: Cascade, routed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What `predict` returns, from the controller's per-sample logits, exits and FLOPs."""
+    probs = softmax_np(routed["logits"])
+    pred = {"labels": probs.argmax(-1), "probs": probs, "exit": routed["exit"],
+            "flops": routed["flops"]}
     if cascade.class_names is not None:
         pred["names"] = np.asarray(cascade.class_names)[pred["labels"]]
     return pred

@@ -1,0 +1,170 @@
+"""Throughput mode: continuous batching of the deep segments across incoming batches.
+
+The per-batch controller runs the samples of one batch that go deep at the bucket size of
+their count: with a batch of 64 and a third going on, the deep segment runs on 24 padded
+to 32. Here the features of the samples that go on wait on the device, in a queue per
+segment, until a full bucket (`max_batch`) of them has gathered or the oldest has waited
+`max_wait_s`; then the segment runs on all of them at once. Answers come back one per
+incoming batch, in request order, each as soon as all of its samples are done.
+
+    from cnneb_jax import api, throughput
+    cascade = api.load("runs/cifar")
+    for out in throughput.serve(cascade, batches, max_wait_s=0.05):   # an iterable of arrays
+        out["labels"], out["exit"], ...
+
+A sample's answer is the one `api.predict` gives (same programs, same rule, same
+threshold): only when the deep segments run, and on how many samples, changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnneb_jax import api
+from cnneb_jax.controller import (RULE_VARIANT, Cascade, branch, bucket_for, gather, pad_rows,
+                                  path_flops, rule_score)
+
+
+def _append(buf: jax.Array, piece: jax.Array, offset: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(buf, piece, offset, axis=0)
+
+
+def _shift(buf: jax.Array, n: jax.Array) -> jax.Array:
+    # Drops the first n rows: the rest move to the front (the tail is don't-care).
+    return jax.lax.dynamic_slice_in_dim(jnp.concatenate([buf, buf]), n, buf.shape[0], axis=0)
+
+
+_append_jit = jax.jit(_append)
+_shift_jit = jax.jit(_shift)
+_head_jit = jax.jit(lambda buf, size: buf[:size], static_argnums=1)
+
+
+@dataclasses.dataclass
+class _Queue:
+    """Features of samples waiting for one segment: rows [0, count) of a device buffer of
+    twice the largest bucket (a full bucket plus one more arriving piece always fit)."""
+    buf: jax.Array | None = None
+    count: int = 0
+    owners: list = dataclasses.field(default_factory=list)   # (request, row) per queued sample
+    arrived: list = dataclasses.field(default_factory=list)  # when each was queued
+
+    @property
+    def since(self) -> float | None:
+        return self.arrived[0] if self.arrived else None
+
+    def push(self, h: jax.Array, n: int, owners: list, capacity: int) -> None:
+        if self.buf is None:
+            self.buf = jnp.zeros((capacity,) + h.shape[1:], h.dtype)
+        self.buf = _append_jit(self.buf, h, np.int32(self.count))
+        self.count += n
+        self.owners += owners
+        self.arrived += [time.perf_counter()] * n
+
+    def pop(self, size: int, bucket: int) -> tuple[jax.Array, list]:
+        """The first `size` queued samples, as a device array of `bucket` rows."""
+        x = _head_jit(self.buf, bucket)
+        owners, self.owners = self.owners[:size], self.owners[size:]
+        self.arrived = self.arrived[size:]
+        self.count -= size
+        self.buf = _shift_jit(self.buf, np.int32(size))
+        return x, owners
+
+
+@dataclasses.dataclass
+class _Request:
+    logits: np.ndarray
+    exits: np.ndarray
+    waiting: int          # samples not answered yet
+
+
+def serve(c: Cascade, batches: Iterable, rule: str | None = None,
+          threshold: float | None = None, max_wait_s: float = 0.05) -> Iterator[dict]:
+    """Routes a stream of batches with continuous batching of the deep segments. Yields,
+    per incoming batch and in their order, what `api.predict` returns for it. A sample
+    waits for a full bucket at most about `max_wait_s` (checked as each batch arrives; the
+    stream's end runs whatever waits). Device work is dispatched a round ahead: a batch's
+    first segment is queued on the device before the host reads the deep results of the
+    previous round, so the device is not idle while the host routes."""
+    rule, threshold = api._resolve_point(c, rule, threshold)
+    if rule == "oracle":
+        raise ValueError("the oracle needs labels: it is a bound, not a router")
+    if not (isinstance(max_wait_s, (int, float)) and not isinstance(max_wait_s, bool)
+            and max_wait_s >= 0):
+        raise ValueError(f"max_wait_s must be a number of seconds >= 0; got {max_wait_s!r}")
+    m, k, top = c.model.num_exits, c.model.cfg.num_classes, c.max_batch
+    variant = RULE_VARIANT[rule]
+    queues = [_Queue() for _ in range(m)]     # queues[i]: waiting for segment i (i >= 1)
+    requests: dict[int, _Request] = {}
+    pending: list = []                        # (segment, device output, owners), not read yet
+
+    def finish(owners: list, logits: np.ndarray, exit_index: int) -> None:
+        for (r, row), o in zip(owners, logits):
+            req = requests[r]
+            req.logits[row], req.exits[row] = o, exit_index
+            req.waiting -= 1
+
+    def route(i: int, out, owners: list) -> None:
+        """Branch program i's output for `owners`: leavers answered, the rest queued."""
+        n = len(owners)
+        if i == m - 1:
+            finish(owners, np.asarray(out)[:n], i)
+            return
+        h, small = out
+        small = np.asarray(small)[:n]
+        o, e = small[:, :k], small[:, k:]
+        leave = rule_score(rule, o, e) > threshold
+        finish([w for w, x in zip(owners, leave) if x], o[leave], i)
+        keep = np.nonzero(~leave)[0]
+        if len(keep) == 0:
+            return
+        if len(keep) < n:
+            h = gather(c, h, pad_rows(keep.astype(np.int32), bucket_for(c, len(keep))))
+        queues[i + 1].push(h, len(keep), [owners[j] for j in keep], 2 * top)
+
+    def settle() -> None:
+        while pending:
+            route(*pending.pop(0))
+
+    def launch(flush: bool) -> None:
+        """Dispatches every full bucket and, with `flush` or past the wait bound, the rest."""
+        for i in range(1, m):
+            q = queues[i]
+            while q.count >= top:
+                x, owners = q.pop(top, top)
+                pending.append((i, branch(c, i, variant, x), owners))
+            late = q.since is not None and time.perf_counter() - q.since >= max_wait_s
+            if q.count and (flush or late):
+                x, owners = q.pop(q.count, bucket_for(c, q.count))
+                pending.append((i, branch(c, i, variant, x), owners))
+
+    def done() -> Iterator[dict]:
+        nonlocal next_out
+        while next_out in requests and requests[next_out].waiting == 0:
+            req = requests.pop(next_out)
+            next_out += 1
+            yield api.answer(c, {"logits": req.logits, "exit": req.exits,
+                                 "flops": path_flops(c, rule)[req.exits]})
+
+    next_out = 0
+    for r, images in enumerate(batches):
+        x = api.check_images(images, c.model.cfg.image_size)
+        requests[r] = _Request(np.zeros((len(x), k), np.float32),
+                               np.full(len(x), m - 1, np.int32), len(x))
+        firsts = [(branch(c, 0, variant, pad_rows(x[s:s + top], bucket_for(c, len(x[s:s + top])))),
+                   [(r, j) for j in range(s, min(s + top, len(x)))])
+                  for s in range(0, len(x), top)]
+        settle()
+        for out, owners in firsts:
+            route(0, out, owners)
+        launch(flush=False)
+        yield from done()
+    while pending or any(q.count for q in queues):
+        settle()
+        launch(flush=True)
+    yield from done()
