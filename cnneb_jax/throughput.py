@@ -35,20 +35,23 @@ def _append(buf: jax.Array, piece: jax.Array, offset: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(buf, piece, offset, axis=0)
 
 
-def _shift(buf: jax.Array, n: jax.Array) -> jax.Array:
-    # Drops the first n rows: the rest move to the front (the tail is don't-care).
-    return jax.lax.dynamic_slice_in_dim(jnp.concatenate([buf, buf]), n, buf.shape[0], axis=0)
+def _shift(buf: jax.Array) -> jax.Array:
+    # After a full bucket (the first half) has been taken, the rest moves to the front.
+    half = buf.shape[0] // 2
+    return buf.at[:half].set(buf[half:])
 
 
-_append_jit = jax.jit(_append)
-_shift_jit = jax.jit(_shift)
+# The buffer is donated: appends and shifts update it in place instead of copying it.
+_append_jit = jax.jit(_append, donate_argnums=0)
+_shift_jit = jax.jit(_shift, donate_argnums=0)
 _head_jit = jax.jit(lambda buf, size: buf[:size], static_argnums=1)
 
 
 @dataclasses.dataclass
 class _Queue:
     """Features of samples waiting for one segment: rows [0, count) of a device buffer of
-    twice the largest bucket (a full bucket plus one more arriving piece always fit)."""
+    twice the largest bucket. A full bucket is dispatched as soon as one has gathered, so
+    fewer than a bucket wait when a piece (at most a bucket) arrives: it always fits."""
     buf: jax.Array | None = None
     count: int = 0
     owners: list = dataclasses.field(default_factory=list)   # (request, row) per queued sample
@@ -67,12 +70,14 @@ class _Queue:
         self.arrived += [time.perf_counter()] * n
 
     def pop(self, size: int, bucket: int) -> tuple[jax.Array, list]:
-        """The first `size` queued samples, as a device array of `bucket` rows."""
+        """The first `size` queued samples (a full bucket, or all of them), as a device
+        array of `bucket` rows."""
         x = _head_jit(self.buf, bucket)
         owners, self.owners = self.owners[:size], self.owners[size:]
         self.arrived = self.arrived[size:]
         self.count -= size
-        self.buf = _shift_jit(self.buf, np.int32(size))
+        if self.count:   # only after a full bucket, which is the buffer's first half
+            self.buf = _shift_jit(self.buf)
         return x, owners
 
 
@@ -125,19 +130,21 @@ def serve(c: Cascade, batches: Iterable, rule: str | None = None,
             return
         if len(keep) < n:
             h = gather(c, h, pad_rows(keep.astype(np.int32), bucket_for(c, len(keep))))
-        queues[i + 1].push(h, len(keep), [owners[j] for j in keep], 2 * top)
+        q = queues[i + 1]
+        q.push(h, len(keep), [owners[j] for j in keep], 2 * top)
+        if q.count >= top:
+            x, owners_ = q.pop(top, top)
+            pending.append((i + 1, branch(c, i + 1, variant, x), owners_))
 
     def settle() -> None:
         while pending:
             route(*pending.pop(0))
 
     def launch(flush: bool) -> None:
-        """Dispatches every full bucket and, with `flush` or past the wait bound, the rest."""
+        """Dispatches what waits, with `flush` or once past the wait bound (full buckets
+        are dispatched as they fill, in `route`)."""
         for i in range(1, m):
             q = queues[i]
-            while q.count >= top:
-                x, owners = q.pop(top, top)
-                pending.append((i, branch(c, i, variant, x), owners))
             late = q.since is not None and time.perf_counter() - q.since >= max_wait_s
             if q.count and (flush or late):
                 x, owners = q.pop(q.count, bucket_for(c, q.count))
