@@ -1,12 +1,15 @@
-"""JAX's persistent compilation cache, on by default for loading a cascade.
+"""JAX's persistent compilation cache, on by default for loading a cascade, and memoised
+facts about a config beside it.
 
-`api.load` compiles every bucket size of every segment (about 200 small programs); with the
-cache a second load in a new process reads them from disk instead of compiling them (it
-still traces and lowers each one: most of a second load's time). Serialized executables
-(jax.experimental.serialize_executable) would skip that too, but on XLA:CPU some of ours
-failed when called after loading ("Function ... fusion not found"), so they are not used. Folder: $CNNEB_COMPILE_CACHE,
-else JAX_COMPILATION_CACHE_DIR if the user set one, else ~/.cache/cnneb_jax/xla (or
-$CNNEB_CACHE/xla). CNNEB_COMPILE_CACHE=off (or 0) turns it off.
+`api.load` compiles every program routing can reach (about 150 for the cifar config with
+buckets up to 256); with the cache a second load in a new process reads them from disk
+instead of compiling them. Each program is still lowered first (the cache is keyed by its
+lowered form), which is why the controller traces each branch program once with a symbolic
+batch size and lowers that for every bucket. Serialized executables
+(jax.experimental.serialize_executable) would skip lowering too, but on XLA:CPU some of ours
+failed when called after loading ("Function ... fusion not found"), so they are not used.
+Folder: $CNNEB_COMPILE_CACHE, else JAX_COMPILATION_CACHE_DIR if the user set one, else
+~/.cache/cnneb_jax/xla (or $CNNEB_CACHE/xla). CNNEB_COMPILE_CACHE=off (or 0) turns it off.
 """
 
 from __future__ import annotations
