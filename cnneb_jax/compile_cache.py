@@ -57,27 +57,33 @@ def enable() -> Path | None:
 _FACT_SOURCES = ("configs.py", "model.py", "segments.py", "heads.py", "metrics.py")
 
 
-def memo_json(kind: str, key: str, compute: Callable[[], Any]) -> Any:
-    """`compute()` (JSON-serialisable), memoised in the cache folder under a digest of
-    `kind`, `key`, the JAX and Flax versions and the model code's source, so that facts a
-    load needs (variable shapes, FLOPs per part) are traced once per config, not per
-    process. Computed afresh when the cache is off or its file is unreadable."""
+def memo(kind: str, key: str, compute: Callable[[], bytes], decode: Callable[[bytes], Any]) -> Any:
+    """`decode(compute())`, with the bytes memoised in the cache folder under a digest of
+    `kind`, `key`, the JAX and Flax versions and the model code's source, so that what a
+    load needs about a config (variable shapes, FLOPs, the traced branch programs) is
+    computed once per config, not per process. Computed afresh when the cache is off, and
+    computed and rewritten when the file cannot be read or decoded."""
     d = cache_dir()
     if d is None:
-        return compute()
+        return decode(compute())
     import flax
     h = hashlib.sha256(f"{kind}\0{key}\0{jax.__version__}\0{flax.__version__}".encode())
     here = Path(__file__).parent
     for name in _FACT_SOURCES:
         h.update((here / name).read_bytes())
-    path = d / "cnneb-facts" / f"{kind}-{h.hexdigest()[:32]}.json"
+    path = d / "cnneb-facts" / f"{kind}-{h.hexdigest()[:32]}"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return decode(path.read_bytes())
+    except Exception:   # missing, unreadable or damaged: decoders raise many types
         pass
-    value = compute()
+    blob = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
+    tmp.write_bytes(blob)
     tmp.replace(path)   # atomic: a concurrent reader sees the old file or the whole new one
-    return value
+    return decode(blob)
+
+
+def memo_json(kind: str, key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()` (JSON-serialisable), memoised as `memo` does."""
+    return memo(kind, key, lambda: json.dumps(compute()).encode(), json.loads)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnneb_jax.compile_cache import memo_json
+from cnneb_jax.compile_cache import memo, memo_json
 from cnneb_jax.heads import OTHER
 from cnneb_jax.metrics import ft_labels, segment_flops
 from cnneb_jax.model import Model, Variables, branch_fn, segment_fns
@@ -105,8 +105,13 @@ def _exported(c: Cascade, i: int, variant: str, x) -> jax.export.Exported:
         batch, = jax.export.symbolic_shape("b")
         spec = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), x.dtype)
         fn = jax.jit(branch_fn(c.model, i, variant))
-        exp = c.programs[key] = jax.export.export(fn)(
-            jax.tree_util.tree_map(_spec, c.variables), spec)
+        specs = jax.tree_util.tree_map(_spec, c.variables)
+        # Traced once per config on this machine (memoised with the compilation cache).
+        memo_key = json.dumps([dataclasses.asdict(c.model.cfg), key[1:4], str(key[4]),
+                               jax.default_backend()], sort_keys=True, default=str)
+        exp = c.programs[key] = memo(
+            "branch", memo_key, lambda: jax.export.export(fn)(specs, spec).serialize(),
+            lambda blob: jax.export.deserialize(bytearray(blob)))
     return exp
 
 
@@ -337,8 +342,8 @@ def warm_up(c: Cascade, rules: tuple[str, ...] = ROUTED_RULES, workers: int | No
     """Compiles, without running them, the programs `run_cascade` can reach for `rules`:
     every branch program at every bucket size, the cast of uint8 pixels, and every gather
     routing can run (from a bucket to the same or a smaller one: the samples that go on are
-    never more than those that came in). Tracing runs here in turn; compiling (or reading
-    the persistent cache) in `workers` threads. Returns the number of programs."""
+    never more than those that came in). Lowering runs here in turn; compiling (or reading
+    the persistent cache) in `workers` threads meanwhile. Returns the number of programs."""
     cfg, m = c.model.cfg, c.model.num_exits
     variants = sorted({RULE_VARIANT[r] for r in rules})
     # Each segment's input (pixels, then features) for one image, traced once.
@@ -361,8 +366,8 @@ def warm_up(c: Cascade, rules: tuple[str, ...] = ROUTED_RULES, workers: int | No
                         idx = jax.ShapeDtypeStruct((q,), jnp.int32)
                         todo[("take", _signature((x, idx)))] = (x, idx)
     todo = {k: x for k, x in todo.items() if k not in c.programs}
-    lowered = {k: _lower(c, k[:-1], x) for k, x in todo.items()}
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        compiled = dict(zip(lowered, pool.map(lambda lo: lo.compile(), lowered.values())))
-    c.programs.update(compiled)
-    return len(compiled)
+        # Each program compiles (or is read from the cache) while the next is lowered.
+        futures = {k: pool.submit(_lower(c, k[:-1], x).compile) for k, x in todo.items()}
+        c.programs.update({k: f.result() for k, f in futures.items()})
+    return len(futures)

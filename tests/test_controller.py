@@ -101,3 +101,22 @@ def test_no_compilation_during_a_sweep_after_warm_up(images):
             run_cascade(c, x, rule, float(t))
             run_cascade(c, x[:1], rule, float(t))
     assert compiles == []
+
+
+def test_branch_programs_are_traced_once_per_config(images, tmp_path, monkeypatch):
+    """A second cascade of the same config (a new process, in effect) reads the traced
+    branch programs from the cache folder instead of tracing the model again."""
+    monkeypatch.setenv("CNNEB_COMPILE_CACHE", str(tmp_path))
+    exports = []
+    real = jax.export.export
+
+    def counting(*a, **kw):
+        exports.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(jax.export, "export", counting)
+    first = run_cascade(_cascade(get_config("tiny")), images, "expert", 1.0)  # all go deep
+    assert len(exports) == 2                    # the expert program of each segment
+    second = run_cascade(_cascade(get_config("tiny")), images, "expert", 1.0)
+    assert len(exports) == 2
+    np.testing.assert_array_equal(first["exit"], second["exit"])
+    np.testing.assert_allclose(first["logits"], second["logits"], rtol=1e-6, atol=1e-6)
