@@ -53,8 +53,9 @@ def enable() -> Path | None:
 
 
 
-# Model code whose change invalidates memoised facts (shapes, FLOPs) about a config.
-_FACT_SOURCES = ("configs.py", "model.py", "segments.py", "heads.py", "metrics.py")
+# Code whose change invalidates memoised facts (shapes, FLOPs, traced programs) about a config.
+_FACT_SOURCES = ("configs.py", "model.py", "segments.py", "heads.py", "metrics.py",
+                 "controller.py")
 
 
 def memo(kind: str, key: str, compute: Callable[[], bytes], decode: Callable[[bytes], Any]) -> Any:

@@ -96,6 +96,25 @@ def _spec(a) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
+def _branch_variables(c: Cascade, i: int, variant: str) -> Variables:
+    """Only the variables branch program (i, variant) reads: every leaf passed costs time
+    when the program is lowered and when it is called."""
+    key = ("variables", i, variant)
+    v = c.programs.get(key)
+    if v is None:
+        seg, head = list(c.model.segments)[i], list(c.model.heads)[i]
+        expert, last = f"E{i + 1}", i == c.model.num_exits - 1
+        v = {"segments": {seg: c.variables["segments"][seg]}}
+        if variant != "seg":
+            v["heads"] = {head: c.variables["heads"][head]}
+        if not last and variant in ("expert", "all"):
+            v["experts"] = {expert: c.variables["experts"][expert]}
+        if not last and variant in ("aux5b", "all"):
+            v["aux5b"] = {expert: c.variables["aux5b"][expert]}
+        c.programs[key] = v
+    return v
+
+
 def _exported(c: Cascade, i: int, variant: str, x) -> jax.export.Exported:
     """Branch program (i, variant) traced once for any batch size (a symbolic batch axis):
     lowering it for each bucket then costs a fraction of tracing the Flax model again."""
@@ -105,7 +124,7 @@ def _exported(c: Cascade, i: int, variant: str, x) -> jax.export.Exported:
         batch, = jax.export.symbolic_shape("b")
         spec = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), x.dtype)
         fn = jax.jit(branch_fn(c.model, i, variant))
-        specs = jax.tree_util.tree_map(_spec, c.variables)
+        specs = jax.tree_util.tree_map(_spec, _branch_variables(c, i, variant))
         # Traced once per config on this machine (memoised with the compilation cache).
         memo_key = json.dumps([dataclasses.asdict(c.model.cfg), key[1:4], str(key[4]),
                                jax.default_backend()], sort_keys=True, default=str)
@@ -121,7 +140,7 @@ def _lower(c: Cascade, key: tuple, x):
     if key[0] == "pixels":
         return jax.jit(_to_float).lower(x)
     _, i, variant = key
-    return jax.jit(_exported(c, i, variant, x).call).lower(c.variables, x)
+    return jax.jit(_exported(c, i, variant, x).call).lower(_branch_variables(c, i, variant), x)
 
 
 def _compile(lowered):
@@ -155,7 +174,7 @@ def branch(c: Cascade, i: int, variant: str, x):
         variant = "plain"   # no expert after the last segment
     if i == 0 and x.dtype != np.float32:
         x = _program(c, ("pixels",), x)(x)
-    return _program(c, ("branch", i, variant), x)(c.variables, x)
+    return _program(c, ("branch", i, variant), x)(_branch_variables(c, i, variant), x)
 
 
 def gather(c: Cascade, h: jax.Array, idx: np.ndarray) -> jax.Array:
