@@ -1,0 +1,142 @@
+"""Exit rules compared at their calibrated operating points, with paired bootstrap intervals
+over test images (issue 11, item 8).
+
+    python bench/compare_rules.py --workdir pretrained/cifar --data-dir ../shared/datasets/cifar10-jpeg
+
+For each target drop, every rule's threshold is chosen on the calibration split alone: the
+largest FLOPs saving whose calibration accuracy is within the target of the last exit's,
+over every distinct calibration score as a candidate threshold. Test images then give each
+rule's accuracy and FLOPs saving, and the proposed expert is compared with every other rule
+on the same bootstrap resamples of the test images (paired): the difference in FLOPs saving
+and in accuracy, with 95% percentile intervals, and a verdict. Expert seeds are not varied
+here (one trained expert per workdir), so the intervals cover test-set sampling only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cnneb_jax import api, checkpoints, data as data_lib  # noqa: E402
+from cnneb_jax.controller import all_outputs, last_exit_flops, path_flops  # noqa: E402
+from cnneb_jax.pipeline import materialize  # noqa: E402
+from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, route,  # noqa: E402
+                             sweep_rule)
+
+
+def per_image(outputs: dict, labels: np.ndarray, rule: str, threshold: float,
+              costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Correct (0/1) and FLOPs of every image at this point."""
+    exits = route(branch_scores(outputs, rule), threshold)
+    preds = np.stack([o.argmax(-1) for o in outputs["exits"]])[exits, np.arange(len(labels))]
+    return (preds == labels).astype(np.float64), costs[exits]
+
+
+def bootstrap_means(values: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
+    """Means of every array over the same bootstrap resamples of the images."""
+    n = len(next(iter(values.values())))
+    rng = np.random.default_rng(seed)
+    out = {k: np.empty(resamples) for k in values}
+    for s in range(0, resamples, 100):
+        idx = rng.integers(0, n, (min(100, resamples - s), n))
+        for k, v in values.items():
+            out[k][s:s + len(idx)] = v[idx].mean(1)
+    return out
+
+
+def interval(x: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float, more: str, less: str) -> str:
+    return more if lo > 0 else less if hi < 0 else "no difference the test set can show"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="pretrained/cifar")
+    p.add_argument("--data-dir", required=True, help="the image folder the workdir was trained on")
+    p.add_argument("--drops", default="0.005,0.01,0.02", help="target drops (fractions)")
+    p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = p.parse_args()
+    drops = [float(d) for d in args.drops.split(",")]
+    cfg = checkpoints.load_config(Path(args.workdir))
+    d = data_lib.load_dataset(cfg, args.data_dir)
+    c = api.load(args.workdir, warm=False)
+    x_cal, y_cal = np.asarray(materialize(d["calib_images"])), np.asarray(d["calib_labels"])
+    x_test, y_test = np.asarray(materialize(d["test_images"])), np.asarray(d["test_labels"])
+    out_cal, out_test = all_outputs(c, x_cal), all_outputs(c, x_test)
+    ref_flops = last_exit_flops(c)
+    ref_cal = float((out_cal["exits"][-1].argmax(-1) == y_cal).mean())
+    ref_correct = (out_test["exits"][-1].argmax(-1) == y_test).astype(np.float64)
+    print(f"{len(y_cal)} calibration images (O{c.model.num_exits} {ref_cal:.4f}), "
+          f"{len(y_test)} test images (O{c.model.num_exits} {ref_correct.mean():.4f}); "
+          f"{args.resamples} paired bootstrap resamples of the test images")
+    result = {"workdir": args.workdir, "resamples": args.resamples, "targets": []}
+    for drop in drops:
+        values, points = {"ref": ref_correct}, {}
+        for rule in EXPERT_RULES:
+            costs = path_flops(c, rule)
+            candidates = np.unique(np.concatenate(branch_scores(out_cal, rule) + [[0.0, 1.0]]))
+            chosen = choose_threshold(sweep_rule(out_cal, y_cal, rule, costs, candidates),
+                                      ref_cal, max_drop=drop)
+            if chosen is None:
+                continue
+            correct, flops = per_image(out_test, y_test, rule, chosen["threshold"], costs)
+            values[f"{rule}:acc"], values[f"{rule}:saving"] = correct, 1 - flops / ref_flops
+            points[rule] = chosen["threshold"]
+        boot = bootstrap_means(values, args.resamples, args.seed)
+        target = {"target_drop": drop, "rules": {}, "expert_vs": {}}
+        print(f"\ntarget drop {drop * 100:.1f} pt (thresholds chosen on calibration)")
+        print("| rule | threshold | test accuracy [95% CI] | drop vs O2, pt [95% CI] | "
+              "FLOPs saving [95% CI] | drop within target in resamples |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for rule, t in points.items():
+            acc, sav = boot[f"{rule}:acc"], boot[f"{rule}:saving"]
+            dropped = boot["ref"] - acc
+            r = target["rules"][rule] = {
+                "threshold": t, "accuracy": float(values[f"{rule}:acc"].mean()),
+                "accuracy_ci": interval(acc),
+                "drop": float(ref_correct.mean() - values[f"{rule}:acc"].mean()),
+                "drop_ci": interval(dropped), "saving": float(values[f"{rule}:saving"].mean()),
+                "saving_ci": interval(sav), "within_target": float((dropped <= drop).mean())}
+            print(f"| {rule} | {t:.4f} | {r['accuracy']:.4f} [{r['accuracy_ci'][0]:.4f}, "
+                  f"{r['accuracy_ci'][1]:.4f}] | {100 * r['drop']:.2f} [{100 * r['drop_ci'][0]:.2f}, "
+                  f"{100 * r['drop_ci'][1]:.2f}] | {r['saving']:.1%} [{r['saving_ci'][0]:.1%}, "
+                  f"{r['saving_ci'][1]:.1%}] | {r['within_target']:.1%} |")
+        if "expert" in points:
+            print("| expert minus | FLOPs saving, pt [95% CI] | accuracy, pt [95% CI] | verdict |")
+            print("|---|---:|---:|---|")
+            for rule in points:
+                if rule == "expert":
+                    continue
+                ds = boot["expert:saving"] - boot[f"{rule}:saving"]
+                da = boot["expert:acc"] - boot[f"{rule}:acc"]
+                s_mean = float(values["expert:saving"].mean() - values[f"{rule}:saving"].mean())
+                a_mean = float(values["expert:acc"].mean() - values[f"{rule}:acc"].mean())
+                v = (verdict(*interval(ds), "the expert saves more", "the expert saves less")
+                     + "; " + verdict(*interval(da), "the expert is more accurate",
+                                      "the expert is less accurate"))
+                target["expert_vs"][rule] = {"saving_diff": s_mean, "saving_diff_ci": interval(ds),
+                                             "accuracy_diff": a_mean,
+                                             "accuracy_diff_ci": interval(da), "verdict": v}
+                print(f"| {rule} | {100 * s_mean:+.1f} [{100 * interval(ds)[0]:+.1f}, "
+                      f"{100 * interval(ds)[1]:+.1f}] | {100 * a_mean:+.2f} "
+                      f"[{100 * interval(da)[0]:+.2f}, {100 * interval(da)[1]:+.2f}] | {v} |")
+        result["targets"].append(target)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
