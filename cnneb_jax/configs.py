@@ -24,6 +24,10 @@ class Config:
     num_classes: int = 0           # 0 = from the data (class folders or the tfds builder)
     image_size: int = 32
     width: float = 0.25            # multiplier on every Inception v3 channel count
+    # Multipliers of their own for the blocks at the 8x8 grid (Mixed_6a-6e) and the 4x4 grid
+    # (Mixed_7a-7c) on CIFAR; 0 = `width`. The small grids cost few FLOPs per channel.
+    width_6: float = 0.0
+    width_7: float = 0.0
     # Padding of the stride-2 / "valid" convs and pools. Original Inception v3: VALID.
     # CIFAR: SAME, so 32x32 inputs keep even sizes (16 -> 8 -> 4).
     padding: str = "SAME"
@@ -178,6 +182,7 @@ def get_config(name: str, overrides: dict[str, str] | None = None) -> Config:
 _RANGES: dict[str, tuple] = {
     "num_classes": (0, None, True, True), "image_size": (8, None, True, True),
     "width": (0.0, None, False, True), "stem_stride": (1, None, True, True),
+    "width_6": (0.0, None, True, True), "width_7": (0.0, None, True, True),
     "stem_channels": (0, None, True, True), "aux_pool": (1, None, True, True),
     "aux_pool_stride": (1, None, True, True), "aux_channels": (1, None, True, True),
     "aux_hidden": (1, None, True, True), "expert_hidden": (0, None, True, True),

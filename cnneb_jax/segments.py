@@ -210,6 +210,10 @@ class InceptionE(nn.Module):
 def make_block(name: str, cfg: Config) -> nn.Module:
     """One named Inception v3 block (or a plain function for the pools)."""
     w, pad, m = cfg.width, cfg.padding, cfg.bn_momentum
+    if name.startswith("Mixed_6"):
+        w = cfg.width_6 or w
+    elif name.startswith("Mixed_7"):
+        w = cfg.width_7 or w
     c = lambda n: channels(n, w)
     stem = {
         "Conv2d_1a_3x3": lambda: ConvBN(cfg.stem_channels or c(32), (3, 3), cfg.stem_stride,

@@ -93,3 +93,27 @@ def test_full_config_matches_keras_inception_v3():
     head = MainHead(cfg)
     hv = jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0), jnp.zeros(h.shape)))
     assert count_params(variables) + count_params(hv) == kmodel.count_params() == 23851784
+
+
+def test_stage_widths_widen_only_their_blocks():
+    """width_6 / width_7 set the channels of the 8x8- and 4x4-grid blocks; 0 keeps `width`."""
+    x = jnp.zeros((1, 32, 32, 3))
+
+    def shapes(**kw):
+        cfg = get_config("tiny", {k: str(v) for k, v in kw.items()})
+        out, h = {}, x
+        for start, end in ((None, "Mixed_5d"), ("Mixed_5d", "Mixed_6e"), ("Mixed_6e", "Mixed_7c")):
+            seg = Segment(cfg, start, end)
+            h = seg.apply(seg.init(jax.random.PRNGKey(0), h), h)
+            out[end] = h.shape
+        return out
+
+    base = shapes()
+    assert shapes(width_6=0.0625, width_7=0.0625) == base    # explicit = the same as `width`
+    wide = shapes(width_7=0.125)
+    assert wide["Mixed_5d"] == base["Mixed_5d"] and wide["Mixed_6e"] == base["Mixed_6e"]
+    assert wide["Mixed_7c"][-1] > base["Mixed_7c"][-1]
+    wide6 = shapes(width_6=0.125)
+    assert wide6["Mixed_5d"] == base["Mixed_5d"] and wide6["Mixed_6e"][-1] > base["Mixed_6e"][-1]
+    with pytest.raises(ValueError, match="width_7"):
+        get_config("tiny", {"width_7": "-1"})
