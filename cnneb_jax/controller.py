@@ -1,9 +1,11 @@
 """The host-side early-exit controller: real exits in batch mode.
 
-For a batch it runs segment 1 and exit O1, scores every sample with the chosen rule, and
-decides on the host which samples leave. Only the samples routed onward are gathered (on the
-device) and run through the next segment; answers are scattered back in input order.
-Sub-batches are padded to a few fixed bucket sizes so nothing recompiles after warm-up.
+For a batch, one compiled program per branch point runs the segment, its exit and the
+rule's expert (`model.branch_fn`) and hands the host one small array of logits; the host
+scores every sample with the chosen rule and decides which leave. Only the samples routed
+onward are gathered (on the device) and run through the next program; answers are
+scattered back in input order. Sub-batches are padded to a few fixed bucket sizes, and
+`warm_up` compiles every program routing can reach, so nothing compiles afterwards.
 
 Rules (score = how sure we are that the sample may leave; it leaves when score > threshold):
   expert       softmax(E_i)[Other], the proposed expert (concat with O_i's output)
