@@ -53,7 +53,7 @@ class Config:
     dropout: float = 0.0
     bn_momentum: float = 0.9
     # Mixed precision: "bfloat16" computes convs/matmuls in bf16 with float32 parameters,
-    # optimizer state and BatchNorm statistics (for GPUs; on this CPU bf16 convs are no faster).
+    # optimizer state and BatchNorm statistics (meant for GPUs).
     # "float64" keeps everything in float64 (needs JAX_ENABLE_X64=1): exact comparisons in tests.
     compute_dtype: str = "float32"
     # --- data ---
