@@ -135,10 +135,12 @@ def load(export_dir: str | Path) -> ExportedCascade:
     k = manifest["num_exits"]
     fns = {}
     for i in range(k):
-        plain = _branch_program(exps, i, i == k - 1, "plain")  # max_softmax and entropy share it
+        last = i == k - 1
+        # max_softmax and entropy share it, and every rule after the last segment (no expert)
+        plain = _branch_program(exps, i, last, "plain")
         for rule in RULES:   # each program compiles once per bucket size
-            fns[("branch", i, rule)] = (_branch_program(exps, i, i == k - 1, rule)
-                                        if rule in ("expert", "aux5b") else plain)
+            fns[("branch", i, rule)] = (_branch_program(exps, i, last, rule)
+                                        if rule in ("expert", "aux5b") and not last else plain)
     fns["take"] = jax.jit(_take)
     return ExportedCascade(manifest, fns)
 
