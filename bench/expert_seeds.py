@@ -60,9 +60,15 @@ def main() -> None:
                    help=f"comma-separated, from: {', '.join(EXPERTS)}")
     p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1",
                    help="Adam peak learning rates tried for every expert")
+    p.add_argument("--aux5b-lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2",
+                   help="the same for the Auxiliary+5b experts (the expert stage's Aux+5b "
+                        "collapses to a constant at 0.1)")
     p.add_argument("--select-seeds", type=int, default=2, help="seeds per lr for the choice")
     p.add_argument("--seeds", type=int, default=5, help="seeds at the chosen lr (>= select)")
     p.add_argument("--epochs", type=int, default=None, help="default: the config's expert_epochs")
+    p.add_argument("--ft-images", type=int, default=None,
+                   help="train the experts on a random subset of this many of the held-out "
+                        "FT-label images (how many the held-out split needs)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--scores-out", default=None,
                    help="write every final seed's calibration and test scores here (.npz)")
@@ -71,9 +77,19 @@ def main() -> None:
     unknown = [n for n in names if n not in EXPERTS]
     if unknown:
         p.error(f"unknown experts {unknown}; choose from {list(EXPERTS)}")
-    lrs = [float(x) for x in args.lrs.split(",")]
+    grids = {"experts": [float(x) for x in args.lrs.split(",")],
+             "aux5b": [float(x) for x in args.aux5b_lrs.split(",")]}
     if args.seeds < args.select_seeds:
         p.error("--seeds must be at least --select-seeds")
+
+    def save(result: dict, scores: dict, plain: dict) -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        if args.scores_out:
+            Path(args.scores_out).parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(args.scores_out, **scores,
+                                calib_is_ft=plain["calib"]["is_ft"][0],
+                                test_is_ft=plain["test"]["is_ft"][0])
 
     cfg = checkpoints.load_config(Path(args.workdir))
     epochs = args.epochs or cfg.expert_epochs
@@ -82,24 +98,31 @@ def main() -> None:
     backbone = {k: full[k] for k in ("segments", "heads")}
     t0 = time.perf_counter()
     x_ft, y_ft = np.asarray(materialize(d["val_images"])), np.asarray(d["val_labels"])
+    if args.ft_images:
+        if not 0 < args.ft_images <= len(y_ft):
+            p.error(f"--ft-images must be in 1..{len(y_ft)}")
+        keep = np.sort(np.random.default_rng(0).permutation(len(y_ft))[:args.ft_images])
+        x_ft, y_ft = x_ft[keep], y_ft[keep]
     train = ec.cache_views(model, backbone, x_ft, y_ft, views=epochs, pad=cfg.pad_crop,
                            seed=cfg.seed + 2, dtype=np.float16)
     plain = {s: ec.cache_views(model, backbone, np.asarray(materialize(d[f"{s}_images"])),
-                               np.asarray(d[f"{s}_labels"])) for s in ("val", "calib", "test")}
+                               np.asarray(d[f"{s}_labels"])) for s in ("calib", "test")}
+    plain["val"] = ec.cache_views(model, backbone, x_ft, y_ft)
     class_w = ec.class_weights(plain["val"]["is_ft"][0])
     print(f"features cached in {time.perf_counter() - t0:.0f} s: {len(y_ft)} FT-label images x "
           f"{epochs} views (FT rate {train['is_ft'][0].mean():.2%}), "
           f"{len(plain['calib']['is_ft'][0])} calibration, {len(plain['test']['is_ft'][0])} test "
           f"(FT rate {plain['test']['is_ft'][0].mean():.2%})", flush=True)
 
-    result = {"workdir": args.workdir, "epochs": epochs, "batch_size": cfg.expert_batch_size,
-              "weight_decay": cfg.expert_weight_decay, "lrs": lrs,
+    result = {"workdir": args.workdir, "ft_images": len(y_ft), "epochs": epochs, "batch_size": cfg.expert_batch_size,
+              "weight_decay": cfg.expert_weight_decay,
               "select_seeds": args.select_seeds, "seeds": args.seeds, "experts": {},
               "max_softmax_O1": {s: ec.auc(ec.max_softmax(plain[s], 0), plain[s], 0)
                                  for s in ("calib", "test")}}
     scores = {}
     for name in names:
         kind, inputs, warm = EXPERTS[name]
+        lrs = grids[kind]
         m = model if inputs is None else build_model(dataclasses.replace(cfg, expert_inputs=inputs))
 
         def run(lr: float, seed: int) -> dict:
@@ -131,6 +154,7 @@ def main() -> None:
             scores[f"{name}|{sp}"] = np.stack([r["scores"][sp] for r in final])
         print(f"{name}: chosen lr {best:g}; {args.seeds} seeds: calibration AUC {cal[0]:.4f} +- "
               f"{cal[1]:.4f}, test AUC {test[0]:.4f} +- {test[1]:.4f}", flush=True)
+        save(result, scores, plain)  # after every expert: a stopped run keeps what it has
 
     ms = result["max_softmax_O1"]
     print(f"\n| expert | lr (chosen on calibration) | calibration AUC | test AUC, mean +- std "
@@ -140,13 +164,6 @@ def main() -> None:
         (cm, cs), (tm, ts) = r["calib_auc_mean_std"], r["test_auc_mean_std"]
         print(f"| {name} | {r['chosen_lr']:g} | {cm:.4f} +- {cs:.4f} | {tm:.4f} +- {ts:.4f} |")
     print(f"| O1 max softmax (no training) | - | {ms['calib']:.4f} | {ms['test']:.4f} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    if args.scores_out:
-        Path(args.scores_out).parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(args.scores_out, **scores,
-                            calib_is_ft=plain["calib"]["is_ft"][0],
-                            test_is_ft=plain["test"]["is_ft"][0])
 
 
 if __name__ == "__main__":
