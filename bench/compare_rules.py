@@ -32,6 +32,12 @@ from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, rout
                              sweep_rule)
 
 
+def with_scores(outputs: dict, kind: str, scores: np.ndarray) -> dict:
+    """`outputs` whose `kind` expert at the first branch point says P(Other) = scores."""
+    s = np.clip(np.asarray(scores, np.float64), 1e-12, 1 - 1e-12)
+    return {**outputs, kind: [np.stack([np.zeros_like(s), np.log(s) - np.log1p(-s)], -1)]}
+
+
 def per_image(outputs: dict, labels: np.ndarray, rule: str, threshold: float,
               costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Correct (0/1) and FLOPs of every image at this point."""
@@ -41,14 +47,19 @@ def per_image(outputs: dict, labels: np.ndarray, rule: str, threshold: float,
 
 
 def bootstrap_means(values: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
-    """Means of every array over the same bootstrap resamples of the images."""
-    n = len(next(iter(values.values())))
+    """Means of every array over the same bootstrap resamples of the images. A 2-D array
+    holds one row per expert seed: each resample also draws one of its rows."""
+    n = next(iter(values.values())).shape[-1]
     rng = np.random.default_rng(seed)
     out = {k: np.empty(resamples) for k in values}
     for s in range(0, resamples, 100):
         idx = rng.integers(0, n, (min(100, resamples - s), n))
         for k, v in values.items():
-            out[k][s:s + len(idx)] = v[idx].mean(1)
+            if v.ndim == 2:
+                rows = rng.integers(0, len(v), len(idx))
+                out[k][s:s + len(idx)] = v[rows[:, None], idx].mean(1)
+            else:
+                out[k][s:s + len(idx)] = v[idx].mean(1)
     return out
 
 
@@ -72,6 +83,13 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=None,
                    help="certify each threshold instead (Learn-then-Test, api.calibrate's "
                         "alpha): the drop exceeds the target with probability at most alpha")
+    p.add_argument("--expert-scores", default=None,
+                   help="scores of several expert seeds (bench/expert_seeds.py --scores-out)")
+    p.add_argument("--expert-name", default="E1 (paper)",
+                   help="which expert of --expert-scores the 'expert' rule uses")
+    p.add_argument("--aux5b-name", default=None,
+                   help="which expert of --expert-scores the 'aux5b' rule uses (default: the "
+                        "workdir's own)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
     drops = [float(d) for d in args.drops.split(",")]
@@ -84,6 +102,21 @@ def main() -> None:
     ref_flops = last_exit_flops(c)
     ref_cal = float((out_cal["exits"][-1].argmax(-1) == y_cal).mean())
     ref_correct = (out_test["exits"][-1].argmax(-1) == y_test).astype(np.float64)
+    seeded = {}
+    if args.expert_scores:
+        npz = np.load(args.expert_scores)
+        for rule, name in (("expert", args.expert_name), ("aux5b", args.aux5b_name)):
+            if name is None:
+                continue
+            if f"{name}|calib" not in npz:
+                p.error(f"{args.expert_scores} has no expert {name!r}; it has "
+                        f"{sorted({k.split('|')[0] for k in npz.files if '|' in k})}")
+            cal, test = npz[f"{name}|calib"], npz[f"{name}|test"]
+            if cal.shape[1] != len(y_cal) or test.shape[1] != len(y_test):
+                p.error(f"{args.expert_scores} was made on other calibration/test images")
+            seeded[rule] = [(with_scores(out_cal, rule, a), with_scores(out_test, rule, b))
+                            for a, b in zip(cal, test)]
+            print(f"rule {rule!r}: {len(cal)} seeds of {name}")
     print(f"{len(y_cal)} calibration images (O{c.model.num_exits} {ref_cal:.4f}), "
           f"{len(y_test)} test images (O{c.model.num_exits} {ref_correct.mean():.4f}); "
           f"{args.resamples} paired bootstrap resamples of the test images")
@@ -93,19 +126,27 @@ def main() -> None:
         values, points = {"ref": ref_correct}, {}
         for rule in EXPERT_RULES:
             costs = path_flops(c, rule)
-            if args.alpha:
-                chosen = choose_threshold_guaranteed(out_cal, y_cal, rule, costs, drop,
-                                                     args.alpha)
+            correct, flops, thresholds = [], [], []
+            for cal_o, test_o in seeded.get(rule, [(out_cal, out_test)]):
+                if args.alpha:
+                    chosen = choose_threshold_guaranteed(cal_o, y_cal, rule, costs, drop,
+                                                         args.alpha)
+                else:
+                    candidates = np.unique(np.concatenate(branch_scores(cal_o, rule)
+                                                          + [[0.0, 1.0]]))
+                    chosen = choose_threshold(sweep_rule(cal_o, y_cal, rule, costs, candidates),
+                                              ref_cal, max_drop=drop)
+                if chosen is None:
+                    break
+                ok, fl = per_image(test_o, y_test, rule, chosen["threshold"], costs)
+                correct.append(ok)
+                flops.append(fl)
+                thresholds.append(chosen["threshold"])
             else:
-                candidates = np.unique(np.concatenate(branch_scores(out_cal, rule)
-                                                      + [[0.0, 1.0]]))
-                chosen = choose_threshold(sweep_rule(out_cal, y_cal, rule, costs, candidates),
-                                          ref_cal, max_drop=drop)
-            if chosen is None:
-                continue
-            correct, flops = per_image(out_test, y_test, rule, chosen["threshold"], costs)
-            values[f"{rule}:acc"], values[f"{rule}:saving"] = correct, 1 - flops / ref_flops
-            points[rule] = chosen["threshold"]
+                one = rule not in seeded
+                values[f"{rule}:acc"] = correct[0] if one else np.stack(correct)
+                values[f"{rule}:saving"] = 1 - (flops[0] if one else np.stack(flops)) / ref_flops
+                points[rule] = float(np.mean(thresholds))
         boot = bootstrap_means(values, args.resamples, args.seed)
         target = {"target_drop": drop, "rules": {}, "expert_vs": {}}
         how = f"certified, alpha {args.alpha}" if args.alpha else "largest saving within it"
