@@ -15,8 +15,9 @@ expert is then trained from them as the stage trains it, many times:
    mean +- standard deviation, next to O1's max softmax (deterministic).
 
 Experts: E1 as in the paper (O1-like layers + O1's softmax), E1 with the extra confidence
-inputs (logits, max probability, margin, entropy: an ablation), and the Auxiliary+5b expert
-from random weights and warm-started from the backbone's Mixed_5c.
+inputs (logits, max probability, margin, entropy: an ablation), E1 as in the paper with its
+O1-like layers starting from O1's trained ones, and the Auxiliary+5b expert from random
+weights and warm-started from the backbone's Mixed_5c.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from cnneb_jax.stages import load_trained  # noqa: E402
 EXPERTS = {
     "E1 (paper)": ("experts", "paper", False),
     "E1 (paper+confidence)": ("experts", "paper+confidence", False),
+    "E1 (paper, from O1)": ("experts", "paper", True),
     "Aux+5b": ("aux5b", None, False),
     "Aux+5b (from Mixed_5c)": ("aux5b", None, True),
 }

@@ -81,10 +81,11 @@ def cache_views(model: Model, backbone: Variables, images: np.ndarray, labels: n
 
 def init_expert(model: Model, kind: str, index: int, seed: int, feat_shape: tuple,
                 backbone: Variables | None = None) -> Variables:
-    """Fresh variables of one expert ({"params", "batch_stats"}). With `backbone`, an
-    Auxiliary+5b expert's Inception-A block starts from the backbone's next Inception-A
-    block (Mixed_5c: same input width; its pool branch is cut to the expert's width)
-    instead of random weights."""
+    """Fresh variables of one expert ({"params", "batch_stats"}). With `backbone`, the
+    expert starts from trained layers of the same shape instead of random weights: E1's
+    O1-like layers from O_i's own (so it starts from the features O_i classifies with), and
+    an Auxiliary+5b expert's Inception-A block from the backbone's next Inception-A block
+    (Mixed_5c: same input width; its pool branch is cut to the expert's width)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     name = f"E{index + 1}"
@@ -97,6 +98,10 @@ def init_expert(model: Model, kind: str, index: int, seed: int, feat_shape: tupl
         variables = model.aux5b[name].init(rng, x)
     if backbone is not None and kind == "aux5b":
         variables = _warm_start_block(variables, backbone)
+    elif backbone is not None:
+        head = backbone["heads"][f"O{index + 1}"]
+        variables = {col: {**variables[col], "AuxLayers": head[col]["AuxLayers"]}
+                     for col in variables}
     return jax.tree_util.tree_map(jnp.asarray, variables)
 
 

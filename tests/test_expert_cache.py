@@ -87,3 +87,16 @@ def test_bad_arguments_are_named(setup):
     with pytest.raises(ValueError, match="lr > 0"):
         ec.train_expert(model, views, "experts", 0, lr=0.0, epochs=1, batch_size=8, seed=0,
                         weight_decay=0.0)
+
+
+def test_e1_warm_start_copies_o1s_layers(setup):
+    model, backbone, views, _ = setup
+    warm = ec.init_expert(model, "experts", 0, 0, views["feats"][0].shape, backbone=backbone)
+    cold = ec.init_expert(model, "experts", 0, 0, views["feats"][0].shape)
+    o1 = backbone["heads"]["O1"]
+    for col in ("params", "batch_stats"):
+        same = jax.tree_util.tree_map(np.array_equal, warm[col]["AuxLayers"], o1[col]["AuxLayers"])
+        assert all(jax.tree_util.tree_leaves(same))
+    # The decision layers after the concatenation are E1's own.
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        np.array_equal, warm["params"]["Decision"], cold["params"]["Decision"])))
