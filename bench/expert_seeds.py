@@ -42,7 +42,7 @@ from cnneb_jax.stages import load_trained  # noqa: E402
 EXPERTS = {
     "E1 (paper)": ("experts", "paper", False),
     "E1 (paper+confidence)": ("experts", "paper+confidence", False),
-    "E1 (paper, from O1)": ("experts", "paper", True),
+    "E1 (paper) from O1": ("experts", "paper", True),
     "Aux+5b": ("aux5b", None, False),
     "Aux+5b (from Mixed_5c)": ("aux5b", None, True),
 }
