@@ -54,3 +54,14 @@ def test_every_named_config_is_valid_and_python_edits_are_checked():
         validate(CONFIGS["cifar"].replace(width="wide"))
     with pytest.raises(ValueError, match="config field epochs must be int"):
         validate(CONFIGS["cifar"].replace(epochs=2.5))
+
+
+def test_default_expert_is_the_papers_and_the_ablation_is_a_variant():
+    # Issue 11, item 1: the proposed expert is the paper's E1; the confidence inputs are
+    # an ablation with its own learning rate (both chosen on calibration, RESULTS §3).
+    assert CONFIGS["cifar"].expert_inputs == "paper"
+    ablation = CONFIGS["cifar_confidence"]
+    assert ablation.expert_inputs == "paper+confidence"
+    assert ablation.expert_lr != CONFIGS["cifar"].expert_lr
+    assert ablation.replace(name="cifar", expert_inputs="paper",
+                            expert_lr=CONFIGS["cifar"].expert_lr) == CONFIGS["cifar"]
