@@ -32,10 +32,13 @@ from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, rout
                              sweep_rule)
 
 
-def with_scores(outputs: dict, kind: str, scores: np.ndarray) -> dict:
-    """`outputs` whose `kind` expert at the first branch point says P(Other) = scores."""
+def with_scores(outputs: dict, rule: str, scores: np.ndarray) -> dict:
+    """`outputs` whose expert for `rule` at the first branch point says P(Other) = scores."""
     s = np.clip(np.asarray(scores, np.float64), 1e-12, 1 - 1e-12)
-    return {**outputs, kind: [np.stack([np.zeros_like(s), np.log(s) - np.log1p(-s)], -1)]}
+    key = {"expert": "experts", "aux5b": "aux5b"}[rule]
+    out = {**outputs, key: [np.stack([np.zeros_like(s), np.log(s) - np.log1p(-s)], -1)]}
+    assert np.allclose(branch_scores(out, rule)[0], s, atol=1e-6)
+    return out
 
 
 def per_image(outputs: dict, labels: np.ndarray, rule: str, threshold: float,
