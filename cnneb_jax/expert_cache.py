@@ -24,7 +24,7 @@ from cnneb_jax.heads import FT, OTHER
 from cnneb_jax.metrics import ft_labels, roc_auc
 from cnneb_jax.model import (Model, Variables, backbone_forward, expert_forward,
                              split_collections)
-from cnneb_jax.stages import make_optimizer
+from cnneb_jax.stages import balanced_expert_loss, class_weights, make_optimizer
 
 KINDS = ("experts", "aux5b")
 
@@ -147,20 +147,12 @@ def _step_fn(model: Model, kind: str, index: int, tx: optax.GradientTransformati
                 model, {kind: {name: params}}, {kind: {name: state["stats"]}}, kind, index,
                 feat.astype(jnp.float32), o_logits, train=True)
             target = jnp.where(is_ft, FT, OTHER)
-            w = jnp.where(is_ft, class_w[FT], class_w[OTHER])
-            ce = optax.softmax_cross_entropy_with_integer_labels(e_logits, target)
-            return jnp.sum(w * ce) / jnp.sum(w), new_stats
+            return balanced_expert_loss(e_logits, target, class_w), new_stats
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "stats": new_stats,
                 "opt": opt}, loss
     return step
-
-
-def class_weights(is_ft: np.ndarray) -> np.ndarray:
-    """Balanced weights (FT, Other) from the FT rate: both classes weigh half of the loss."""
-    p_ft = float(np.clip(np.mean(is_ft), 1e-3, 1 - 1e-3))
-    return np.array([0.5 / p_ft, 0.5 / (1 - p_ft)], np.float32)
 
 
 def train_expert(model: Model, cache: dict, kind: str, index: int, lr: float, epochs: int,
@@ -201,16 +193,17 @@ def expert_scores(model: Model, variables: Variables, cache: dict, kind: str, in
                   batch_size: int = 1000) -> np.ndarray:
     """P(Other) of one expert on every row of a cache (eval mode)."""
     name = f"E{index + 1}"
-    params = {kind: {name: variables["params"]}}
-    stats = {kind: {name: variables.get("batch_stats", {})}}
 
     @jax.jit
-    def score(feat, o_logits):
+    def score(variables, feat, o_logits):
+        params = {kind: {name: variables["params"]}}
+        stats = {kind: {name: variables.get("batch_stats", {})}}
         e, _ = expert_forward(model, params, stats, kind, index, feat.astype(jnp.float32),
                               o_logits, train=False)
         return jax.nn.softmax(e, -1)[:, OTHER]
     feats, logits = cache["feats"][index], cache["logits"][index]
-    return np.concatenate([np.asarray(score(feats[s:s + batch_size], logits[s:s + batch_size]))
+    return np.concatenate([np.asarray(score(variables, feats[s:s + batch_size],
+                                            logits[s:s + batch_size]))
                            for s in range(0, len(feats), batch_size)])
 
 

@@ -70,8 +70,8 @@ class ExpertHead(nn.Module):
     `expert_inputs="paper"` (the default) concatenates O1's softmax output, as the paper
     does. `"paper+confidence"` (the ablation, config `cifar_confidence`) adds O1's logits and
     three summaries of its softmax (max probability, top-2 margin, normalised entropy),
-    which hands E1 the max-softmax score it is compared with. The backbone and O1 are frozen while E1
-    trains.
+    which hands E1 the max-softmax score it is compared with. The backbone and O1 are
+    frozen while E1 trains.
     """
     cfg: Config
 

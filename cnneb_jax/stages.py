@@ -416,6 +416,21 @@ def _eval_variables(state: dict) -> Variables:
 
 # ----------------------------------------------------------------------------- expert
 
+def class_weights(is_ft: np.ndarray) -> np.ndarray:
+    """Balanced weights (FT, Other) from the FT rate: both classes weigh half of the loss."""
+    p_ft = float(np.clip(np.mean(is_ft), 1e-3, 1 - 1e-3))
+    return np.array([0.5 / p_ft, 0.5 / (1 - p_ft)], np.float32)
+
+
+def balanced_expert_loss(e_logits: jax.Array, target: jax.Array,
+                         class_w: jax.Array) -> jax.Array:
+    """Class-weighted cross-entropy of expert logits against {FT, Other} targets;
+    `class_w` is (FT, Other) as `class_weights` gives."""
+    w = class_w[target].astype(e_logits.dtype)
+    ce = optax.softmax_cross_entropy_with_integer_labels(e_logits, target)
+    return jnp.sum(w * ce) / jnp.sum(w)
+
+
 def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation,
                      backbone: Variables):
     m = model.num_exits
@@ -434,13 +449,11 @@ def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation
                 right_later |= p == y
             is_ft = (preds[i] != y) & right_later
             target = jnp.where(is_ft, FT, OTHER)
-            w = jnp.where(is_ft, class_w[i, FT], class_w[i, OTHER]).astype(logits[i].dtype)
             for kind in EXPERT_GROUPS:
                 e_logits, upd = expert_forward(model, full_params, full_stats, kind, i,
                                                feats[i], logits[i], train=True)
                 new_stats[kind][f"E{i + 1}"] = upd
-                ce = optax.softmax_cross_entropy_with_integer_labels(e_logits, target)
-                loss = loss + jnp.sum(w * ce) / jnp.sum(w)
+                loss = loss + balanced_expert_loss(e_logits, target, class_w[i])
                 metrics[f"acc_{kind}_E{i + 1}"] = jnp.mean(e_logits.argmax(-1) == target)
             metrics[f"ft_rate_E{i + 1}"] = jnp.mean(is_ft)
         return loss, (new_stats, metrics)
@@ -502,10 +515,7 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
     val_out = predict_all(model, backbone, data["val_images"], cfg.eval_batch_size, "FT labels")
     preds = [o.argmax(-1) for o in val_out["exits"]]
     is_ft = [ft_labels(preds, data["val_labels"], i) for i in range(model.num_exits - 1)]
-    class_w = np.zeros((model.num_exits - 1, 2), np.float32)
-    for i, ft in enumerate(is_ft):
-        p_ft = float(np.clip(ft.mean(), 1e-3, 1 - 1e-3))
-        class_w[i] = [0.5 / p_ft, 0.5 / (1 - p_ft)]
+    class_w = np.stack([class_weights(ft) for ft in is_ft])
     ft_counts = [int(ft.sum()) for ft in is_ft]
     print(f"[expert] FT examples (wrong at the expert's exit, right at a later one) per "
           f"expert, of {len(data['val_labels'])} held-out images: {ft_counts}")
