@@ -44,7 +44,8 @@ def make_runner(config: str, overrides: dict[str, str], steps_per_epoch: int):
     params, stats = split_collections({g: variables[g] for g in BACKBONE_GROUPS})
     tx = backbone_optimizer(cfg, steps_per_epoch)
     state = backbone_state(cfg, tx, params, stats)
-    step = make_backbone_step(model, cfg, tx)
+    # A progressive-resizing variant is timed at its low resolution.
+    step = make_backbone_step(model, cfg, tx, cfg.lowres_size or None)
     images = rng.integers(0, 256, (cfg.batch_size, cfg.image_size, cfg.image_size, 3), np.uint8)
     labels = rng.integers(0, cfg.num_classes, cfg.batch_size).astype(np.int32)
     holder = {"state": state, "i": 0}

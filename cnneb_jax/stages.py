@@ -181,8 +181,12 @@ def exit_accuracies(outputs: dict, labels: np.ndarray) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- backbone
 
-def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformation):
+def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformation,
+                       size: int | None = None):
+    """The jitted backbone train step. `size` < image_size trains on the augmented images
+    downscaled to size x size (progressive resizing, `cfg.lowres_size`)."""
     m = model.num_exits
+    size = size or cfg.image_size
 
     def loss_fn(params, stats, x, y, rng):
         logits, _, new_stats = backbone_forward(model, params, stats, x, True, rng)
@@ -196,6 +200,8 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
     def step(state, images, labels, rng):
         k_aug, k_drop = jax.random.split(rng)
         x = normalize(augment(k_aug, images, cfg.pad_crop, flip=cfg.flip == "random"))
+        if size != x.shape[1]:
+            x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "linear", antialias=True)
         (loss, (new_stats, ce, accs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["stats"], x, labels, k_drop)
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -236,9 +242,10 @@ def _begin_stage(cfg: Config, workdir: Path, stage: str, retrain: bool,
 
 def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, images: np.ndarray,
               labels: np.ndarray, batch_size: int, epochs: int, extra_args: tuple = (),
-              on_epoch_end=None, mirror=None) -> dict:
+              on_epoch_end=None, mirror=None, step_for=None) -> dict:
     """The shared loop: shuffling, resume, progress bar, metrics log, checkpoints.
     `on_epoch_end(epoch, state)` may return a dict, logged as that epoch's evaluation.
+    `step_for(step)`, if given, picks the step function of each step instead of `step_fn`.
     `mirror(epoch)`, if given, says which images to flip horizontally in that epoch."""
     stage_dir = workdir / stage
     mngr = ckpt.manager(stage_dir)
@@ -274,8 +281,9 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
                                           seed=cfg.seed, epoch=epoch,
                                           mirror=mirror(epoch) if mirror is not None else None)
             batch_images, batch_labels = dist.shard_local(mesh, batch_size, *next(stream))
-            state, metrics = step_fn(state, batch_images, batch_labels,
-                                     jax.random.fold_in(key, step), *extra_args)
+            fn = step_for(step) if step_for is not None else step_fn
+            state, metrics = fn(state, batch_images, batch_labels,
+                                jax.random.fold_in(key, step), *extra_args)
             done = step + 1
             seen += batch_size
             saving = done % cfg.checkpoint_every_steps == 0 or done == total
@@ -317,6 +325,18 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
     return state
 
 
+def _check_runs_at(model: Model, params: Variables, stats: Variables, size: int) -> None:
+    """Refuses a low resolution the network cannot take (its O1 head's kernel is sized for
+    the grid it sees at image_size) before any training."""
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    try:
+        jax.eval_shape(lambda p, s, x: backbone_forward(model, p, s, x, False)[0], params, stats, x)
+    except Exception as e:  # shape errors surface as several flax / XLA types
+        raise TrainingError(f"lowres_size={size}: the network cannot run on {size}x{size} "
+                            f"images ({type(e).__name__}); try a size nearer image_size, "
+                            f"or 0 to turn progressive resizing off") from None
+
+
 def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
     workdir = Path(workdir)
     stage_dir = workdir / "backbone"
@@ -346,9 +366,18 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
                           predict=predict)
         return {f"heldout_{k}": v for k, v in exit_accuracies(out, heldout[1]).items()}
 
-    state = _run_loop("backbone", workdir, cfg, state, make_backbone_step(model, cfg, tx),
+    full_step = make_backbone_step(model, cfg, tx)
+    step_for = None
+    if cfg.lowres_size and cfg.lowres_epochs:
+        _check_runs_at(model, params, stats, cfg.lowres_size)
+        low_step = make_backbone_step(model, cfg, tx, cfg.lowres_size)
+        low_steps = round(cfg.lowres_epochs * (n // cfg.batch_size))
+        step_for = lambda step: low_step if step < low_steps else full_step
+        print(f"[backbone] steps 1-{low_steps} at {cfg.lowres_size}x{cfg.lowres_size}, "
+              f"the rest at {cfg.image_size}x{cfg.image_size}")
+    state = _run_loop("backbone", workdir, cfg, state, full_step,
                       data["train_images"], data["train_labels"], cfg.batch_size, cfg.epochs,
-                      on_epoch_end=on_epoch_end,
+                      on_epoch_end=on_epoch_end, step_for=step_for,
                       mirror=(lambda e: alternating_flips(cfg.seed, n, e))
                       if cfg.flip == "alternate" else None)
     variables = _eval_variables(state)

@@ -30,6 +30,7 @@ def test_overrides_are_typed():
     ({"calib_size": "7000"}, "calib_size .* must not exceed val_size"),
     ({"pad_crop": "32"}, "pad_crop must be < image_size"),
     ({"whiten_stem": "1"}, "stem_channels must be in"),
+    ({"lowres_size": "32"}, r"lowres_size must be 0 \(off\) or in \[8, image_size"),
     ({"branch_points": ""}, "at least one"),
 ])
 def test_bad_overrides_are_refused(overrides, message):

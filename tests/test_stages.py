@@ -346,3 +346,33 @@ def test_alternate_flip_mirrors_the_batches_the_step_sees(tiny_cfg, tmp_path):
         for epoch, im in enumerate(views):
             mirrored = bool(first[y]) ^ bool(epoch % 2)
             np.testing.assert_array_equal(im, images[y][:, ::-1] if mirrored else images[y])
+
+
+def test_progressive_resizing_trains_first_at_the_low_size(tiny_cfg, tiny_data, tmp_path,
+                                                            monkeypatch):
+    """With lowres_size/lowres_epochs the first epochs' steps see downscaled images and the
+    rest full-size ones; evaluation stays at image_size."""
+    from cnneb_jax import stages
+    seen = []
+    forward = stages.backbone_forward
+
+    def spy(model, params, stats, x, train, rng=None):
+        if train:
+            seen.append(x.shape[1])   # once per trace of a train step
+        return forward(model, params, stats, x, train, rng)
+
+    monkeypatch.setattr(stages, "backbone_forward", spy)
+    cfg = tiny_cfg.replace(epochs=2, lowres_size=24, lowres_epochs=1.0, eval_every_epochs=0)
+    result = train_backbone(cfg, tiny_data, tmp_path)
+    assert seen == [24, 32]
+    assert set(result["test_accuracy"]) == {"O1", "O2"}
+
+
+
+def test_a_low_size_the_network_cannot_take_is_refused_before_training(tiny_cfg, tiny_data,
+                                                                        tmp_path):
+    cfg = tiny_cfg.replace(lowres_size=16, lowres_epochs=1.0)
+    with pytest.raises(TrainingError, match="lowres_size=16: the network cannot run on 16x16"):
+        train_backbone(cfg, tiny_data, tmp_path)
+    assert not (tmp_path / "backbone" / "ckpt").exists() or not any(
+        (tmp_path / "backbone" / "ckpt").iterdir())
