@@ -8,7 +8,9 @@ Every variant's real train step (augmentation, forward, backward, optimizer, EMA
 first; then rounds run `--steps` steps of each variant in turn (ABAB...), so that a machine
 whose speed drifts affects all of them alike. Prints the median images/s of each variant,
 its spread over rounds, and its ratio to the first variant with the spread of the per-round
-ratios. Random images: the step's cost does not depend on the pixels.
+ratios. Random images: the step's cost does not depend on the pixels. Steps run at
+image_size; a variant that sets `lowres_size` (e.g. "r24:lowres_size=24") times the
+progressive-resizing step at that size.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def make_runner(config: str, overrides: dict[str, str], steps_per_epoch: int):
     params, stats = split_collections({g: variables[g] for g in BACKBONE_GROUPS})
     tx = backbone_optimizer(cfg, steps_per_epoch)
     state = backbone_state(cfg, tx, params, stats)
-    # A progressive-resizing variant is timed at its low resolution.
-    step = make_backbone_step(model, cfg, tx, cfg.lowres_size or None)
+    # The step at image_size, unless the variant names lowres_size: then the step at that
+    # size (the config's default progressive resizing alone does not change what is timed).
+    step = make_backbone_step(model, cfg, tx, int(overrides.get("lowres_size", 0)))
     images = rng.integers(0, 256, (cfg.batch_size, cfg.image_size, cfg.image_size, 3), np.uint8)
     labels = rng.integers(0, cfg.num_classes, cfg.batch_size).astype(np.int32)
     holder = {"state": state, "i": 0}
