@@ -6,6 +6,14 @@ Reads each workdir's metrics.jsonl: the held-out O1/O2 accuracy logged after eve
 (the images held out of training for the expert and calibration, never test), the training
 images/s, and the test accuracy if the stage finished. Settings are compared on the held-out
 columns only.
+
+    python bench/backbone_curves.py runs/cifar runs/long/e24 --fit 88,90
+
+With --fit the runs are one recipe at several lengths: it fits test O2 = a + b * log2(epochs)
+(least squares) and prints, for each target accuracy, the epochs the fit puts it at and the
+hours they take at the seconds per epoch of the fastest run (one that shared the
+machine reads slow). An extrapolation of a trend,
+not a measurement: it says how far a recipe is from a target, not that it would reach it.
 """
 
 from __future__ import annotations
@@ -26,11 +34,36 @@ def read_run(workdir: Path) -> dict:
             "test": test[-1] if test else None, "cfg": cfg}
 
 
+def fit_epochs(runs: list[dict], targets: list[float]) -> None:
+    import numpy as np
+    done = [r for r in runs if r["test"]]
+    epochs = np.array([r["cfg"]["epochs"] for r in done], float)
+    if len(set(epochs)) < 2:
+        raise SystemExit("--fit needs finished runs of at least two lengths")
+    o2 = np.array([100 * r["test"]["test_accuracy"]["O2"] for r in done])
+    b, a = np.polyfit(np.log2(epochs), o2, 1)
+    # The fastest run's rate: a run that shared the machine reads slow.
+    per_epoch = [r["test"]["train_seconds"] / r["cfg"]["epochs"] for r in done]
+    fastest = int(np.argmin(per_epoch))
+    s_per_epoch = per_epoch[fastest]
+    print(f"fit over {len(done)} runs: test O2 = {a:.2f} + {b:.2f} * log2(epochs) "
+          f"({b:.2f} points per doubling); {s_per_epoch:.0f} s per epoch in "
+          f"{done[fastest]['name']}")
+    print("| target test O2 | epochs (fit) | hours at that rate |")
+    print("|---:|---:|---:|")
+    for t in targets:
+        e = 2 ** ((t - a) / b) if b > 0 else float("inf")
+        print(f"| {t:.1f}% | {e:.0f} | {e * s_per_epoch / 3600:.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdirs", nargs="+", type=Path)
     p.add_argument("--plot", type=Path, default=None, help="write O1/O2 per epoch as a PNG")
+    p.add_argument("--fit", default=None, metavar="ACC,...",
+                   help="target test O2 accuracies in %% (e.g. 88,90): extrapolate the epochs "
+                        "that reach them from the runs' test O2 against log2(epochs)")
     args = p.parse_args()
     runs = [read_run(w) for w in args.workdirs]
     print("| run | epoch | held-out O1 | held-out O2 |")
@@ -49,6 +82,9 @@ def main() -> None:
               f"{acc.get('O1', float('nan')):.4f} | {acc.get('O2', float('nan')):.4f} | "
               f"{t['train_seconds']:.0f} |" if t else
               f"| {r['name']} | {len(r['epochs'])} ({r['cfg']['epochs']}) | {rate} | - | - | - |")
+    if args.fit:
+        print()
+        fit_epochs(runs, [float(t) for t in args.fit.split(",")])
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")

@@ -78,6 +78,7 @@ class Config:
     # the augmented images downscaled to `lowres_size`; the rest, and every evaluation, at
     # image_size. A 24x24 step runs 1.9x faster here (bench/train_throughput.py), so 18
     # epochs (14 of them at 24x24) take 50 min where 12 at 32x32 took 58 (RESULTS.md §1).
+    # 20 and 16 run too (the O1 head pads its map), 2.6x and 3.3x faster per step.
     lowres_size: int = 24          # 0 = off
     lowres_epochs: float = 14.0
     # Horizontal flips in the backbone stage: "random" per view, or "alternate" (each image

@@ -31,6 +31,14 @@ class AuxLayers(nn.Module):
         x = ConvBN(channels(cfg.aux_channels, cfg.width), (1, 1), bn_momentum=cfg.bn_momentum,
                    name="Conv2d_1b_1x1")(x, train)
         k = min(5, x.shape[1])  # TF-slim shrinks the 5x5 kernel on small grids
+        if not self.is_initializing():
+            # The kernel was sized for the grid at image_size; a smaller input (progressive
+            # resizing) keeps it and zero-pads its map up to it.
+            k = next(int(n.rsplit("x", 1)[1]) for n in self.variables["params"]
+                     if n.startswith("Conv2d_2a_"))
+            short = max(0, k - x.shape[1])
+            x = jnp.pad(x, ((0, 0), (short // 2, short - short // 2),
+                            (short // 2, short - short // 2), (0, 0)))
         x = ConvBN(channels(cfg.aux_hidden, cfg.width), (k, k), padding="VALID",
                    bn_momentum=cfg.bn_momentum, name=f"Conv2d_2a_{k}x{k}")(x, train)
         return jnp.mean(x, axis=(1, 2))

@@ -326,15 +326,21 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
 
 
 def _check_runs_at(model: Model, params: Variables, stats: Variables, size: int) -> None:
-    """Refuses a low resolution the network cannot take (its O1 head's kernel is sized for
-    the grid it sees at image_size) before any training."""
+    """Refuses a low resolution the network cannot take (VALID padding shrinks a small
+    input to nothing before the last blocks) before any training."""
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     try:
-        jax.eval_shape(lambda p, s, x: backbone_forward(model, p, s, x, False)[0], params, stats, x)
+        feats = jax.eval_shape(lambda p, s, x: backbone_forward(model, p, s, x, False)[1],
+                               params, stats, x)
+        # An empty feature map traces fine and trains to NaN (the global mean of nothing).
+        why = next((f"an empty {f.shape[1]}x{f.shape[2]} feature map" for f in feats
+                    if 0 in f.shape), None)
     except Exception as e:  # shape errors surface as several flax / XLA types
+        why = type(e).__name__
+    if why is not None:
         raise TrainingError(f"lowres_size={size}: the network cannot run on {size}x{size} "
-                            f"images ({type(e).__name__}); try a size nearer image_size, "
-                            f"or 0 to turn progressive resizing off") from None
+                            f"images ({why}); try a size nearer image_size, "
+                            f"or 0 to turn progressive resizing off")
 
 
 def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -369,9 +370,26 @@ def test_progressive_resizing_trains_first_at_the_low_size(tiny_cfg, tiny_data, 
 
 
 
+def test_the_network_runs_below_image_size_with_its_trained_o1_kernel(tiny_cfg):
+    """At 16x16 the O1 head's pooled map (3x3) is smaller than the 5x5 kernel sized at 32x32:
+    the head zero-pads the map and keeps its parameters, so progressive resizing can go that
+    low; at image_size nothing changes."""
+    from cnneb_jax.model import backbone_forward, build_model, init_variables, split_collections
+    model = build_model(tiny_cfg)
+    variables = init_variables(model, jax.random.PRNGKey(0))
+    assert "Conv2d_2a_5x5" in variables["heads"]["O1"]["params"]["AuxLayers"]
+    params, stats = split_collections(variables)
+    for size in (16, 20, 32):
+        x = jnp.ones((2, size, size, 3), jnp.float32)
+        logits, _, _ = backbone_forward(model, params, stats, x, train=False)
+        assert [l.shape for l in logits] == [(2, tiny_cfg.num_classes)] * 2
+        assert all(bool(jnp.all(jnp.isfinite(l))) for l in logits)
+
+
 def test_a_low_size_the_network_cannot_take_is_refused_before_training(tiny_cfg, tiny_data,
                                                                         tmp_path):
-    cfg = tiny_cfg.replace(lowres_size=16, lowres_epochs=1.0)
+    # VALID padding (the original Inception v3's) shrinks 16x16 to nothing before Mixed_7a.
+    cfg = tiny_cfg.replace(padding="VALID", lowres_size=16, lowres_epochs=1.0)
     with pytest.raises(TrainingError, match="lowres_size=16: the network cannot run on 16x16"):
         train_backbone(cfg, tiny_data, tmp_path)
     assert not (tmp_path / "backbone" / "ckpt").exists() or not any(
