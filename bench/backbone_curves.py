@@ -11,9 +11,9 @@ columns only.
 
 With --fit the runs are one recipe at several lengths: it fits test O2 = a + b * log2(epochs)
 (least squares) and prints, for each target accuracy, the epochs the fit puts it at and the
-hours they take at the seconds per epoch of the fastest run (one that shared the
-machine reads slow). An extrapolation of a trend,
-not a measurement: it says how far a recipe is from a target, not that it would reach it.
+hours they take at the seconds per epoch of the fastest run (one that shared the machine
+reads slow). An extrapolation of a trend, not a measurement: it says how far a recipe is
+from a target, not that it would reach it.
 """
 
 from __future__ import annotations

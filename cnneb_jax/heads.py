@@ -30,8 +30,9 @@ class AuxLayers(nn.Module):
         x = nn.avg_pool(x, (k, k), strides=(cfg.aux_pool_stride,) * 2, padding="VALID")
         x = ConvBN(channels(cfg.aux_channels, cfg.width), (1, 1), bn_momentum=cfg.bn_momentum,
                    name="Conv2d_1b_1x1")(x, train)
-        k = min(5, x.shape[1])  # TF-slim shrinks the 5x5 kernel on small grids
-        if not self.is_initializing():
+        if self.is_initializing():
+            k = min(5, x.shape[1])  # TF-slim shrinks the 5x5 kernel on small grids
+        else:
             # The kernel was sized for the grid at image_size; a smaller input (progressive
             # resizing) keeps it and zero-pads its map up to it.
             k = next(int(n.rsplit("x", 1)[1]) for n in self.variables["params"]

@@ -369,7 +369,6 @@ def test_progressive_resizing_trains_first_at_the_low_size(tiny_cfg, tiny_data, 
     assert set(result["test_accuracy"]) == {"O1", "O2"}
 
 
-
 def test_the_network_runs_below_image_size_with_its_trained_o1_kernel(tiny_cfg):
     """At 16x16 the O1 head's pooled map (3x3) is smaller than the 5x5 kernel sized at 32x32:
     the head zero-pads the map and keeps its parameters, so progressive resizing can go that
