@@ -36,6 +36,9 @@ class Config:
     # Conv2d_1a_3x3 frozen at a whitening of the training images' 3x3 patches (top
     # eigenvectors of their covariance, both signs), as airbench's first layer.
     whiten_stem: bool = False
+    # Backbone convs start with their first min(in, out) output channels at the identity
+    # (airbench's Dirac init): each plain conv begins as an implicit residual.
+    identity_init: bool = False
     use_pool_5a: bool = False      # MaxPool_5a_3x3 (stride 2) before Mixed_5b
     branch_points: tuple[str, ...] = ("Mixed_5b",)
     # O1 avg-pool (original aux head: 5x5, stride 3). On a 16x16 CIFAR grid 3x3/2 keeps a

@@ -113,6 +113,22 @@ def whitening_kernel(images: np.ndarray, channels: int, size: int = 3,
     return w.reshape(size, size, x.shape[-1], channels).astype(np.float32)
 
 
+def identity_kernels(params: Variables) -> Variables:
+    """`params` with every backbone conv's first min(in, out) output channels set to the
+    identity (a centred Dirac kernel), the rest as initialised: airbench's "identity init",
+    so that each plain conv starts as an implicit residual and a deep narrow trunk passes
+    its input through from the first step."""
+    def dirac(path, leaf):
+        if getattr(path[-1], "key", None) != "kernel" or leaf.ndim != 4:
+            return leaf
+        kh, kw, cin, cout = leaf.shape
+        k = min(cin, cout)
+        eye = jnp.zeros((kh, kw, cin, k), leaf.dtype).at[kh // 2, kw // 2].set(
+            jnp.eye(cin, k, dtype=leaf.dtype))
+        return leaf.at[..., :k].set(eye)
+    return {**params, "segments": jax.tree_util.tree_map_with_path(dirac, params["segments"])}
+
+
 def abstract_variables(model: Model, seed: int = 0) -> Variables:
     """Shapes and dtypes of `init_variables` without computing them: restoring and shape
     checks need only the structure, and eager initialisation of every layer takes about

@@ -33,9 +33,9 @@ from cnneb_jax.heads import FT, OTHER
 from cnneb_jax.metrics import ft_labels, roc_auc
 from cnneb_jax.model import (BACKBONE_GROUPS, EXPERT_GROUPS, Model, Variables,
                              abstract_variables, backbone_forward, build_model,
-                             expert_forward, init_variables, merge_collections,
-                             segment_bounds, segment_name, split_collections,
-                             whitening_kernel)
+                             expert_forward, identity_kernels, init_variables,
+                             merge_collections, segment_bounds, segment_name,
+                             split_collections, whitening_kernel)
 
 
 class TrainingError(RuntimeError):
@@ -353,6 +353,8 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
     model = build_model(cfg)
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
     params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
+    if cfg.identity_init:
+        params = identity_kernels(params)
     if cfg.whiten_stem:
         params = whiten_stem(cfg, params, pipeline.materialize(data["train_images"][:5000]))
     n = len(data["train_images"])

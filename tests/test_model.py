@@ -117,3 +117,29 @@ def test_whitening_kernel_decorrelates_patches():
     patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 27)
     cov = np.cov((patches @ w.reshape(27, 20)[:, :10]).T)
     np.testing.assert_allclose(cov, np.eye(10), atol=2e-3)
+
+
+def test_identity_kernels_make_each_conv_pass_its_first_channels_through(tiny_cfg):
+    """Every backbone conv's first min(in, out) outputs copy its inputs at the kernel's
+    centre; its other outputs, the heads and the BatchNorm offsets keep their init."""
+    from cnneb_jax.model import identity_kernels
+    from cnneb_jax.segments import _conv
+    model = build_model(tiny_cfg)
+    params, _ = split_collections(init_variables(model, jax.random.PRNGKey(0)))
+    out = identity_kernels(params)
+    stem = out["segments"]["stem->Mixed_5b"]
+    w = stem["Conv2d_2b_3x3"]["conv"]["kernel"]          # 3x3, in <= out
+    cin = w.shape[2]
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, cin))
+    np.testing.assert_allclose(_conv(x, w, 1, "SAME")[..., :cin], x, atol=1e-6)
+    before = params["segments"]["stem->Mixed_5b"]["Conv2d_2b_3x3"]["conv"]["kernel"]
+    np.testing.assert_array_equal(w[..., cin:], before[..., cin:])
+    seven = out["segments"]["Mixed_5b->end"]["Mixed_6b"]["Branch_1_Conv2d_0b_1x7"]["conv"]["kernel"]
+    k = min(seven.shape[2:])
+    assert seven.shape[:2] == (1, 7)
+    np.testing.assert_array_equal(seven[0, 3, :k, :k], np.eye(k))
+    np.testing.assert_array_equal(seven[0, 2, :k, :k], np.zeros((k, k)))
+    same = lambda a, b: jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, a, b))
+    assert same(out["heads"], params["heads"])
+    assert same(stem["Mixed_5b"]["Branch_0_Conv2d_0a_1x1"]["bn"],
+                params["segments"]["stem->Mixed_5b"]["Mixed_5b"]["Branch_0_Conv2d_0a_1x1"]["bn"])
