@@ -270,7 +270,7 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
     stream, t0, seen, last = None, time.perf_counter(), 0, {}
     rows = dist.process_rows(batch_size)
     done = saved = start
-    metrics = None
+    metrics = last_fn = None
     try:
         for step in range(start, total):
             epoch, i = divmod(step, steps_per_epoch)
@@ -282,6 +282,10 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
                                           mirror=mirror(epoch) if mirror is not None else None)
             batch_images, batch_labels = dist.shard_local(mesh, batch_size, *next(stream))
             fn = step_for(step) if step_for is not None else step_fn
+            if fn is not last_fn:
+                # A new step function (another resolution): img/s restarts, so that it
+                # never averages two step speeds.
+                t0, seen, last_fn = time.perf_counter(), 0, fn
             state, metrics = fn(state, batch_images, batch_labels,
                                 jax.random.fold_in(key, step), *extra_args)
             done = step + 1
