@@ -93,7 +93,7 @@ class Config:
     # RESULTS.md §1) and ended level at equal epochs; it is the measured run's. lr scaled
     # linearly from 0.2 at 256.
     batch_size: int = 128
-    epochs: int = 18               # 50 min on 2 CPU cores at width 0.25 (RESULTS.md §1)
+    epochs: int = 18               # 48 min on 2 CPU cores at width 0.25 (RESULTS.md §1)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
