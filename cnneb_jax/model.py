@@ -113,19 +113,24 @@ def whitening_kernel(images: np.ndarray, channels: int, size: int = 3,
     return w.reshape(size, size, x.shape[-1], channels).astype(np.float32)
 
 
+def dirac_kernel(kernel: jax.Array) -> jax.Array:
+    """An HWIO conv kernel with its first min(in, out) output channels set to the identity
+    (a centred Dirac kernel), the rest unchanged."""
+    kh, kw, cin, cout = kernel.shape
+    k = min(cin, cout)
+    eye = jnp.zeros((kh, kw, cin, k), kernel.dtype).at[kh // 2, kw // 2].set(
+        jnp.eye(cin, k, dtype=kernel.dtype))
+    return kernel.at[..., :k].set(eye)
+
+
 def identity_kernels(params: Variables) -> Variables:
-    """`params` with every backbone conv's first min(in, out) output channels set to the
-    identity (a centred Dirac kernel), the rest as initialised: airbench's "identity init",
-    so that each plain conv starts as an implicit residual and a deep narrow trunk passes
-    its input through from the first step."""
+    """`params` with every backbone conv kernel passed through `dirac_kernel`: airbench's
+    "identity init", so that each plain conv starts as an implicit residual and a deep
+    narrow trunk passes its input through from the first step."""
     def dirac(path, leaf):
         if getattr(path[-1], "key", None) != "kernel" or leaf.ndim != 4:
             return leaf
-        kh, kw, cin, cout = leaf.shape
-        k = min(cin, cout)
-        eye = jnp.zeros((kh, kw, cin, k), leaf.dtype).at[kh // 2, kw // 2].set(
-            jnp.eye(cin, k, dtype=leaf.dtype))
-        return leaf.at[..., :k].set(eye)
+        return dirac_kernel(leaf)
     return {**params, "segments": jax.tree_util.tree_map_with_path(dirac, params["segments"])}
 
 
