@@ -99,10 +99,19 @@ class Config:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.2   # airbench's value
     warmup_epochs: float = 4.14    # triangular schedule peaking at 23% of training (airbench)
+    # Where the triangle starts and ends, as fractions of the peak lr (airbench: 0.2, 0.07).
+    lr_start: float = 0.0
+    lr_end: float = 0.0
     aux_weight: float = 0.5        # loss = CE(O2) + aux_weight * CE(O1)
     # Exponential moving average of the weights and BatchNorm statistics, per step (0 = off).
     # When on, evaluation, the expert stage and the API use the averaged backbone.
     ema_decay: float = 0.99
+    # Lookahead (airbench, after hlb-cifar10), 0 = off: every `lookahead_every` steps from
+    # `lookahead_start` (a fraction of training) on, the EMA steps toward the weights with
+    # decay ema_decay**lookahead_every * progress**3 and the weights are reset to it. airbench
+    # pairs it with a fast BatchNorm momentum (0.6).
+    lookahead_every: int = 0
+    lookahead_start: float = 0.27
     bn_bias_lr_mult: float = 64.0  # lr multiplier on BatchNorm offsets (airbench's 64)
     eval_every_epochs: int = 1     # O1/O2 accuracy on the held-out images per epoch; 0 = off
     # --- expert stage ---
@@ -209,6 +218,8 @@ _RANGES: dict[str, tuple] = {
     "epochs": (1, None, True, True), "lr": (0.0, None, False, True),
     "momentum": (0.0, 1.0, True, False), "weight_decay": (0.0, None, True, True),
     "label_smoothing": (0.0, 1.0, True, False), "warmup_epochs": (0.0, None, True, True),
+    "lr_start": (0.0, 1.0, True, True), "lr_end": (0.0, 1.0, True, True),
+    "lookahead_every": (0, None, True, True), "lookahead_start": (0.0, 1.0, True, True),
     "aux_weight": (0.0, None, True, True), "ema_decay": (0.0, 1.0, True, False),
     "bn_bias_lr_mult": (0.0, None, False, True), "eval_every_epochs": (0, None, True, True),
     "expert_epochs": (1, None, True, True), "expert_batch_size": (1, None, True, True),
@@ -273,6 +284,9 @@ def validate(cfg: Config) -> None:
     if cfg.whiten_stem and not 2 <= cfg.stem_channels <= 54:
         raise ValueError("config field stem_channels must be in [2, 54] with whiten_stem "
                          f"(both signs of at most 27 patch directions), got {cfg.stem_channels}")
+    if cfg.lookahead_every and not cfg.ema_decay:
+        raise ValueError("config field lookahead_every needs ema_decay > 0: the lookahead "
+                         "resets the weights to their EMA")
     if not cfg.branch_points:
         raise ValueError("config field branch_points must name at least one Mixed_* block")
     for bp in cfg.branch_points:

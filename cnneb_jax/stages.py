@@ -56,12 +56,14 @@ def _decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay: float,
-                   momentum: float | None) -> optax.GradientTransformation:
-    """Linear warm-up, then linear decay to zero; SGD+Nesterov (momentum) or Adam (None)."""
+                   momentum: float | None, start: float = 0.0,
+                   end: float = 0.0) -> optax.GradientTransformation:
+    """Linear warm-up from start * lr, then linear decay to end * lr; SGD+Nesterov
+    (momentum) or Adam (None)."""
     warmup_steps = max(1, min(warmup_steps, total_steps - 1))
     sched = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup_steps),
-         optax.linear_schedule(lr, 0.0, max(1, total_steps - warmup_steps))], [warmup_steps])
+        [optax.linear_schedule(start * lr, lr, warmup_steps),
+         optax.linear_schedule(lr, end * lr, max(1, total_steps - warmup_steps))], [warmup_steps])
     base = (optax.sgd(sched, momentum, nesterov=True) if momentum is not None
             else optax.adam(sched))
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=_decay_mask), base)
@@ -81,7 +83,8 @@ def backbone_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTrans
     whitening first conv stays frozen (no update, no weight decay)."""
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    tx = lambda lr: make_optimizer(lr, total, warmup, cfg.weight_decay, cfg.momentum)
+    tx = lambda lr: make_optimizer(lr, total, warmup, cfg.weight_decay, cfg.momentum,
+                                   cfg.lr_start, cfg.lr_end)
     if cfg.bn_bias_lr_mult == 1.0 and not cfg.whiten_stem:
         return tx(cfg.lr)
     labels = lambda params: jax.tree_util.tree_map_with_path(
@@ -113,6 +116,34 @@ def update_ema(ema: dict, params: Variables, stats: Variables, decay: float) -> 
     mix = lambda e, x: d * e + (1.0 - d) * x
     return {"params": jax.tree_util.tree_map(mix, ema["params"], params),
             "stats": jax.tree_util.tree_map(mix, ema["stats"], stats), "count": count + 1.0}
+
+
+def lookahead(ema: dict, params: Variables, stats: Variables, decay: float, every: int,
+              start_step: float, total_steps: int) -> tuple[dict, Variables, Variables]:
+    """One step of airbench's lookahead: (EMA, weights, BatchNorm statistics) after it.
+    Before `start_step` the EMA is the weights; then every `every` steps the EMA takes a
+    step toward the weights with decay `decay**every * progress**3` (weak at first, strong
+    at the end) and the weights are reset to it; between those steps both run free."""
+    count = ema["count"] + 1.0
+    rho = jnp.where(count < start_step, 0.0,
+                    jnp.where(jnp.mod(count, every) == 0,
+                              decay ** every * (count / total_steps) ** 3, 1.0))
+    mix = lambda e, x: rho * e + (1.0 - rho) * x
+    new = {"params": jax.tree_util.tree_map(mix, ema["params"], params),
+           "stats": jax.tree_util.tree_map(mix, ema["stats"], stats), "count": count}
+    reset = lambda e, x: jnp.where(rho < 1.0, e, x)
+    return (new, jax.tree_util.tree_map(reset, new["params"], params),
+            jax.tree_util.tree_map(reset, new["stats"], stats))
+
+
+def average_weights(cfg: Config, ema: dict, params: Variables, stats: Variables,
+                    total_steps: int) -> tuple[dict, Variables, Variables]:
+    """The step's weight averaging: the plain EMA (weights untouched) or, with
+    `lookahead_every`, the lookahead. Returns (EMA, weights, BatchNorm statistics)."""
+    if cfg.lookahead_every:
+        return lookahead(ema, params, stats, cfg.ema_decay, cfg.lookahead_every,
+                         cfg.lookahead_start * total_steps, total_steps)
+    return update_ema(ema, params, stats, cfg.ema_decay), params, stats
 
 
 def backbone_state(cfg: Config, tx: optax.GradientTransformation, params: Variables,
@@ -182,9 +213,12 @@ def exit_accuracies(outputs: dict, labels: np.ndarray) -> dict[str, float]:
 # ----------------------------------------------------------------------------- backbone
 
 def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformation,
-                       size: int | None = None):
+                       size: int | None = None, total_steps: int = 0):
     """The jitted backbone train step. `size` < image_size trains on the augmented images
-    downscaled to size x size (progressive resizing, `cfg.lowres_size`)."""
+    downscaled to size x size (progressive resizing, `cfg.lowres_size`). `total_steps`
+    (the stage's) is needed by the lookahead only."""
+    if cfg.lookahead_every and total_steps <= 0:
+        raise ValueError("the lookahead needs the stage's total_steps")
     m = model.num_exits
     size = size or cfg.image_size
 
@@ -207,9 +241,12 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **{f"acc_O{i + 1}": accs[i] for i in range(m)}}
+        if "ema" in state:
+            ema, params, new_stats = average_weights(cfg, state["ema"], params, new_stats,
+                                                     total_steps)
         new_state = {"params": params, "stats": new_stats, "opt": opt}
         if "ema" in state:
-            new_state["ema"] = update_ema(state["ema"], params, new_stats, cfg.ema_decay)
+            new_state["ema"] = ema
         return new_state, metrics
 
     return step
@@ -378,11 +415,11 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
                           predict=predict)
         return {f"heldout_{k}": v for k, v in exit_accuracies(out, heldout[1]).items()}
 
-    full_step = make_backbone_step(model, cfg, tx)
+    full_step = make_backbone_step(model, cfg, tx, total_steps=total)
     step_for = None
     if cfg.lowres_size and cfg.lowres_epochs:
         _check_runs_at(model, params, stats, cfg.lowres_size)
-        low_step = make_backbone_step(model, cfg, tx, cfg.lowres_size)
+        low_step = make_backbone_step(model, cfg, tx, cfg.lowres_size, total_steps=total)
         low_steps = round(cfg.lowres_epochs * (n // cfg.batch_size))
         step_for = lambda step: low_step if step < low_steps else full_step
         print(f"[backbone] steps 1-{low_steps} at {cfg.lowres_size}x{cfg.lowres_size}, "

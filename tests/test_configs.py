@@ -32,6 +32,8 @@ def test_overrides_are_typed():
     ({"whiten_stem": "1"}, "stem_channels must be in"),
     ({"lowres_size": "32"}, r"lowres_size must be 0 \(off\) or in \[8, image_size"),
     ({"branch_points": ""}, "at least one"),
+    ({"lr_start": "1.5"}, r"lr_start must be in \[0.0, 1.0\]"),
+    ({"lookahead_every": "40", "ema_decay": "0"}, "lookahead_every needs ema_decay > 0"),
 ])
 def test_bad_overrides_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
