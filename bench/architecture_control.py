@@ -9,7 +9,8 @@ airbench93's small VGG-like network (KellerJordan/cifar10-airbench: a 2x2 first 
 channels, then three groups of two 3x3 convs of 64, 128 and 128 channels with max pooling,
 BatchNorm without scale and GELU, identity-initialised convs, a bias-free linear head scaled
 by 1/9; 97.5 MFLOPs per image by XLA's count, the cifar config's 119) reaches 93% in 11
-epochs on a GPU with its own hyper-parameters and test-time augmentation. Here it is trained by *our* recipe, unchanged: the same splits, augmentation
+epochs on a GPU with its own hyper-parameters and test-time augmentation. Here it is
+trained by *our* recipe, unchanged: the same splits, augmentation
 (pad-crop, alternating flips), SGD+Nesterov with the triangular schedule, weight decay,
 BatchNorm offsets at 64x lr, label smoothing and EMA of the weights (config `cifar` and its
 `--set` overrides), at 32x32 throughout (progressive resizing is an Inception-config field),
@@ -45,7 +46,7 @@ from cnneb_jax.configs import get_config
 from cnneb_jax.data import alternating_flips, augment, epoch_batches, normalize
 from cnneb_jax.metrics import xla_flops
 from cnneb_jax.model import dirac_kernel, whitening_kernel
-from cnneb_jax.stages import average_weights, backbone_optimizer, init_ema
+from cnneb_jax.stages import backbone_optimizer, init_ema, next_state
 
 
 def identity_init(key, shape, dtype=jnp.float32):
@@ -104,7 +105,8 @@ def main() -> None:
                    help="epochs of the triangular schedule (peak at 23%% of them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the cifar config's recipe (lr, batch_size, ...)")
-    p.add_argument("--max-train", type=int, default=0, help="train on this many images (smoke runs)")
+    p.add_argument("--max-train", type=int, default=0,
+                   help="train on this many images (smoke runs)")
     p.add_argument("--out", default=None, help="write per-epoch accuracies and times as JSON")
     args = p.parse_args()
 
@@ -150,13 +152,7 @@ def main() -> None:
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        ema = None
-        if "ema" in state:
-            ema, params, new_stats = average_weights(cfg, state["ema"], params, new_stats,
-                                                     cfg.epochs * steps_per_epoch)
-        new = {"params": params, "stats": new_stats, "opt": opt}
-        if ema is not None:
-            new["ema"] = ema
+        new = next_state(cfg, state, params, new_stats, opt, cfg.epochs * steps_per_epoch)
         return new, loss
 
     apply_eval = jax.jit(lambda v, x: net.apply(

@@ -136,14 +136,20 @@ def lookahead(ema: dict, params: Variables, stats: Variables, decay: float, ever
             jax.tree_util.tree_map(reset, new["stats"], stats))
 
 
-def average_weights(cfg: Config, ema: dict, params: Variables, stats: Variables,
-                    total_steps: int) -> tuple[dict, Variables, Variables]:
-    """The step's weight averaging: the plain EMA (weights untouched) or, with
-    `lookahead_every`, the lookahead. Returns (EMA, weights, BatchNorm statistics)."""
+def next_state(cfg: Config, state: dict, params: Variables, stats: Variables, opt: Any,
+               total_steps: int) -> dict:
+    """The training state after a step's update, with the step's weight averaging if the
+    state keeps an EMA: the plain EMA (weights untouched) or, with `lookahead_every`, the
+    lookahead (which may reset the weights and statistics)."""
+    if "ema" not in state:
+        return {"params": params, "stats": stats, "opt": opt}
     if cfg.lookahead_every:
-        return lookahead(ema, params, stats, cfg.ema_decay, cfg.lookahead_every,
-                         cfg.lookahead_start * total_steps, total_steps)
-    return update_ema(ema, params, stats, cfg.ema_decay), params, stats
+        ema, params, stats = lookahead(state["ema"], params, stats, cfg.ema_decay,
+                                       cfg.lookahead_every, cfg.lookahead_start * total_steps,
+                                       total_steps)
+    else:
+        ema = update_ema(state["ema"], params, stats, cfg.ema_decay)
+    return {"params": params, "stats": stats, "opt": opt, "ema": ema}
 
 
 def backbone_state(cfg: Config, tx: optax.GradientTransformation, params: Variables,
@@ -241,13 +247,7 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **{f"acc_O{i + 1}": accs[i] for i in range(m)}}
-        if "ema" in state:
-            ema, params, new_stats = average_weights(cfg, state["ema"], params, new_stats,
-                                                     total_steps)
-        new_state = {"params": params, "stats": new_stats, "opt": opt}
-        if "ema" in state:
-            new_state["ema"] = ema
-        return new_state, metrics
+        return next_state(cfg, state, params, new_stats, opt, total_steps), metrics
 
     return step
 
