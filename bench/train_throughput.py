@@ -48,7 +48,8 @@ def make_runner(config: str, overrides: dict[str, str], steps_per_epoch: int):
     state = backbone_state(cfg, tx, params, stats)
     # The step at image_size, unless the variant names lowres_size: then the step at that
     # size (the config's default progressive resizing alone does not change what is timed).
-    step = make_backbone_step(model, cfg, tx, int(overrides.get("lowres_size", 0)))
+    step = make_backbone_step(model, cfg, tx, int(overrides.get("lowres_size", 0)),
+                              total_steps=cfg.epochs * steps_per_epoch)
     images = rng.integers(0, 256, (cfg.batch_size, cfg.image_size, cfg.image_size, 3), np.uint8)
     labels = rng.integers(0, cfg.num_classes, cfg.batch_size).astype(np.int32)
     holder = {"state": state, "i": 0}
