@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
@@ -28,21 +26,23 @@ def main() -> None:
 
     from cnneb_jax import data as data_lib
     from cnneb_jax.pipeline import materialize
-    from cnneb_jax.stages import load_trained, predict_all
+    from cnneb_jax.stages import exit_accuracies, load_trained, predict_all
 
     model, variables = load_trained(args.workdir)
     cfg = model.cfg
     data = data_lib.load_dataset(cfg, args.data_dir)
     n = min(args.train_images, len(data["train_labels"]))
-    splits = {"train": (materialize(data["train_images"])[:n], data["train_labels"][:n]),
+    # Slice before decoding: a streamed split decodes only the images evaluated.
+    splits = {"train": (materialize(data["train_images"][:n]), data["train_labels"][:n]),
               "test": (materialize(data["test_images"]), data["test_labels"])}
     acc = {}
     for name, (x, y) in splits.items():
         out = predict_all(model, variables, x, cfg.eval_batch_size, name)
-        acc[name] = [float(np.mean(o.argmax(-1) == y)) for o in out["exits"]]
+        acc[name] = exit_accuracies(out, y)
     print(f"exit   train ({n} images)   test ({len(splits['test'][1])})   gap")
-    for i, (a, b) in enumerate(zip(acc["train"], acc["test"])):
-        print(f"O{i + 1}     {a:.4f}               {b:.4f}          {100 * (a - b):.2f} pt")
+    for exit_name, a in acc["train"].items():
+        b = acc["test"][exit_name]
+        print(f"{exit_name}     {a:.4f}               {b:.4f}          {100 * (a - b):.2f} pt")
 
 
 if __name__ == "__main__":
