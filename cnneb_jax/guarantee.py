@@ -124,3 +124,17 @@ def exceedance_rates(cal: tuple[dict, np.ndarray], test: tuple[dict, np.ndarray]
             res[name].append((ref_t - test_point["accuracy"] > max_drop, test_point["flops"]))
     return {name: {"exceed_rate": float(np.mean([e for e, _ in v])),
                    "mean_flops": float(np.mean([f for _, f in v]))} for name, v in res.items()}
+
+
+def within_target_share(last_right: np.ndarray, cascade_right: np.ndarray, max_drop: float,
+                        resamples: int = 1000, seed: int = 0) -> float:
+    """Share of bootstrap resamples of these (test) images on which the cascade's realized
+    drop against the last exit alone stays within `max_drop`: how often a fresh test set
+    of this size would see the target kept."""
+    diff = np.asarray(last_right, float) - np.asarray(cascade_right, float)
+    rng = np.random.default_rng(seed)
+    kept = 0
+    for start in range(0, resamples, 100):  # 100 resamples at a time bounds the memory
+        idx = rng.integers(0, len(diff), (min(100, resamples - start), len(diff)))
+        kept += int((diff[idx].mean(axis=1) <= max_drop + 1e-12).sum())
+    return kept / resamples

@@ -78,3 +78,23 @@ def test_nothing_certified_returns_the_safe_threshold():
     assert p["threshold"] == 1.0 and p["share_exit1"] == 0.0 and p["drop_ucb"] == 0.0
     with pytest.raises(ValueError, match="max_drop must be in"):
         choose_threshold_guaranteed(out, y, "expert", COSTS, max_drop=1.5)
+
+
+def test_within_target_share_of_test_resamples():
+    from cnneb_jax.guarantee import within_target_share
+    n = 10_000
+    last = np.ones(n, bool)
+    same = last.copy()
+    assert within_target_share(last, same, 0.0, resamples=200) == 1.0
+    # The cascade loses exactly 1% of the images: a 1-point target is kept in about half
+    # the resamples, a 2-point one in all, a half-point one in none.
+    lost = last.copy()
+    lost[:100] = False
+    assert 0.35 < within_target_share(last, lost, 0.01, resamples=400, seed=1) < 0.65
+    assert within_target_share(last, lost, 0.02, resamples=200) == 1.0
+    assert within_target_share(last, lost, 0.005, resamples=200) == 0.0
+    # Gains offset losses.
+    gained = lost.copy()
+    last2 = last.copy()
+    last2[100:200] = False
+    assert within_target_share(last2, gained, 0.0, resamples=200) > 0.35

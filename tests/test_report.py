@@ -38,6 +38,10 @@ def test_sweep_writes_table_figures_and_points(tiny_workdir, image_folder, decod
         assert row["time_saving_min"] <= row["time_saving"] <= row["time_saving_max"]
         assert row["executed_flops"] >= row["flops"] - 1e-6  # padding only adds
         assert "routing_overhead" in row
+        # Certified by default (alpha 0.1): the bound met the target on the calibration split.
+        assert row["alpha"] == 0.1 and row["drop_ucb"] <= row["target_drop"] + 1e-12
+        assert 0.0 <= row["within_target"] <= 1.0
+    assert "within target (test bootstrap)" in table and "alpha 0.1" in table
     # the sweep is also a set of TensorBoard curves, one step per threshold
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
@@ -78,3 +82,10 @@ def test_stratified_subset_keeps_the_exit_shares():
     assert len(idx) == len(set(idx)) == 50
     assert (exits[idx] == 1).sum() == 9  # 18.5% of 50, rounded by largest remainder
     assert not np.array_equal(np.sort(idx), np.arange(50))  # drawn, not the first 50
+
+
+def test_evaluate_refuses_an_alpha_outside_0_1(capsys):
+    sys.path.insert(0, str(ROOT))
+    import evaluate
+    assert evaluate.main(["--workdir", "nowhere", "--sweep", "--alpha", "1.5"]) == 1
+    assert "--alpha must be in [0, 1)" in capsys.readouterr().err
