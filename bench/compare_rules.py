@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnneb_jax import api, checkpoints, data as data_lib  # noqa: E402
-from cnneb_jax.guarantee import choose_threshold_guaranteed  # noqa: E402
+from cnneb_jax.guarantee import bootstrap_means, choose_threshold_guaranteed  # noqa: E402
 from cnneb_jax.controller import all_outputs, last_exit_flops, path_flops  # noqa: E402
 from cnneb_jax.pipeline import materialize  # noqa: E402
 from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, route,  # noqa: E402
@@ -47,23 +47,6 @@ def per_image(outputs: dict, labels: np.ndarray, rule: str, threshold: float,
     exits = route(branch_scores(outputs, rule), threshold)
     preds = np.stack([o.argmax(-1) for o in outputs["exits"]])[exits, np.arange(len(labels))]
     return (preds == labels).astype(np.float64), costs[exits]
-
-
-def bootstrap_means(values: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
-    """Means of every array over the same bootstrap resamples of the images. A 2-D array
-    holds one row per expert seed: each resample also draws one of its rows."""
-    n = next(iter(values.values())).shape[-1]
-    rng = np.random.default_rng(seed)
-    out = {k: np.empty(resamples) for k in values}
-    for s in range(0, resamples, 100):
-        idx = rng.integers(0, n, (min(100, resamples - s), n))
-        for k, v in values.items():
-            if v.ndim == 2:
-                rows = rng.integers(0, len(v), len(idx))
-                out[k][s:s + len(idx)] = v[rows[:, None], idx].mean(1)
-            else:
-                out[k][s:s + len(idx)] = v[idx].mean(1)
-    return out
 
 
 def interval(x: np.ndarray) -> tuple[float, float]:

@@ -126,15 +126,28 @@ def exceedance_rates(cal: tuple[dict, np.ndarray], test: tuple[dict, np.ndarray]
                    "mean_flops": float(np.mean([f for _, f in v]))} for name, v in res.items()}
 
 
+def bootstrap_means(values: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
+    """Means of every array over the same bootstrap resamples of the images. A 2-D array
+    holds one row per expert seed: each resample also draws one of its rows."""
+    n = next(iter(values.values())).shape[-1]
+    rng = np.random.default_rng(seed)
+    out = {k: np.empty(resamples) for k in values}
+    for s in range(0, resamples, 100):
+        idx = rng.integers(0, n, (min(100, resamples - s), n))
+        for k, v in values.items():
+            if v.ndim == 2:
+                rows = rng.integers(0, len(v), len(idx))
+                out[k][s:s + len(idx)] = v[rows[:, None], idx].mean(1)
+            else:
+                out[k][s:s + len(idx)] = v[idx].mean(1)
+    return out
+
+
 def within_target_share(last_right: np.ndarray, cascade_right: np.ndarray, max_drop: float,
                         resamples: int = 1000, seed: int = 0) -> float:
     """Share of bootstrap resamples of these (test) images on which the cascade's realized
     drop against the last exit alone stays within `max_drop`: how often a fresh test set
     of this size would see the target kept."""
     diff = np.asarray(last_right, float) - np.asarray(cascade_right, float)
-    rng = np.random.default_rng(seed)
-    kept = 0
-    for start in range(0, resamples, 100):  # 100 resamples at a time bounds the memory
-        idx = rng.integers(0, len(diff), (min(100, resamples - start), len(diff)))
-        kept += int((diff[idx].mean(axis=1) <= max_drop + 1e-12).sum())
-    return kept / resamples
+    drops = bootstrap_means({"drop": diff}, resamples, seed)["drop"]
+    return float((drops <= max_drop + 1e-12).mean())

@@ -98,3 +98,17 @@ def test_within_target_share_of_test_resamples():
     last2 = last.copy()
     last2[100:200] = False
     assert within_target_share(last2, gained, 0.0, resamples=200) > 0.35
+
+
+def test_bootstrap_means_pairs_resamples_and_draws_seed_rows():
+    from cnneb_jax.guarantee import bootstrap_means
+    rng = np.random.default_rng(0)
+    a = rng.random(500)
+    out = bootstrap_means({"a": a, "same": a.copy(), "const": np.full((3, 500), 2.0)}, 250, 1)
+    assert out["a"].shape == (250,)
+    np.testing.assert_array_equal(out["a"], out["same"])  # the same resamples for every array
+    assert np.all(out["const"] == 2.0)
+    assert abs(out["a"].mean() - a.mean()) < 0.01 and out["a"].std() > 0
+    # A 2-D array: each resample draws one seed's row, so both rows' means occur.
+    two = bootstrap_means({"s": np.stack([np.zeros(500), np.ones(500)])}, 200, 2)["s"]
+    assert set(np.unique(two)) == {0.0, 1.0}
