@@ -4,8 +4,9 @@ For a batch, one compiled program per branch point runs the segment, its exit an
 rule's expert (`model.branch_fn`) and hands the host one small array of logits; the host
 scores every sample with the chosen rule and decides which leave. Only the samples routed
 onward are gathered (on the device) and run through the next program; answers are
-scattered back in input order. Sub-batches are padded to a few fixed bucket sizes, and
-`warm_up` compiles every program routing can reach, so nothing compiles afterwards.
+scattered back in input order. Sub-batches are padded to a few fixed bucket sizes; in a
+batch of several chunks the rows that go on wait on the device until they fill the largest
+bucket. `warm_up` compiles every program routing can reach, so nothing compiles afterwards.
 
 Rules (score = how sure we are that the sample may leave; it leaves when score > threshold):
   expert       softmax(E_i)[Other], the proposed expert (concat with O_i's output)
@@ -90,6 +91,14 @@ def _take(h: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take(h, idx, axis=0)
 
 
+def _put(buf: jax.Array, h: jax.Array, idx: jax.Array, offset: jax.Array,
+         count: jax.Array) -> jax.Array:
+    """Rows idx[:count] of h written to buf[offset:offset + count]; the rest of idx pads."""
+    j = jnp.arange(idx.shape[0])
+    target = jnp.where(j < count, offset + j, buf.shape[0])   # out of range: dropped
+    return buf.at[target].set(jnp.take(h, idx, axis=0), mode="drop")
+
+
 def _to_float(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
@@ -139,6 +148,10 @@ def _exported(c: Cascade, i: int, variant: str, x) -> jax.export.Exported:
 def _lower(c: Cascade, key: tuple, x):
     if key[0] == "take":
         return jax.jit(_take).lower(*x)
+    if key[0] == "put":   # the queue's buffer is updated in place
+        return jax.jit(_put, donate_argnums=0).lower(*x)
+    if key[0] == "zeros":
+        return jax.jit(lambda: jnp.zeros(x.shape, x.dtype)).lower()
     if key[0] == "pixels":
         return jax.jit(_to_float).lower(x)
     _, i, variant = key
@@ -255,56 +268,100 @@ def first_exit_flops(c: Cascade) -> float:
 def run_cascade(c: Cascade, images: np.ndarray, rule: str, threshold: float,
                 labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Routes a batch (uint8, or float in [0, 255], NHWC). Returns per sample: `logits` of
-    the exit taken, `exit` (0-based), `flops` of its path. A batch larger than the biggest
-    bucket runs in chunks, the next chunk's first program dispatched before the host routes
-    the current one, so the device is not idle while the host decides."""
+    the exit taken, `exit` (0-based), `flops` of its path; and `rows_run`, the rows each
+    branch program really ran, bucket padding included.
+
+    A batch larger than the biggest bucket runs in chunks, the next chunk's first program
+    dispatched before the host routes the current one, so the device is not idle while the
+    host decides. The rows that go on wait on the device, a queue per segment, until a
+    full bucket has gathered: the deep segments run in full buckets across chunks instead
+    of each chunk's few deep rows padded to a bucket (only the last, partial bucket pads).
+    With nothing waiting, the last rows to reach a segment run at once, as they are."""
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
     x = pixels(images)
     oracle = _oracle_all(c, x, labels) if rule == "oracle" else None
-    variant, top = RULE_VARIANT[rule], c.max_batch
-    starts = list(range(0, len(x), top))
-    first = lambda s: branch(c, 0, variant, pad_rows(x[s:s + top], bucket_for(c, len(x[s:s + top]))))
-    parts, ahead = [], first(0)
-    for k, s in enumerate(starts):
-        current = ahead
-        if k + 1 < len(starts):
-            ahead = first(starts[k + 1])
-        scores = None if oracle is None else [o[s:s + top] for o in oracle]
-        parts.append(_route(c, current, len(x[s:s + top]), rule, threshold, scores))
-    out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    out["flops"] = path_flops(c, rule)[out["exit"]]
-    return out
-
-
-def _route(c: Cascade, first_out, n: int, rule: str, threshold: float,
-           oracle: list[np.ndarray] | None) -> dict[str, np.ndarray]:
-    """Routes one chunk whose first branch program is already dispatched."""
-    m, k = c.model.num_exits, c.model.cfg.num_classes
-    variant = RULE_VARIANT[rule]
+    m, k, top = c.model.num_exits, c.model.cfg.num_classes, c.max_batch
+    variant, n = RULE_VARIANT[rule], len(x)
     logits = np.zeros((n, k), np.float32)
     exits = np.full(n, m - 1, np.int32)
-    active = np.arange(n)
-    out = first_out
-    for i in range(m):
+    rows_run = np.zeros(m, np.int64)
+    queues = [_Waiting() for _ in range(m)]   # queues[i]: rows waiting for program i >= 1
+    last = []                                 # the last exit's outputs, read at the end
+
+    def run(i: int, h, ids: np.ndarray, final: bool) -> None:
+        rows_run[i] += h.shape[0]
+        decide(i, branch(c, i, variant, h), ids, final)
+
+    def decide(i: int, out, ids: np.ndarray, final: bool) -> None:
+        """Program i's output for samples `ids`: those that leave are answered, the rest
+        go on. `final`: no more samples will reach program i + 1 from program i."""
         if i == m - 1:
-            logits[active] = np.asarray(out)[:len(active)]
-            break
+            last.append((out, ids))
+            return
         h, small = out
-        small = np.asarray(small)[:len(active)]   # the one host read per branch point
+        small = np.asarray(small)[:len(ids)]   # the one host read per branch point
         o, e = small[:, :k], small[:, k:]
-        score = oracle[i][active] if rule == "oracle" else rule_score(rule, o, e)
+        score = oracle[i][ids] if oracle is not None else rule_score(rule, o, e)
         leave = score > threshold
-        logits[active[leave]] = o[leave]
-        exits[active[leave]] = i
+        logits[ids[leave]] = o[leave]
+        exits[ids[leave]] = i
         keep = np.nonzero(~leave)[0]
-        if len(keep) == 0:
-            break
-        if len(keep) < len(active):   # nobody left: the rows are already in place
-            h = gather(c, h, pad_rows(keep.astype(np.int32), bucket_for(c, len(keep))))
-        active = active[keep]
-        out = branch(c, i + 1, variant, h)
-    return {"logits": logits, "exit": exits}
+        q = queues[i + 1]
+        if len(keep) and q.count == 0 and (final or len(keep) == top):
+            # Nothing waits, and these are a full bucket or the last to come: run them now.
+            if len(keep) < len(ids):   # when nobody left, the rows are already in place
+                h = gather(c, h, pad_rows(keep.astype(np.int32), bucket_for(c, len(keep))))
+            run(i + 1, h, ids[keep], final)
+            return
+        while len(keep):
+            part, keep = keep[:top - q.count], keep[top - q.count:]
+            q.push(c, h, part, ids[part])
+            if q.count == top:
+                run(i + 1, *q.pop(c), final=False)
+
+    starts = list(range(0, n, top))
+    first = lambda s: pad_rows(x[s:s + top], bucket_for(c, len(x[s:s + top])))
+    ahead = branch(c, 0, variant, first(0)) if n else None
+    for j, s in enumerate(starts):
+        current, final = ahead, j + 1 == len(starts)
+        rows_run[0] += bucket_for(c, len(x[s:s + top]))
+        if not final:
+            ahead = branch(c, 0, variant, first(starts[j + 1]))
+        decide(0, current, np.arange(s, min(s + top, n)), final)
+    for i in range(1, m):   # what still waits, segment by segment
+        if queues[i].count:
+            run(i, *queues[i].pop(c), final=True)
+    for out, ids in last:
+        logits[ids] = np.asarray(out)[:len(ids)]
+    return {"logits": logits, "exit": exits, "flops": path_flops(c, rule)[exits],
+            "rows_run": rows_run}
+
+
+@dataclasses.dataclass
+class _Waiting:
+    """Features of the rows waiting for one branch program: rows [0, count) of a device
+    buffer of `max_batch` rows (reused, updated in place), and the sample of each row."""
+    buf: jax.Array | None = None
+    count: int = 0
+    ids: list = dataclasses.field(default_factory=list)
+
+    def push(self, c: Cascade, h: jax.Array, rows: np.ndarray, ids: np.ndarray) -> None:
+        """Appends rows `rows` of device features `h` (at most the free room)."""
+        if self.buf is None:
+            spec = jax.ShapeDtypeStruct((c.max_batch,) + h.shape[1:], h.dtype)
+            self.buf = _program(c, ("zeros",), spec)()
+        idx = pad_rows(rows.astype(np.int32), h.shape[0])
+        args = (self.buf, h, idx, np.int32(self.count), np.int32(len(rows)))
+        self.buf = _program(c, ("put",), args)(*args)
+        self.count += len(rows)
+        self.ids.append(ids)
+
+    def pop(self, c: Cascade) -> tuple[jax.Array, np.ndarray]:
+        """Everything waiting, as a copy of the buffer's first bucket, and its samples."""
+        n, ids = self.count, np.concatenate(self.ids)
+        self.count, self.ids = 0, []
+        return gather(c, self.buf, np.arange(bucket_for(c, n), dtype=np.int32)), ids
 
 
 def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
@@ -370,9 +427,9 @@ ROUTED_RULES = ("expert", "aux5b", "max_softmax", "entropy")
 
 def warm_up(c: Cascade, rules: tuple[str, ...] = ROUTED_RULES, workers: int | None = None) -> int:
     """Compiles, without running them, the programs `run_cascade` can reach for `rules`:
-    every branch program at every bucket size, the cast of uint8 pixels, and every gather
+    every branch program at every bucket size, the cast of uint8 pixels, every gather
     routing can run (from a bucket to the same or a smaller one: the samples that go on are
-    never more than those that came in). Lowering runs here in turn; compiling (or reading
+    never more than those that came in) and the queue's programs. Lowering runs here in turn; compiling (or reading
     the persistent cache) in `workers` threads meanwhile. Returns the number of programs."""
     cfg, m = c.model.cfg, c.model.num_exits
     variants = sorted({RULE_VARIANT[r] for r in rules})
@@ -395,6 +452,14 @@ def warm_up(c: Cascade, rules: tuple[str, ...] = ROUTED_RULES, workers: int | No
                     if q <= p:
                         idx = jax.ShapeDtypeStruct((q,), jnp.int32)
                         todo[("take", _signature((x, idx)))] = (x, idx)
+                # The queue of rows waiting for program i + 1: its buffer, and appending
+                # rows of a bucket of features to it.
+                buf = jax.ShapeDtypeStruct((c.max_batch,) + x.shape[1:], x.dtype)
+                todo[("zeros", _signature(buf))] = buf
+                idx, scalar = (jax.ShapeDtypeStruct((p,), jnp.int32),
+                               jax.ShapeDtypeStruct((), jnp.int32))
+                args = (buf, x, idx, scalar, scalar)
+                todo[("put", _signature(args))] = args
     todo = {k: x for k, x in todo.items() if k not in c.programs}
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         # Each program compiles (or is read from the cache) while the next is lowered.

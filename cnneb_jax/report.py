@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnneb_jax.controller import (Cascade, all_outputs, bucket_for, first_exit_flops,
+from cnneb_jax.controller import (Cascade, all_outputs, first_exit_flops,
                                   last_exit_flops, path_flops, run_cascade, run_plain,
                                   softmax_np, step_flops)
 from cnneb_jax.guarantee import choose_threshold_guaranteed, within_target_share
@@ -108,21 +108,13 @@ def stratified(exits: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return rng.permutation(np.concatenate(idx))
 
 
-def executed_flops(c: Cascade, exits: np.ndarray, rule: str) -> float:
-    """FLOPs per image that the controller really ran for these exits, bucket padding
-    included: each chunk of at most `max_batch` runs segment and exit i (and the rule at a
-    branch point) at the bucket size of the samples still active there."""
+def executed_flops(c: Cascade, rows_run: np.ndarray, n: int, rule: str) -> float:
+    """FLOPs per image of `n` that the controller really ran, bucket padding included:
+    program i ran segment and exit i (and the rule at a branch point) on `rows_run[i]`
+    rows (what `run_cascade` returns)."""
     segs, heads, rule_cost = step_flops(c, rule)
-    m = len(segs)
-    total = 0.0
-    for s in range(0, len(exits), c.max_batch):
-        chunk = exits[s:s + c.max_batch]
-        for i in range(m):
-            active = int((chunk >= i).sum())
-            if active == 0:
-                break
-            total += bucket_for(c, active) * (segs[i] + heads[i] + rule_cost[i])
-    return total / len(exits)
+    per_row = [segs[i] + heads[i] + rule_cost[i] for i in range(len(segs))]
+    return float(np.dot(rows_run, per_row)) / n
 
 
 def _write_tensorboard(logdir: Path, points: list[dict]) -> None:
@@ -223,7 +215,7 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
             run = lambda x, r=rule, t=t: run_cascade(c, x, r, t)
             row = {"rule": rule, "target_drop": drop, "threshold": t, "accuracy": test_acc,
                    "flops": float(real["flops"].mean()),
-                   "executed_flops": executed_flops(c, real["exit"], rule),
+                   "executed_flops": executed_flops(c, real["rows_run"], len(x_test), rule),
                    "share_exit1": float((real["exit"] == 0).mean()),
                    "alpha": alpha or None, "drop_ucb": chosen.get("drop_ucb"),
                    "within_target": within_target_share(

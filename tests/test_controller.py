@@ -6,7 +6,7 @@ import pytest
 from jax import monitoring
 
 from cnneb_jax.configs import get_config
-from cnneb_jax.controller import (all_outputs, bucket_sizes, make_cascade, path_flops,
+from cnneb_jax.controller import (all_outputs, bucket_for, bucket_sizes, make_cascade, path_flops,
                                   run_cascade, warm_up)
 from cnneb_jax.model import build_model, init_variables
 
@@ -72,11 +72,31 @@ def test_three_exits_route_through_both_experts():
     from cnneb_jax.sweep import branch_scores, route
     scores = branch_scores(full, "entropy")
     t = float(np.median(np.concatenate(scores)))
-    out = run_cascade(c, x, "entropy", t)
-    np.testing.assert_array_equal(out["exit"], route(scores, t))
+    for max_batch in (16, 2):   # one chunk; chunks whose deep rows queue at both segments
+        c = make_cascade(c.model, c.variables, max_batch)
+        out = run_cascade(c, x, "entropy", t)
+        np.testing.assert_array_equal(out["exit"], route(scores, t))
+        for i, e in enumerate(out["exit"]):
+            np.testing.assert_allclose(out["logits"][i], full["exits"][e][i], **TOL)
+    assert path_flops(c, "entropy").shape == (3,)
+
+
+@pytest.mark.parametrize("rule", ["expert", "max_softmax"])
+def test_deep_rows_wait_for_a_full_bucket_across_chunks(images, rule):
+    from cnneb_jax.sweep import branch_scores
+    c = _cascade(get_config("tiny"), max_batch=4)   # buckets 1, 2, 4
+    x = np.concatenate([images, images])            # 22 images: 5 chunks of 4, one of 2
+    full = all_outputs(c, x)
+    t = float(np.quantile(branch_scores(full, rule)[0], 0.4))
+    out = run_cascade(c, x, rule, t)
+    deep = int((out["exit"] == 1).sum())
+    assert 0 < deep < len(x)
     for i, e in enumerate(out["exit"]):
         np.testing.assert_allclose(out["logits"][i], full["exits"][e][i], **TOL)
-    assert path_flops(c, "entropy").shape == (3,)
+    # Every image ran the first program (the last chunk as a bucket of 2); the deep rows
+    # ran in full buckets of 4 across chunks, and only their last, partial bucket padded.
+    tail = bucket_for(c, deep % 4) if deep % 4 else 0
+    assert out["rows_run"].tolist() == [22, 4 * (deep // 4) + tail]
 
 
 def test_oracle_needs_labels_and_sends_ft_deep(cascade, images):

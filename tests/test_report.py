@@ -58,21 +58,17 @@ def _fake_cascade(buckets=(1, 2, 4, 8, 16)):
     return Cascade(None, None, {}, buckets, flops)
 
 
-def test_executed_flops_count_bucket_padding():
+def test_executed_flops_count_the_rows_run():
     from cnneb_jax.report import executed_flops
     c = _fake_cascade()
-    # 16 images, 5 go deep: the deep segment runs on a bucket of 8, not 5.
-    exits = np.array([1] * 5 + [0] * 11)
-    assert executed_flops(c, exits, "expert") == pytest.approx(
+    # 16 images ran the first program; 5 went deep, run as a bucket of 8.
+    assert executed_flops(c, np.array([16, 8]), 16, "expert") == pytest.approx(
         (16 * (10 + 1 + 2) + 8 * 100) / 16)
-    assert executed_flops(c, exits, "max_softmax") == pytest.approx((16 * 11 + 8 * 100) / 16)
-    # Exactly a bucket deep: no padding, executed = useful.
-    exits = np.array([1] * 8 + [0] * 8)
-    assert executed_flops(c, exits, "max_softmax") == pytest.approx((16 * 11 + 8 * 100) / 16)
-    # 20 images: chunks of 16 and 4, each padded separately.
-    exits = np.array([1] * 3 + [0] * 13 + [1, 0, 0, 0])
-    want = (16 * 11 + 4 * 100) + (4 * 11 + 1 * 100)
-    assert executed_flops(c, exits, "max_softmax") == pytest.approx(want / 20)
+    assert executed_flops(c, np.array([16, 8]), 16, "max_softmax") == pytest.approx(
+        (16 * 11 + 8 * 100) / 16)
+    # Padding of the first program counts too (20 images as 16 + a bucket of 4).
+    assert executed_flops(c, np.array([20, 0]), 18, "max_softmax") == pytest.approx(
+        20 * 11 / 18)
 
 
 def test_stratified_subset_keeps_the_exit_shares():
