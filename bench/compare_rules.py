@@ -9,8 +9,14 @@ over every distinct calibration score as a candidate threshold; or, with --alpha
 cheapest threshold Learn-then-Test certifies (`api.calibrate(..., alpha=)`). Test images then give each
 rule's accuracy and FLOPs saving, and the proposed expert is compared with every other rule
 on the same bootstrap resamples of the test images (paired): the difference in FLOPs saving
-and in accuracy, with 95% percentile intervals, and a verdict. Expert seeds are not varied
-here (one trained expert per workdir), so the intervals cover test-set sampling only.
+and in accuracy, with 95% percentile intervals, and a verdict. By default each expert is the
+workdir's one trained copy, so the intervals cover test-set sampling only; with
+--expert-scores (and --aux5b-scores) the seeds of bench/expert_seeds.py take its place and
+every resample also draws a seed, so the intervals cover both.
+
+    python bench/compare_rules.py --workdir pretrained/cifar --data-dir ../shared/datasets/cifar10-jpeg \
+        --expert-scores runs/es15/part1_scores.npz --aux5b-scores runs/es15/part2_scores.npz \
+        --aux5b-name Aux+5b
 """
 
 from __future__ import annotations
@@ -74,8 +80,11 @@ def main() -> None:
     p.add_argument("--expert-name", default="E1 (paper)",
                    help="which expert of --expert-scores the 'expert' rule uses")
     p.add_argument("--aux5b-name", default=None,
-                   help="which expert of --expert-scores the 'aux5b' rule uses (default: the "
+                   help="which expert of --aux5b-scores the 'aux5b' rule uses (default: the "
                         "workdir's own)")
+    p.add_argument("--aux5b-scores", default=None,
+                   help="the seeds file --aux5b-name is read from (default: --expert-scores), "
+                        "when the Aux+5b seeds were trained in another expert_seeds.py run")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
     drops = [float(d) for d in args.drops.split(",")]
@@ -89,20 +98,20 @@ def main() -> None:
     ref_cal = float((out_cal["exits"][-1].argmax(-1) == y_cal).mean())
     ref_correct = (out_test["exits"][-1].argmax(-1) == y_test).astype(np.float64)
     seeded = {}
-    if args.expert_scores:
-        npz = np.load(args.expert_scores)
-        for rule, name in (("expert", args.expert_name), ("aux5b", args.aux5b_name)):
-            if name is None:
-                continue
-            if f"{name}|calib" not in npz:
-                p.error(f"{args.expert_scores} has no expert {name!r}; it has "
-                        f"{sorted({k.split('|')[0] for k in npz.files if '|' in k})}")
-            cal, test = npz[f"{name}|calib"], npz[f"{name}|test"]
-            if cal.shape[1] != len(y_cal) or test.shape[1] != len(y_test):
-                p.error(f"{args.expert_scores} was made on other calibration/test images")
-            seeded[rule] = [(with_scores(out_cal, rule, a), with_scores(out_test, rule, b))
-                            for a, b in zip(cal, test)]
-            print(f"rule {rule!r}: {len(cal)} seeds of {name}")
+    files = {"expert": args.expert_scores, "aux5b": args.aux5b_scores or args.expert_scores}
+    for rule, name in (("expert", args.expert_name), ("aux5b", args.aux5b_name)):
+        if name is None or files[rule] is None:
+            continue
+        npz = np.load(files[rule])
+        if f"{name}|calib" not in npz:
+            p.error(f"{files[rule]} has no expert {name!r}; it has "
+                    f"{sorted({k.split('|')[0] for k in npz.files if '|' in k})}")
+        cal, test = npz[f"{name}|calib"], npz[f"{name}|test"]
+        if cal.shape[1] != len(y_cal) or test.shape[1] != len(y_test):
+            p.error(f"{files[rule]} was made on other calibration/test images")
+        seeded[rule] = [(with_scores(out_cal, rule, a), with_scores(out_test, rule, b))
+                        for a, b in zip(cal, test)]
+        print(f"rule {rule!r}: {len(cal)} seeds of {name}")
     print(f"{len(y_cal)} calibration images (O{c.model.num_exits} {ref_cal:.4f}), "
           f"{len(y_test)} test images (O{c.model.num_exits} {ref_correct.mean():.4f}); "
           f"{args.resamples} paired bootstrap resamples of the test images")
