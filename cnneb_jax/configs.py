@@ -78,6 +78,9 @@ class Config:
     # so near-identical images never sit on both sides. "" = images held out one by one.
     group_pattern: str = ""
     pad_crop: int = 2              # random-crop padding; light augmentation suits a short run
+    # What the crop's padding holds: "zeros" (black pixels) or "reflect" (the image mirrored
+    # at its border, airbench's choice).
+    pad_mode: str = "zeros"
     # Progressive resizing: the first `lowres_epochs` epochs of the backbone stage train on
     # the augmented images downscaled to `lowres_size`; the rest, and every evaluation, at
     # image_size. A 24x24 step runs 1.9x faster here (bench/train_throughput.py), so 18
@@ -232,7 +235,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "padding": ("SAME", "VALID"), "compute_dtype": ("float32", "bfloat16", "float64"),
     "expert_inputs": ("paper", "paper+confidence"), "flip": ("random", "alternate"),
     "resize": ("none", "resize_crop", "random_resized_crop"),
-    "pipeline": ("auto", "memory", "stream"),
+    "pipeline": ("auto", "memory", "stream"), "pad_mode": ("zeros", "reflect"),
 }
 
 

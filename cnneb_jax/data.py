@@ -419,13 +419,16 @@ def normalize(images: jax.Array) -> jax.Array:
     return (images.astype(jnp.float32) - MEAN) / STD
 
 
-def augment(rng: jax.Array, images: jax.Array, pad: int, flip: bool = True) -> jax.Array:
-    """Random crop with `pad` pixels of zero padding, then (if `flip`) a random horizontal
-    flip. With `flip=False` the caller flips, e.g. by `alternating_flips`."""
+def augment(rng: jax.Array, images: jax.Array, pad: int, flip: bool = True,
+            pad_mode: str = "zeros") -> jax.Array:
+    """Random crop with `pad` pixels of padding (`pad_mode` "zeros" or "reflect"), then (if
+    `flip`) a random horizontal flip. With `flip=False` the caller flips, e.g. by
+    `alternating_flips`."""
     n, h, w, _ = images.shape
     k1, k2 = jax.random.split(rng)
     if pad > 0:
-        padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        mode = {"zeros": "constant", "reflect": "reflect"}[pad_mode]
+        padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
         offsets = jax.random.randint(k1, (n, 2), 0, 2 * pad + 1)
         crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
         images = jax.vmap(crop)(padded, offsets)

@@ -239,7 +239,8 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
     @jax.jit
     def step(state, images, labels, rng):
         k_aug, k_drop = jax.random.split(rng)
-        x = normalize(augment(k_aug, images, cfg.pad_crop, flip=cfg.flip == "random"))
+        x = normalize(augment(k_aug, images, cfg.pad_crop, flip=cfg.flip == "random",
+                              pad_mode=cfg.pad_mode))
         if size != x.shape[1]:
             x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "linear", antialias=True)
         (loss, (new_stats, ce, accs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -538,7 +539,7 @@ def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation
 
     @jax.jit
     def step(state, images, labels, rng, class_w):
-        x = normalize(augment(rng, images, cfg.pad_crop))
+        x = normalize(augment(rng, images, cfg.pad_crop, pad_mode=cfg.pad_mode))
         (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["stats"], x, labels, class_w)
         updates, opt = tx.update(grads, state["opt"], state["params"])

@@ -73,6 +73,22 @@ def test_augment_without_flip_only_crops():
         assert jnp.array_equal(out, imgs)
 
 
+def test_reflect_padding_crops_hold_only_image_pixels():
+    imgs = jnp.arange(16 * 8 * 8 * 1, dtype=jnp.float32).reshape(16, 8, 8, 1) + 1
+    out = augment(jax.random.PRNGKey(0), imgs, pad=2, flip=False, pad_mode="reflect")
+    zeros = augment(jax.random.PRNGKey(0), imgs, pad=2, flip=False)
+    assert (out > 0).all() and (zeros == 0).any()
+    # Same offsets: where the zero-padded crop shows the image, so does the reflected one;
+    # its border rows are the image mirrored (row -1 of a crop at offset 0 is image row 1).
+    seen = zeros > 0
+    np.testing.assert_array_equal(out[seen], zeros[seen])
+    z = np.asarray(zeros)
+    top = np.nonzero((z[:, 0] == 0).all(axis=(1, 2)) & (z[:, 1] == 0).all(axis=(1, 2)))[0]
+    assert len(top) > 0
+    for i in top:   # crops starting 2 rows above the image: rows 2, 1, 0, 1, 2
+        np.testing.assert_array_equal(out[i, 0], out[i, 4])
+
+
 def test_alternating_flips_mirror_each_image_every_other_epoch():
     first = alternating_flips(3, 1000, 0)
     assert 400 < first.sum() < 600
