@@ -429,8 +429,9 @@ def warm_up(c: Cascade, rules: tuple[str, ...] = ROUTED_RULES, workers: int | No
     """Compiles, without running them, the programs `run_cascade` can reach for `rules`:
     every branch program at every bucket size, the cast of uint8 pixels, every gather
     routing can run (from a bucket to the same or a smaller one: the samples that go on are
-    never more than those that came in) and the queue's programs. Lowering runs here in turn; compiling (or reading
-    the persistent cache) in `workers` threads meanwhile. Returns the number of programs."""
+    never more than those that came in) and the queue's programs. Lowering runs here in
+    turn; compiling (or reading the persistent cache) in `workers` threads meanwhile.
+    Returns the number of programs."""
     cfg, m = c.model.cfg, c.model.num_exits
     variants = sorted({RULE_VARIANT[r] for r in rules})
     # Each segment's input (pixels, then features) for one image, traced once.
