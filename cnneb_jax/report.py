@@ -197,7 +197,9 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
     oracle_pts = [p for p in points if p["rule"] == "oracle"]
     cal_ref = float((out_cal["exits"][-1].argmax(-1) == y_cal).mean())
     costs_of = {r: path_flops(c, r) for r in EXPERT_RULES}
-    cal_pts_of = {r: sweep_rule(out_cal, y_cal, r, costs_of[r]) for r in EXPERT_RULES}
+    # The no-margin fit's grid on calibration; certified points search every score instead.
+    cal_pts_of = {} if alpha else {r: sweep_rule(out_cal, y_cal, r, costs_of[r])
+                                   for r in EXPERT_RULES}
     scores_test = {r: branch_scores(out_test, r) for r in EXPERT_RULES}
     last_right = out_test["exits"][-1].argmax(-1) == y_test
     for drop in DROPS:
