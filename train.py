@@ -46,6 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "Isolated steps ran 1.2x faster on 2 devices on a 2-core host, a "
                         "real run did not (docs/RESULTS.md); GPUs are not affected. "
                         "batch_size must be a multiple of the device count")
+    p.add_argument("--backbone-from", default=None, metavar="DIR",
+                   help="with --stage expert and a new --workdir: train the experts on the "
+                        "frozen backbone of DIR (a trained workdir or a release such as "
+                        "pretrained/cifar) instead of this workdir's own, e.g. "
+                        "--config cifar_confidence for the E1 ablation; the configs may "
+                        "differ only in the expert stage's fields. evaluate.py --ablation "
+                        "then sweeps the two side by side")
     p.add_argument("--retrain", action="store_true",
                    help="train the chosen stage(s) again even if already finished")
     return p.parse_args(argv)
@@ -60,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
+    if args.backbone_from is not None and args.stage != "expert":
+        print("error: --backbone-from goes with --stage expert", file=sys.stderr)
+        return 2
     # Imports after parsing so that --help is instant.
     from pathlib import Path
 
@@ -91,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("backbone", "all"):
             train_backbone(cfg, data, args.workdir, retrain=args.retrain)
         if args.stage in ("expert", "all"):
-            train_expert(cfg, data, args.workdir, retrain=args.retrain)
+            train_expert(cfg, data, args.workdir, retrain=args.retrain,
+                         backbone_from=args.backbone_from)
     except (ValueError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -67,8 +67,10 @@ def exit_accuracy_on(model: Model, variables: Variables, images: np.ndarray,
 def save_release(workdir: str | Path, out: str | Path, command: str, test_dir: str | Path,
                  per_class: int = 50) -> dict:
     """Writes the release folder `out` from a finished workdir; returns its release.json."""
-    from cnneb_jax.stages import load_trained
+    from cnneb_jax.stages import backbone_source, load_trained
     workdir, out = Path(workdir), Path(out)
+    # A workdir trained with --backbone-from has its backbone's result where that came from.
+    done_in = {"backbone": backbone_source(workdir) or workdir, "expert": workdir}
     model, variables = load_trained(workdir)
     variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), variables)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,12 +80,12 @@ def save_release(workdir: str | Path, out: str | Path, command: str, test_dir: s
         shutil.copy(workdir / ckpt.CLASS_NAMES_FILE, out / ckpt.CLASS_NAMES_FILE)
     for stage in ("backbone", "expert"):
         (out / stage).mkdir(exist_ok=True)
-        shutil.copy(workdir / stage / "result.json", out / stage / "result.json")
+        shutil.copy(done_in[stage] / stage / "result.json", out / stage / "result.json")
     files, labels = reference_files(test_dir, per_class)
     meta = {
         "command": command,
         "source_workdir": str(workdir),
-        "test_accuracy": json.loads((workdir / "backbone" / "result.json").read_text())
+        "test_accuracy": json.loads((done_in["backbone"] / "backbone" / "result.json").read_text())
         ["test_accuracy"],
         "reference": {"per_class": per_class, "images": len(files),
                       "accuracy": exit_accuracy_on(model, variables, read_images(files),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from cnneb_jax import checkpoints as ckpt
 from cnneb_jax import distributed as dist
-from cnneb_jax import pipeline
+from cnneb_jax import pipeline, release
 from cnneb_jax.configs import Config
 from cnneb_jax.data import alternating_flips, augment, epoch_batches, normalize
 from cnneb_jax.heads import FT, OTHER
@@ -388,6 +389,9 @@ def _check_runs_at(model: Model, params: Variables, stats: Variables, size: int)
 def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
     workdir = Path(workdir)
     stage_dir = workdir / "backbone"
+    if backbone_source(workdir) is not None:
+        raise TrainingError(f"{workdir} takes its backbone from {backbone_source(workdir)} "
+                            "(--backbone-from); it trains experts only")
     done = _begin_stage(cfg, workdir, "backbone", retrain, data.get("class_names"))
     if done is not None:
         return done
@@ -471,9 +475,60 @@ def _restore_stage(workdir: Path, stage: str, params: Variables, stats: Variable
     return restored[1]
 
 
+# The fields only the expert stage reads: a workdir whose backbone comes from another
+# (`link_backbone`) may differ from that one in these alone.
+EXPERT_STAGE_FIELDS = ("name", "seed", "expert_hidden", "expert_inputs", "expert_epochs",
+                       "expert_batch_size", "expert_lr", "aux5b_lr", "expert_weight_decay")
+BACKBONE_LINK = "backbone_from.json"
+
+
+def link_backbone(cfg: Config, workdir: str | Path, source: str | Path) -> None:
+    """Makes a new workdir take its backbone from `source` (a workdir with a finished
+    backbone stage, or a release folder) instead of training one, so that experts of
+    another kind (e.g. `expert_inputs`, an ablation) are trained on the very same frozen
+    backbone and held-out split. The configs may differ only in EXPERT_STAGE_FIELDS. The
+    link is stored relative to the workdir, so the two can move together."""
+    workdir, source = Path(workdir), Path(source)
+    if (workdir / "backbone").exists():
+        raise TrainingError(f"{workdir} has a backbone stage of its own; take a backbone "
+                            "from another workdir only into a new workdir")
+    if source.resolve() == workdir.resolve():
+        raise TrainingError("a workdir cannot take its backbone from itself")
+    src_cfg = ckpt.load_config(source)
+    if not release.is_release(source) and _stage_done(source / "backbone") is None:
+        raise TrainingError(f"{source} has no finished backbone stage")
+    diff = ckpt.config_diff(src_cfg, cfg, ignore=EXPERT_STAGE_FIELDS)
+    if diff:
+        raise TrainingError(f"the backbone of {source} was trained with another config "
+                            f"({diff}); only the expert stage's fields may differ: "
+                            + ", ".join(EXPERT_STAGE_FIELDS))
+    rel = os.path.relpath(source.resolve(), workdir.resolve())
+    linked = backbone_source(workdir)
+    if linked is not None and linked != source.resolve():
+        raise TrainingError(f"{workdir} already takes its backbone from {linked}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(workdir / BACKBONE_LINK, {"path": rel})
+
+
+def backbone_source(workdir: str | Path) -> Path | None:
+    """Where a workdir's backbone comes from when `link_backbone` linked it, else None."""
+    link = Path(workdir) / BACKBONE_LINK
+    if not link.exists():
+        return None
+    return (Path(workdir).resolve() / json.loads(link.read_text())["path"]).resolve()
+
+
 def load_backbone(workdir: str | Path, cfg: Config) -> tuple[Model, Variables]:
-    """The finished backbone of a workdir (segments and exits, eval-ready)."""
+    """The finished backbone of a workdir (segments and exits, eval-ready), or of the
+    workdir or release it is linked to."""
     workdir = Path(workdir)
+    source = backbone_source(workdir)
+    if source is not None:
+        if not source.exists():
+            raise TrainingError(f"{workdir} takes its backbone from {source}, which is gone")
+        if release.is_release(source):
+            return build_model(cfg), _subset(release.load_release(source)[1], BACKBONE_GROUPS)
+        return load_backbone(source, cfg)
     if _stage_done(workdir / "backbone") is None:
         raise TrainingError(f"{workdir} has no finished backbone stage; "
                             "run `python train.py --stage backbone` first")
@@ -580,10 +635,15 @@ def _warn_leak(heldout_rate: list[float], test_rate: list[float], n_test: int) -
                   f"give held-out images of your own (--val-dir)", file=sys.stderr)
 
 
-def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
+def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False,
+                 backbone_from: str | Path | None = None) -> dict:
+    """The expert stage on the workdir's frozen backbone, or, with `backbone_from`, on the
+    backbone of another workdir or release (see `link_backbone`)."""
     workdir = Path(workdir)
     stage_dir = workdir / "expert"
     done = _begin_stage(cfg, workdir, "expert", retrain, data.get("class_names"))
+    if backbone_from is not None:
+        link_backbone(cfg, workdir, backbone_from)
     if done is not None:
         return done
     t_start = time.time()
@@ -635,7 +695,6 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
 def load_trained(workdir: str | Path) -> tuple[Model, Variables]:
     """Backbone and experts of a finished workdir (or a release folder, see release.py),
     for evaluation and the API."""
-    from cnneb_jax import release
     workdir = Path(workdir)
     if release.is_release(workdir):
         return release.load_release(workdir)

@@ -107,6 +107,19 @@ def tiny_workdir(tiny_run) -> Path:
     return tiny_run[0]
 
 
+@pytest.fixture(scope="session")
+def tiny_ablation(tiny_run, tiny_cfg, tiny_data) -> Path:
+    """A workdir whose experts take only O1's softmax (`expert_inputs="paper"`, where the
+    tiny config adds the confidence features), trained on the tiny run's own backbone
+    (`train_expert(backbone_from=...)`), shared like `tiny_run`."""
+    from cnneb_jax.stages import train_expert
+    workdir = tiny_run[0].parent / "tiny-ablation"
+    with _exclusive(tiny_run[0].parent / "tiny-ablation.lock"):
+        train_expert(tiny_cfg.replace(expert_inputs="paper"), tiny_data, workdir,
+                     backbone_from=tiny_run[0])
+    return workdir
+
+
 def copy_workdir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -205,6 +205,35 @@ def test_expert_needs_a_backbone(tiny_cfg, tiny_data, tmp_path):
         train_expert(tiny_cfg, tiny_data, tmp_path)
 
 
+def test_experts_train_on_the_backbone_of_another_workdir(trained, tiny_cfg, tiny_data,
+                                                           tiny_ablation, tmp_path):
+    from cnneb_jax.stages import backbone_source
+    assert backbone_source(tiny_ablation) == trained[0].resolve()
+    assert not (tiny_ablation / "backbone").exists()  # nothing of its own
+    _, own = load_trained(trained[0])
+    _, linked = load_trained(tiny_ablation)
+    assert _leaves_equal({g: own[g] for g in ("segments", "heads")},
+                         {g: linked[g] for g in ("segments", "heads")})
+    # Its experts are the ablation's: E1 takes fewer inputs, so it has fewer weights.
+    size = lambda v: sum(x.size for x in jax.tree_util.tree_leaves(v["experts"]))
+    assert size(linked) < size(own)
+    # The link survives a move of both folders together (it is stored relative).
+    moved = tmp_path / "moved"
+    shutil.copytree(trained[0], moved / trained[0].name)
+    shutil.copytree(tiny_ablation, moved / tiny_ablation.name)
+    _, again = load_trained(moved / tiny_ablation.name)
+    assert backbone_source(moved / tiny_ablation.name) == (moved / trained[0].name).resolve()
+    assert _leaves_equal(again, linked)
+    # A linked workdir trains no backbone; a backbone field that differs is refused.
+    with pytest.raises(TrainingError, match="takes its backbone from"):
+        train_backbone(tiny_cfg.replace(expert_inputs="paper"), tiny_data, tiny_ablation)
+    with pytest.raises(TrainingError, match="width"):
+        train_expert(tiny_cfg.replace(width=0.125), tiny_data, tmp_path / "w",
+                     backbone_from=trained[0])
+    with pytest.raises(TrainingError, match="own"):
+        train_expert(tiny_cfg, tiny_data, trained[0], backbone_from=tiny_ablation)
+
+
 def test_different_seeds_differ(trained, tiny_cfg, tiny_data, tmp_path):
     cfg2 = tiny_cfg.replace(seed=1)
     train_backbone(cfg2, tiny_data, tmp_path / "b")
