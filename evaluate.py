@@ -33,8 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the --val-dir the workdir was trained with, if any (its last "
                         "calib_size images are the calibration split)")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/cnneb_jax)")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="largest batch the controller runs at once (default 256)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="largest batch the controller runs at once, O2 alone included "
+                        "(default 128: on a CPU every path runs faster per image at 128 "
+                        "than at 256, docs/RESULTS.md §4)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed repeats per point; the median is reported (default 3)")
     p.add_argument("--timing-images", type=int, default=2000,
@@ -48,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resamples", type=int, default=1000,
                    help="bootstrap resamples of the test images for the within-target share "
                         "(default 1000)")
+    p.add_argument("--ablation", action="append", default=[], metavar="DIR",
+                   help="with --sweep: also sweep, calibrate and time the expert of DIR, a "
+                        "workdir trained with `train.py --stage expert --backbone-from "
+                        "WORKDIR` (same backbone, other experts: e.g. --config "
+                        "cifar_confidence), as rows 'expert:<its expert_inputs>' (repeatable)")
     p.add_argument("--max-test", type=int, default=0,
                    help="use only the first N test images (0 = all; for quick checks)")
     return p.parse_args(argv)
@@ -87,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[evaluate] loading {args.workdir}"
               + (" and compiling every bucket size" if args.sweep else ""))
         cascade = api.load(args.workdir, max_batch=args.batch_size, warm=args.sweep)
+        if args.ablation and not args.sweep:
+            raise ValueError("--ablation goes with --sweep")
+        ablations = {}
+        for d in args.ablation:
+            name = load_config(Path(d)).expert_inputs
+            if name == cascade.model.cfg.expert_inputs or name in ablations:
+                name = Path(d).name
+            print(f"[evaluate] loading the ablation {d} as rule 'expert:{name}'")
+            ablations[name] = api.load(d, max_batch=args.batch_size, warm=True)
         if not args.sweep:
             from cnneb_jax.controller import all_outputs
             out = all_outputs(cascade, data["test_images"])
@@ -96,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args.out) if args.out else Path(args.workdir) / "sweep"
         result = sweep(cascade, data, out_dir, repeats=args.repeats,
                        timing_images=args.timing_images, single_images=args.single_images,
-                       alpha=args.alpha, resamples=args.resamples)
+                       alpha=args.alpha, resamples=args.resamples, ablations=ablations)
         print((out_dir / "table2.md").read_text())
         print(f"[evaluate] wrote {out_dir}/{{table2.md,pr.png,roc.png,acc_vs_time.png,"
               f"gallery.png,sweep.csv,sweep.json}} ({len(result['points'])} points)")

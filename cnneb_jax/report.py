@@ -28,6 +28,13 @@ from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, eval
 RULE_NAMES = {"expert": "Proposed Expert Branch", "aux5b": "Auxiliary+5b as Expert Branch",
               "max_softmax": "Auxiliary as Expert Branch", "entropy": "Entropy of O1 (BranchyNet)",
               "oracle": "Oracle router (upper bound)"}
+
+
+def rule_name(rule: str) -> str:
+    """Table 2's name of a rule; "expert:<inputs>" is an ablation's expert (`--ablation`)."""
+    if rule.startswith("expert:"):
+        return f"Proposed Expert, inputs {rule.split(':', 1)[1]} (ablation)"
+    return RULE_NAMES[rule]
 DROPS = (0.005, 0.01, 0.02)
 
 
@@ -131,13 +138,17 @@ def _write_tensorboard(logdir: Path, points: list[dict]) -> None:
 
 def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images: int = 2000,
           single_images: int = 50, timed_points: int = 9, alpha: float | None = 0.1,
-          resamples: int = 1000) -> dict:
+          resamples: int = 1000, ablations: dict[str, Cascade] | None = None) -> dict:
     """Every rule over its grid, then Table 2. With `alpha` each operating point is the
     cheapest threshold Learn-then-Test certifies on the calibration split (the test drop
     exceeds the target with probability at most alpha, `guarantee.py`); with alpha None or 0,
     the cheapest point of a 41-quantile grid whose calibration drop meets the target (no
     margin). Each row reports the share of `resamples` bootstrap resamples of the test
-    images on which the realized drop stays within the target."""
+    images on which the realized drop stays within the target.
+
+    `ablations` maps a name to a cascade with the same backbone and other experts (trained
+    with `train.py --backbone-from`); its expert becomes the rule "expert:<name>", swept,
+    calibrated and timed beside the others."""
     if alpha is not None and not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must be in [0, 1) (0: no guarantee), got {alpha}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +161,13 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
     out_cal = all_outputs(c, x_cal)
     m = c.model.num_exits
     acc = [float((o.argmax(-1) == y_test).mean()) for o in out_test["exits"]]
+    # rule -> (the cascade that routes it, its rule there, test outputs, calibration outputs)
+    src = {r: (c, r, out_test, out_cal) for r in EXPERT_RULES}
+    for name, ca in (ablations or {}).items():
+        print(f"[sweep] outputs of the ablation {name!r}")
+        src[f"expert:{name}"] = (ca, "expert", all_outputs(ca, x_test), all_outputs(ca, x_cal))
+        same_backbone(out_test, src[f"expert:{name}"][2], name)
+    routed = list(src)
     f_o1, f_last = first_exit_flops(c), last_exit_flops(c)
 
     print("[sweep] timing the plain networks (O1 only, last exit only)")
@@ -163,26 +181,29 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
     ref_run = lambda x: run_plain(c, x, m - 1)
 
     points: list[dict] = []
-    rules = list(EXPERT_RULES) + ["oracle"]
-    grids = {}
-    for rule in rules:
-        costs = path_flops(c, rule)
-        grids[rule] = threshold_grid(branch_scores(out_test, rule, y_test))
+    src["oracle"] = (c, "oracle", out_test, out_cal)
+    for rule, (cc, base_rule, o_test, _) in src.items():
+        grid = threshold_grid(branch_scores(o_test, base_rule, y_test))
         if rule == "oracle":
             # FT samples are a few percent: quantiles alone would step over them in one go.
-            grids[rule] = np.unique(np.concatenate([grids[rule], np.linspace(0, 0.5, 201)]))
-        points += sweep_rule(out_test, y_test, rule, costs, grids[rule])
+            grid = np.unique(np.concatenate([grid, np.linspace(0, 0.5, 201)]))
+        points += [{**p, "rule": rule} for p in sweep_rule(o_test, y_test, base_rule,
+                                                            path_flops(cc, base_rule), grid)]
+    del src["oracle"]
+    costs_of = {r: path_flops(cc, base_rule) for r, (cc, base_rule, _, _) in src.items()}
     # Wall-clock on a subset of each rule's grid (the oracle is a bound: FLOPs only).
-    timed = [p for rule in EXPERT_RULES for p in _spread([q for q in points if q["rule"] == rule],
-                                                         timed_points)]
-    out_time = _head_rows(out_test, len(x_time))
+    timed = [p for rule in routed for p in _spread([q for q in points if q["rule"] == rule],
+                                                   timed_points)]
     y_time = y_test[:len(x_time)]
-    scores_time = {r: branch_scores(out_time, r) for r in EXPERT_RULES}
+    out_time = _head_rows(out_test, len(x_time))
+    scores_time = {r: branch_scores(_head_rows(o, len(x_time)), base_rule)
+                   for r, (_, base_rule, o, _) in src.items()}
     for p in tqdm(timed, desc="timing sweep points"):
-        run = lambda x, p=p: run_cascade(c, x, p["rule"], p["threshold"])
+        cc, base_rule = src[p["rule"]][:2]
+        run = lambda x, p=p, cc=cc, r=base_rule: run_cascade(cc, x, r, p["threshold"])
         p["ms_batch"] = time_batch(c, x_time, run, repeats)
         p["flops_timing_subset"] = evaluate_point(out_time, y_time, scores_time[p["rule"]],
-                                                  p["threshold"], path_flops(c, p["rule"]))["flops"]
+                                                  p["threshold"], costs_of[p["rule"]])["flops"]
     for p in points:
         p["flops_saving"] = 1.0 - p["flops"] / ref["flops"]
         if "ms_batch" in p:
@@ -196,28 +217,29 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
     table = []
     oracle_pts = [p for p in points if p["rule"] == "oracle"]
     cal_ref = float((out_cal["exits"][-1].argmax(-1) == y_cal).mean())
-    costs_of = {r: path_flops(c, r) for r in EXPERT_RULES}
     # The no-margin fit's grid on calibration; certified points search every score instead.
-    cal_pts_of = {} if alpha else {r: sweep_rule(out_cal, y_cal, r, costs_of[r])
-                                   for r in EXPERT_RULES}
-    scores_test = {r: branch_scores(out_test, r) for r in EXPERT_RULES}
+    cal_pts_of = {} if alpha else {r: sweep_rule(o_cal, y_cal, base_rule, costs_of[r])
+                                   for r, (_, base_rule, _, o_cal) in src.items()}
+    scores_test = {r: branch_scores(o, base_rule) for r, (_, base_rule, o, _) in src.items()}
     last_right = out_test["exits"][-1].argmax(-1) == y_test
     for drop in DROPS:
-        for rule in EXPERT_RULES:
+        for rule, (cc, base_rule, _, o_cal) in src.items():
             costs = costs_of[rule]
             if alpha:
-                chosen = choose_threshold_guaranteed(out_cal, y_cal, rule, costs, drop, alpha)
+                chosen = choose_threshold_guaranteed(o_cal, y_cal, base_rule, costs, drop, alpha)
             else:
                 chosen = choose_threshold(cal_pts_of[rule], cal_ref, max_drop=drop)
             if chosen is None:
                 continue
             t = chosen["threshold"]
-            real = run_cascade(c, x_test, rule, t)  # the real cascade on the whole test split
+            # The real cascade on the whole test split.
+            real = run_cascade(cc, x_test, base_rule, t)
             test_acc = float((real["logits"].argmax(-1) == y_test).mean())
-            run = lambda x, r=rule, t=t: run_cascade(c, x, r, t)
+            run = lambda x, cc=cc, r=base_rule, t=t: run_cascade(cc, x, r, t)
             row = {"rule": rule, "target_drop": drop, "threshold": t, "accuracy": test_acc,
                    "flops": float(real["flops"].mean()),
-                   "executed_flops": executed_flops(c, real["rows_run"], len(x_test), rule),
+                   "executed_flops": executed_flops(cc, real["rows_run"], len(x_test),
+                                                    base_rule),
                    "share_exit1": float((real["exit"] == 0).mean()),
                    "alpha": alpha or None, "drop_ucb": chosen.get("drop_ucb"),
                    "within_target": within_target_share(
@@ -226,8 +248,8 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
             # (every sample leaves at O1 / none does, same rule) in interleaved rounds.
             runs = {"ref": ref_run, "point": run}
             if m == 2:
-                runs.update(all_leave=lambda x, r=rule: run_cascade(c, x, r, -1.0),
-                            none_leave=lambda x, r=rule: run_cascade(c, x, r, 2.0))
+                runs.update(all_leave=lambda x, cc=cc, r=base_rule: run_cascade(cc, x, r, -1.0),
+                            none_leave=lambda x, cc=cc, r=base_rule: run_cascade(cc, x, r, 2.0))
             sec = paired_batch(x_time, runs, repeats)
             ratio = sec["point"] / sec["ref"]
             row.update({"ms_batch": 1e3 * float(np.median(sec["point"])),
@@ -265,8 +287,17 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
     (out_dir / "sweep.json").write_text(json.dumps(result, indent=2))
     _write_tensorboard(out_dir / "tensorboard", points)
     _write_table2(out_dir / "table2.md", base, table, m, alpha or None)
-    _plots(out_dir, c, out_test, y_test, data, points, base, m)
+    _plots(out_dir, src, y_test, data, points, base, m)
     return result
+
+
+def same_backbone(out: dict, out_other: dict, name: str, atol: float = 1e-4) -> None:
+    """Refuses an ablation whose exits do not give the same outputs: its expert would be
+    compared on another backbone."""
+    for i, (a, b) in enumerate(zip(out["exits"], out_other["exits"])):
+        if a.shape != b.shape or not np.allclose(a, b, atol=atol):
+            raise ValueError(f"the ablation {name!r} does not share the backbone: O{i + 1} "
+                             "gives other outputs (train it with train.py --backbone-from)")
 
 
 def _head_rows(outputs: dict, n: int) -> dict:
@@ -304,7 +335,7 @@ def _write_table2(path: Path, base: dict, table: list[dict], m: int,
             else f"{r['oracle_flops_saving_same_acc']:.1%}"
         overhead = f"{r['routing_overhead']:+.1%}" if "routing_overhead" in r else "-"
         lines.append(
-            f"| {RULE_NAMES[r['rule']]} | {r['target_drop'] * 100:.1f} pt | {r['accuracy']:.2%} | "
+            f"| {rule_name(r['rule'])} | {r['target_drop'] * 100:.1f} pt | {r['accuracy']:.2%} | "
             f"{r['ms_batch']:.3f} | {r['ms_single_mean']:.2f} / {r['ms_single_p50']:.2f} / "
             f"{r['ms_single_p95']:.2f} | "
             f"{(ref['accuracy'] - r['accuracy']) * 100:.2f} pt | {r['time_saving']:.1%} "
@@ -328,32 +359,32 @@ def _write_table2(path: Path, base: dict, table: list[dict], m: int,
     path.write_text("\n".join(lines + notes) + "\n")
 
 
-def _plots(out_dir: Path, c: Cascade, out_test: dict, y: np.ndarray, data: dict,
-           points: list[dict], base: dict, m: int) -> None:
+def _plots(out_dir: Path, src: dict, y: np.ndarray, data: dict, points: list[dict],
+           base: dict, m: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {r: pr_roc(out_test, y, r) for r in EXPERT_RULES}
+    curves = {r: pr_roc(o, y, base_rule) for r, (_, base_rule, o, _) in src.items()}
     fig, ax = plt.subplots(figsize=(5, 4))
     for r, cv in curves.items():
-        ax.plot(cv["recall"], cv["precision"], label=RULE_NAMES[r])
+        ax.plot(cv["recall"], cv["precision"], label=rule_name(r))
     _finish(fig, ax, out_dir / "pr.png", "recall (Other)", "precision (Other)",
             "Experts at branch 1: precision vs recall")
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for r, cv in curves.items():
-        ax.plot(cv["fpr"], cv["tpr"], label=f"{RULE_NAMES[r]} (AUC {cv['auc']:.3f})")
+        ax.plot(cv["fpr"], cv["tpr"], label=f"{rule_name(r)} (AUC {cv['auc']:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     _finish(fig, ax, out_dir / "roc.png", "false positive rate", "true positive rate",
             "Experts at branch 1: ROC (Other positive)")
 
     ref = base[f"O{m} only"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in EXPERT_RULES:
+    for r in src:
         pts = [p for p in points if p["rule"] == r and "ms_batch" in p]
         ax.plot([p["ms_batch"] for p in pts], [p["accuracy"] for p in pts], "o-", ms=3,
-                label=RULE_NAMES[r])
+                label=rule_name(r))
     orc = [p for p in points if p["rule"] == "oracle"]
     ax.plot([ref["ms_batch"] * p["flops"] / ref["flops"] for p in orc],
             [p["accuracy"] for p in orc], "k--", lw=1, label="Oracle (time from FLOPs)")
@@ -365,7 +396,8 @@ def _plots(out_dir: Path, c: Cascade, out_test: dict, y: np.ndarray, data: dict,
     _finish(fig, ax, out_dir / "acc_vs_time.png", "measured time per image, batch mode (ms)",
             "test accuracy", "Accuracy vs time")
 
-    _gallery(out_dir / "gallery.png", out_test, y, data["test_images"], data["class_names"])
+    _gallery(out_dir / "gallery.png", src["expert"][2], y, data["test_images"],
+             data["class_names"])
 
 
 def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:

@@ -11,10 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sweep_writes_table_figures_and_points(tiny_workdir, image_folder, decode_cache,
-                                               tmp_path):
+def test_sweep_writes_table_figures_and_points(tiny_workdir, tiny_ablation, image_folder,
+                                               decode_cache, tmp_path):
     out = tmp_path / "sweep"
     r = subprocess.run([sys.executable, "evaluate.py", "--sweep", "--workdir", str(tiny_workdir),
+                        "--ablation", str(tiny_ablation),
                         "--out", str(out), "--data-dir", str(image_folder),
                         "--cache-dir", str(decode_cache), "--batch-size", "8",
                         "--repeats", "1", "--timing-images", "8", "--single-images", "2"],
@@ -25,12 +26,18 @@ def test_sweep_writes_table_figures_and_points(tiny_workdir, image_folder, decod
         assert (out / name).stat().st_size > 0, name
     result = json.loads((out / "sweep.json").read_text())
     rules = {p["rule"] for p in result["points"]}
-    assert rules == {"expert", "aux5b", "max_softmax", "entropy", "oracle"}
+    # The ablation's expert (O1's softmax only, trained on the same backbone) is a rule of
+    # the same sweep: swept, calibrated and timed like the others.
+    assert rules == {"expert", "aux5b", "max_softmax", "entropy", "oracle", "expert:paper"}
+    assert any(p["rule"] == "expert:paper" and "ms_batch" in p for p in result["points"])
+    assert {r["rule"] for r in result["table2"]} <= rules - {"oracle"}
     for row in result["table2"]:
         # The real cascade's test accuracy equals the one computed from the exit outputs.
         assert abs(row["accuracy"] - row["accuracy_from_outputs"]) < 1e-9
     table = (out / "table2.md").read_text()
     assert "Inception v3 O2 only" in table and "| Method |" in table
+    if any(r["rule"] == "expert:paper" for r in result["table2"]):
+        assert "| Proposed Expert, inputs paper (ablation) |" in table
     timed = [p for p in result["points"] if "ms_batch" in p]
     assert timed and all(p["ms_batch"] > 0 for p in timed)
     for row in result["table2"]:
@@ -49,6 +56,14 @@ def test_sweep_writes_table_figures_and_points(tiny_workdir, image_folder, decod
     n_expert = sum(p["rule"] == "expert" for p in result["points"])
     assert len(acc.Tensors("sweep/expert/accuracy")) == n_expert
     assert "sweep/oracle/flops_saving" in acc.Tags()["tensors"]
+
+
+def test_an_ablation_on_another_backbone_is_refused():
+    from cnneb_jax.report import same_backbone
+    out = {"exits": [np.zeros((4, 10)), np.ones((4, 10))]}
+    same_backbone(out, {"exits": [np.zeros((4, 10)), np.ones((4, 10)) + 1e-6]}, "a")
+    with pytest.raises(ValueError, match="does not share the backbone: O2"):
+        same_backbone(out, {"exits": [np.zeros((4, 10)), np.ones((4, 10)) * 2]}, "a")
 
 
 def _fake_cascade(buckets=(1, 2, 4, 8, 16)):
