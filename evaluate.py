@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--alpha must be in [0, 1) (0: no guarantee), got {args.alpha}")
         if args.resamples < 1:
             raise ValueError("--resamples must be at least 1")
+        if args.ablation and not args.sweep:
+            raise ValueError("--ablation goes with --sweep")
         cfg = load_config(Path(args.workdir))
         if args.max_test:
             cfg = cfg.replace(max_test_examples=args.max_test)
@@ -94,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[evaluate] loading {args.workdir}"
               + (" and compiling every bucket size" if args.sweep else ""))
         cascade = api.load(args.workdir, max_batch=args.batch_size, warm=args.sweep)
-        if args.ablation and not args.sweep:
-            raise ValueError("--ablation goes with --sweep")
         ablations = {}
         for d in args.ablation:
             name = load_config(Path(d)).expert_inputs

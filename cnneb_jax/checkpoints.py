@@ -107,24 +107,25 @@ def check_config(workdir: Path, cfg: Config) -> None:
     if Path(workdir).exists() and not Path(workdir).is_dir():
         raise CheckpointError(f"workdir {workdir} is an existing file, not a folder")
     path = Path(workdir) / "config.json"
-    mine = dataclasses.asdict(cfg)
     if path.exists():
-        diff = config_diff(load_config(workdir), cfg)
+        diff = config_diff(workdir, cfg)
         if diff:
             raise CheckpointError(f"workdir {workdir} was trained with another config ({diff}); "
                                   "use a new --workdir or the same config")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, mine)
+    write_json(path, dataclasses.asdict(cfg))
 
 
-def config_diff(theirs: Config, mine: Config, ignore: tuple[str, ...] = ()) -> str:
-    """The fields where two configs differ, as "field: A there vs B here, ...", leaving out
-    the fields that only change how a run goes and those in `ignore`; "" when none."""
-    a, b = dataclasses.asdict(theirs), dataclasses.asdict(mine)
-    diff = [k for k in b if k not in _RUN_FIELDS and k not in ignore
-            and json.dumps(a.get(k)) != json.dumps(b[k])]
-    return ", ".join(f"{k}: {a.get(k)!r} there vs {b[k]!r} here" for k in diff)
+def config_diff(workdir: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> str:
+    """The fields where the config recorded in `workdir` differs from `cfg`, as "field: A
+    there vs B here, ...", leaving out the fields that only change how a run goes and those
+    in `ignore`; "" when none."""
+    theirs = _with_added_fields(json.loads((Path(workdir) / "config.json").read_text()))
+    mine = dataclasses.asdict(cfg)
+    diff = [k for k in mine if k not in _RUN_FIELDS and k not in ignore
+            and json.dumps(theirs.get(k)) != json.dumps(mine[k])]
+    return ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} here" for k in diff)
 
 
 def load_config(workdir: Path) -> Config:

@@ -28,6 +28,7 @@ from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, eval
 RULE_NAMES = {"expert": "Proposed Expert Branch", "aux5b": "Auxiliary+5b as Expert Branch",
               "max_softmax": "Auxiliary as Expert Branch", "entropy": "Entropy of O1 (BranchyNet)",
               "oracle": "Oracle router (upper bound)"}
+DROPS = (0.005, 0.01, 0.02)
 
 
 def rule_name(rule: str) -> str:
@@ -35,7 +36,6 @@ def rule_name(rule: str) -> str:
     if rule.startswith("expert:"):
         return f"Proposed Expert, inputs {rule.split(':', 1)[1]} (ablation)"
     return RULE_NAMES[rule]
-DROPS = (0.005, 0.01, 0.02)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -167,7 +167,6 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
         print(f"[sweep] outputs of the ablation {name!r}")
         src[f"expert:{name}"] = (ca, "expert", all_outputs(ca, x_test), all_outputs(ca, x_cal))
         same_backbone(out_test, src[f"expert:{name}"][2], name)
-    routed = list(src)
     f_o1, f_last = first_exit_flops(c), last_exit_flops(c)
 
     print("[sweep] timing the plain networks (O1 only, last exit only)")
@@ -181,18 +180,17 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
     ref_run = lambda x: run_plain(c, x, m - 1)
 
     points: list[dict] = []
-    src["oracle"] = (c, "oracle", out_test, out_cal)
-    for rule, (cc, base_rule, o_test, _) in src.items():
+    for rule, (cc, base_rule, o_test, _) in {**src, "oracle": (c, "oracle", out_test,
+                                                               out_cal)}.items():
         grid = threshold_grid(branch_scores(o_test, base_rule, y_test))
         if rule == "oracle":
             # FT samples are a few percent: quantiles alone would step over them in one go.
             grid = np.unique(np.concatenate([grid, np.linspace(0, 0.5, 201)]))
         points += [{**p, "rule": rule} for p in sweep_rule(o_test, y_test, base_rule,
                                                             path_flops(cc, base_rule), grid)]
-    del src["oracle"]
     costs_of = {r: path_flops(cc, base_rule) for r, (cc, base_rule, _, _) in src.items()}
     # Wall-clock on a subset of each rule's grid (the oracle is a bound: FLOPs only).
-    timed = [p for rule in routed for p in _spread([q for q in points if q["rule"] == rule],
+    timed = [p for rule in src for p in _spread([q for q in points if q["rule"] == rule],
                                                    timed_points)]
     y_time = y_test[:len(x_time)]
     out_time = _head_rows(out_test, len(x_time))

@@ -389,8 +389,9 @@ def _check_runs_at(model: Model, params: Variables, stats: Variables, size: int)
 def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
     workdir = Path(workdir)
     stage_dir = workdir / "backbone"
-    if backbone_source(workdir) is not None:
-        raise TrainingError(f"{workdir} takes its backbone from {backbone_source(workdir)} "
+    linked = backbone_source(workdir)
+    if linked is not None:
+        raise TrainingError(f"{workdir} takes its backbone from {linked} "
                             "(--backbone-from); it trains experts only")
     done = _begin_stage(cfg, workdir, "backbone", retrain, data.get("class_names"))
     if done is not None:
@@ -494,10 +495,10 @@ def link_backbone(cfg: Config, workdir: str | Path, source: str | Path) -> None:
                             "from another workdir only into a new workdir")
     if source.resolve() == workdir.resolve():
         raise TrainingError("a workdir cannot take its backbone from itself")
-    src_cfg = ckpt.load_config(source)
+    ckpt.load_config(source)   # refuses a folder that is not a workdir or release
     if not release.is_release(source) and _stage_done(source / "backbone") is None:
         raise TrainingError(f"{source} has no finished backbone stage")
-    diff = ckpt.config_diff(src_cfg, cfg, ignore=EXPERT_STAGE_FIELDS)
+    diff = ckpt.config_diff(source, cfg, ignore=EXPERT_STAGE_FIELDS)
     if diff:
         raise TrainingError(f"the backbone of {source} was trained with another config "
                             f"({diff}); only the expert stage's fields may differ: "
