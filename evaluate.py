@@ -33,10 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the --val-dir the workdir was trained with, if any (its last "
                         "calib_size images are the calibration split)")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/cnneb_jax)")
-    p.add_argument("--batch-size", type=int, default=128,
+    p.add_argument("--batch-size", type=int, default=None,
                    help="largest batch the controller runs at once, O2 alone included "
-                        "(default 128: on a CPU every path runs faster per image at 128 "
-                        "than at 256, docs/RESULTS.md §4)")
+                        "(default 128 on a CPU, where every path runs faster per image at "
+                        "128 than at 256, docs/RESULTS.md §4; 256 on a GPU, where 128 runs "
+                        "18-24%% slower per image, §7)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed repeats per point; the median is reported (default 3)")
     p.add_argument("--timing-images", type=int, default=2000,
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize()  # multi-host when a launcher set it up; else nothing
 
     try:
+        if args.batch_size is None:
+            import jax
+            args.batch_size = 128 if jax.default_backend() == "cpu" else 256
         if args.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if not 0.0 <= args.alpha < 1.0:

@@ -35,10 +35,12 @@ def main() -> None:
                    "expert, aux5b: the rule's expert runs in it)")
     p.add_argument("--min-bucket", type=int, default=32)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--max-batch", type=int, default=256,
+                   help="the biggest bucket compiled (api.load's max_batch)")
     p.add_argument("--images", type=int, default=1024,
                    help="images per timed call of each size (several calls of the bucket)")
     args = p.parse_args()
-    c = api.load(args.workdir)
+    c = api.load(args.workdir, max_batch=args.max_batch)
     m, size = c.model.num_exits, c.model.cfg.image_size
     x = np.random.default_rng(0).integers(0, 256, (c.max_batch, size, size, 3), np.uint8)
     feats = branch(c, 0, "seg", x)   # features at the branch point, kept on the device

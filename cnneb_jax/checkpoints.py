@@ -197,11 +197,19 @@ def _flat_numbers(record: dict, prefix: str = "") -> dict[str, float]:
 
 
 def write_scalars(logdir: Path, tag: str, step: int, values: dict[str, float]) -> None:
-    """TensorBoard scalars `tag/<name>` at `step`, flushed at once (a crash loses nothing)."""
+    """TensorBoard scalars `tag/<name>` at `step`, flushed at once (a crash loses nothing).
+    Skipped, with one warning, where TensorFlow is not installed (e.g. a GPU image with JAX
+    alone): metrics.jsonl and sweep.json hold the same numbers."""
     if not values:
         return
     from cnneb_jax import data  # noqa: F401  (quiets TensorFlow before it loads)
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        if not _WARNED:
+            _WARNED.add("tensorflow")
+            print(f"[tensorboard] event files skipped: {e}", file=sys.stderr)
+        return
     key = str(Path(logdir).absolute())
     if key not in _WRITERS:
         _WRITERS[key] = tf.summary.create_file_writer(key)
@@ -214,6 +222,7 @@ def write_scalars(logdir: Path, tag: str, step: int, values: dict[str, float]) -
 # One TensorBoard writer per log folder for the life of the process: a new writer per call
 # would start a new event file each time.
 _WRITERS: dict[str, Any] = {}
+_WARNED: set[str] = set()
 
 
 def _to_py(x: Any) -> Any:

@@ -37,8 +37,12 @@ def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
 
 
 def xla_flops(fn: Callable, *args: Any) -> float:
-    """FLOPs of one call of `fn(*args)` as counted by XLA's cost analysis."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """FLOPs of one call of `fn(*args)` as counted by XLA's cost analysis of its CPU
+    compilation, whatever the default backend: XLA:GPU hands convolutions to cuDNN as custom
+    calls, which its cost analysis counts as no FLOPs (on an H100 the deep segment counted
+    36.7 of its 103.1 MFLOPs, docs/RESULTS.md section 7)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     if isinstance(cost, list):  # older jax returned one dict per device
         cost = cost[0]
     return float(cost.get("flops", 0.0))

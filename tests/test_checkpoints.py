@@ -139,3 +139,14 @@ def test_workdir_refuses_data_with_other_classes(tmp_path):
     with pytest.raises(CheckpointError, match=r"trained on classes \['cat', 'dog'\].*"
                                               r"the data has \['cat', 'emu'\]"):
         record_classes(tmp_path, ["cat", "emu"])
+
+
+def test_tensorboard_is_skipped_with_one_warning_without_tensorflow(tmp_path, monkeypatch,
+                                                                     capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "tensorflow", None)   # `import tensorflow` raises
+    monkeypatch.setattr(ckpt, "_WARNED", set())
+    for step in range(2):
+        ckpt.write_scalars(tmp_path / "tb", "sweep", step, {"accuracy": 0.9})
+    assert not (tmp_path / "tb").exists()
+    assert capsys.readouterr().err.count("event files skipped") == 1
