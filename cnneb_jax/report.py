@@ -180,15 +180,15 @@ def sweep(c: Cascade, data: dict, out_dir: Path, repeats: int = 3, timing_images
     ref_run = lambda x: run_plain(c, x, m - 1)
 
     points: list[dict] = []
-    for rule, (cc, base_rule, o_test, _) in {**src, "oracle": (c, "oracle", out_test,
-                                                               out_cal)}.items():
+    swept = {**src, "oracle": (c, "oracle", out_test, out_cal)}
+    costs_of = {r: path_flops(cc, base_rule) for r, (cc, base_rule, _, _) in swept.items()}
+    for rule, (_, base_rule, o_test, _) in swept.items():
         grid = threshold_grid(branch_scores(o_test, base_rule, y_test))
         if rule == "oracle":
             # FT samples are a few percent: quantiles alone would step over them in one go.
             grid = np.unique(np.concatenate([grid, np.linspace(0, 0.5, 201)]))
         points += [{**p, "rule": rule} for p in sweep_rule(o_test, y_test, base_rule,
-                                                            path_flops(cc, base_rule), grid)]
-    costs_of = {r: path_flops(cc, base_rule) for r, (cc, base_rule, _, _) in src.items()}
+                                                            costs_of[rule], grid)]
     # Wall-clock on a subset of each rule's grid (the oracle is a bound: FLOPs only).
     timed = [p for rule in src for p in _spread([q for q in points if q["rule"] == rule],
                                                    timed_points)]

@@ -642,9 +642,9 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
     backbone of another workdir or release (see `link_backbone`)."""
     workdir = Path(workdir)
     stage_dir = workdir / "expert"
-    done = _begin_stage(cfg, workdir, "expert", retrain, data.get("class_names"))
-    if backbone_from is not None:
+    if backbone_from is not None:   # first: a refused link leaves no config.json behind
         link_backbone(cfg, workdir, backbone_from)
+    done = _begin_stage(cfg, workdir, "expert", retrain, data.get("class_names"))
     if done is not None:
         return done
     t_start = time.time()

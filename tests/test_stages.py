@@ -230,6 +230,7 @@ def test_experts_train_on_the_backbone_of_another_workdir(trained, tiny_cfg, tin
     with pytest.raises(TrainingError, match="width"):
         train_expert(tiny_cfg.replace(width=0.125), tiny_data, tmp_path / "w",
                      backbone_from=trained[0])
+    assert not (tmp_path / "w").exists()   # a refused link leaves nothing behind
     with pytest.raises(TrainingError, match="own"):
         train_expert(tiny_cfg, tiny_data, trained[0], backbone_from=tiny_ablation)
 
