@@ -99,31 +99,37 @@ def test_expert_step_updates_only_the_experts(trained, tiny_cfg, tiny_data):
 
 
 def test_tiny_expert_learns_ft_vs_other(trained, tiny_cfg, tiny_data):
-    """The tiny expert stage really trains: its loss falls, and on its own training data
-    E1 ranks Other above FT better than chance. Its training data are augmented views of
-    the held-out images, with FT labels computed per view, so it is scored on 10 such views."""
+    """The tiny expert stage really trains: on its own training data E1 ranks Other above FT
+    better than chance, and its class-balanced loss is below ln 2, what the best constant
+    answer gets. Its training data are augmented views of the held-out images, with FT
+    labels computed per view, so it is scored on 10 such views. (The logged per-step losses
+    are too noisy to compare: a tiny batch holds a handful of FT views, and how many
+    depends on float rounding, so on the JAX version.)"""
     from cnneb_jax.data import augment
     from cnneb_jax.heads import OTHER
     from cnneb_jax.metrics import ft_labels, roc_auc
-    from cnneb_jax.stages import make_predict_fn
+    from cnneb_jax.stages import balanced_expert_loss, class_weights, make_predict_fn
 
     workdir = trained[0]
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [l["loss"] for l in lines if l.get("stage") == "expert" and "loss" in l]
-    assert len(losses) >= 4
-    assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
+    assert len(losses) >= 4 and np.all(np.isfinite(losses))
     model, full = load_trained(workdir)
     predict = make_predict_fn(model)
     x, y = tiny_data["val_images"], tiny_data["val_labels"]
-    other, score = [], []
+    other, logits = [], []
     for k in range(10):
         out = predict(full, augment(jax.random.PRNGKey(100 + k), x, tiny_cfg.pad_crop))
         preds = [np.asarray(o).argmax(-1) for o in out["exits"]]
         other.append(ft_labels(preds, y, 0) == 0)
-        score.append(np.asarray(jax.nn.softmax(out["experts"][0], axis=-1)[:, OTHER]))
-    other, score = np.concatenate(other), np.concatenate(score)
+        logits.append(np.asarray(out["experts"][0]))
+    other, logits = np.concatenate(other), np.concatenate(logits)
     assert 10 <= (~other).sum() < len(other) - 10, "too few FT or Other examples to judge"
+    score = np.asarray(jax.nn.softmax(logits, axis=-1)[:, OTHER])
     assert roc_auc(score, other) > 0.65
+    loss = balanced_expert_loss(logits, np.where(other, OTHER, 1 - OTHER),
+                                class_weights(~other))
+    assert float(loss) < np.log(2)
 
 
 def test_finished_stage_is_not_retrained(trained, tiny_cfg, tiny_data, capsys):

@@ -1,0 +1,325 @@
+"""Our Inception v3 against Keras's on the same machine: forward and train step, float32 and
+bfloat16, each measurement in its own process, in interleaved rounds.
+
+    python bench/peer.py                          # everything, 3 rounds (about 30 min on 2 cores)
+    python bench/peer.py --only forward --batches 8 --rounds 2
+    python bench/peer.py --baseline-python /tmp/venv311/bin/python   # adds "ours (base)"
+
+Ours: the `full` config (299x299, standard widths, 1,000 classes) as the cascade runs it
+when every image goes deep: the program `stem -> Mixed_5b`, then `Mixed_5b -> end` and O2
+(`model.branch_fn`), random weights with identity BatchNorm statistics. Peer:
+`keras.applications.InceptionV3(weights=None, classifier_activation=None)` called through
+a `tf.function`, as a Keras user runs it (on a CPU Keras leaves XLA off by default).
+Precisions: float32, and bfloat16 (ours: `compute_dtype=bfloat16`, float32 master weights
+and BatchNorm statistics; Keras: the `mixed_bfloat16` policy). Train step: SGD with momentum
+0.9 on the cross-entropy of O2, BatchNorm in training mode, weights updated in place.
+
+Each measurement starts a fresh process (`--worker`), builds and compiles, runs two warm-up
+calls, then times calls for about `--seconds` (at least 5) and reports their median. Rounds
+run every measurement once, in reverse order every other round, so a drifting machine
+touches all alike. The table gives each measurement's median over rounds with min-max, and
+the speed ratios Keras time / our time per round (above 1: ours is faster), median and
+min-max. Our workers share one JAX compilation cache in a temporary folder, so only the
+first round compiles. The `cifar` rows are our own figures (no peer): the backbone's real
+train step (augmentation, both exits, EMA) at 32x32 and at the progressive-resizing 24x24,
+and the O2-only forward, at the config's batch of 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PRECISIONS = ("float32", "bfloat16")
+
+
+# ----------------------------------------------------------------------------- workers
+
+def _timed(call, seconds: float, min_reps: int = 5, max_reps: int = 200) -> list[float]:
+    """Milliseconds of each call after two warm-up calls (the first compiles)."""
+    call()
+    call()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < seconds
+                                    and len(times) < max_reps):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def _random_variables(model):
+    """Variables of the model's shapes: He-normal kernels, zero biases and BatchNorm means,
+    unit BatchNorm variances (activations keep their scale, nothing overflows or goes
+    denormal, which could change a kernel's speed)."""
+    import jax
+    from cnneb_jax.model import abstract_variables
+    rng = np.random.default_rng(0)
+
+    def leaf(path, a):
+        name = getattr(path[-1], "key", "")
+        if name == "var":
+            return np.ones(a.shape, a.dtype)
+        if name == "kernel":
+            fan_in = int(np.prod(a.shape[:-1]))
+            return (rng.standard_normal(a.shape) * np.sqrt(2 / fan_in)).astype(a.dtype)
+        return np.zeros(a.shape, a.dtype)
+    return jax.tree_util.tree_map_with_path(leaf, abstract_variables(model))
+
+
+def jax_worker(task: str, precision: str, batch: int, config: str, seconds: float) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from cnneb_jax.configs import get_config
+    from cnneb_jax.model import build_model, branch_fn, to_compute_dtype
+
+    cfg = get_config(config, {"compute_dtype": precision})
+    cfg = cfg.replace(num_classes=cfg.num_classes or 10)
+    if task in ("cifar_train32", "cifar_train24"):
+        sys.path.insert(0, str(ROOT / "bench"))
+        from train_throughput import make_runner
+        size = {"cifar_train32": "0", "cifar_train24": "24"}[task]
+        overrides = {"compute_dtype": precision, "lowres_size": size}
+        cfg, run = make_runner(config, overrides, steps_per_epoch=170)
+        return {"ms": _timed(lambda: run(1), seconds), "images": cfg.batch_size}
+    model = build_model(cfg)
+    variables = _random_variables(model)
+    m = model.num_exits
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 255, (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    if task == "forward":
+        v = jax.device_put({g: variables[g] for g in ("segments", "heads")})
+        first = jax.jit(branch_fn(model, 0, "seg"))
+        rest = [jax.jit(branch_fn(model, i, "seg")) for i in range(1, m - 1)]
+        last = jax.jit(branch_fn(model, m - 1, "plain"))
+        xd = jax.device_put(x)
+
+        def call():
+            h = first(v, xd)
+            for f in rest:
+                h = f(v, h)
+            jax.block_until_ready(last(v, h))
+        return {"ms": _timed(call, seconds), "images": batch}
+    # The train step: segments and O2 only (no O1), SGD with momentum, BatchNorm in
+    # training mode; mixed precision as the backbone stage runs it (model.to_compute_dtype).
+    from cnneb_jax.data import normalize
+    segs = list(model.segments.values())
+    seg_names = list(model.segments)
+    head = model.heads[f"O{m}"]
+    params = {"segments": {n: variables["segments"][n]["params"] for n in seg_names},
+              "head": variables["heads"][f"O{m}"]["params"]}
+    stats = {n: variables["segments"][n]["batch_stats"] for n in seg_names}
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    def loss_fn(p, s, images, labels):
+        h = normalize(images)
+        new = {}
+        pc, h = to_compute_dtype(cfg, (p, h))
+        for n, seg in zip(seg_names, segs):
+            h, upd = seg.apply({"params": pc["segments"][n], "batch_stats": s[n]}, h,
+                               train=True, mutable=["batch_stats"])
+            new[n] = upd["batch_stats"]
+        logits = head.apply({"params": pc["head"]}, h, train=True).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
+
+    @jax.jit
+    def step(state, images, labels):
+        p, s, opt = state
+        (loss, new), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s, images, labels)
+        updates, opt = tx.update(g, opt, p)
+        return (optax.apply_updates(p, updates), new, opt), loss
+
+    y = jax.device_put(rng.integers(0, cfg.num_classes, batch).astype(np.int32))
+    xd = jax.device_put(x)
+    holder = {"state": jax.device_put((params, stats, tx.init(params)))}
+
+    def call():
+        holder["state"], loss = step(holder["state"], xd, y)
+        jax.block_until_ready(loss)
+    return {"ms": _timed(call, seconds), "images": batch}
+
+
+def keras_worker(task: str, precision: str, batch: int, seconds: float) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import tensorflow as tf
+    if precision == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = keras.applications.InceptionV3(weights=None, classifier_activation=None)
+    rng = np.random.default_rng(1)
+    # Keras's preprocess_input maps pixels to [-1, 1]; the cost does not depend on them.
+    x = tf.constant(rng.uniform(-1, 1, (batch, 299, 299, 3)).astype(np.float32))
+    if task == "forward":
+        fwd = tf.function(lambda t: model(t, training=False))
+        return {"ms": _timed(lambda: fwd(x).numpy(), seconds), "images": batch}
+    y = tf.constant(rng.integers(0, 1000, batch).astype(np.int32))
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return {"ms": _timed(lambda: model.train_on_batch(x, y), seconds), "images": batch}
+
+
+def worker_main(spec: dict) -> None:
+    if spec["side"] == "keras":
+        out = keras_worker(spec["task"], spec["precision"], spec["batch"], spec["seconds"])
+    else:
+        out = jax_worker(spec["task"], spec["precision"], spec["batch"], spec["config"],
+                         spec["seconds"])
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def measurements(args) -> list[dict]:
+    sides = ["ours"] + (["base"] if args.baseline_python else []) + ["keras"]
+    out = []
+    for task in args.only:
+        batches = args.batches if task == "forward" else [8] if task == "train" else [128]
+        for batch in batches:
+            for precision in PRECISIONS:
+                if task == "cifar" and precision not in args.cifar_precisions:
+                    continue
+                for side in sides:
+                    if task == "cifar" and side == "keras":
+                        continue
+                    subtasks = (["cifar_train32", "cifar_train24", "forward"]
+                                if task == "cifar" else [task])
+                    for sub in subtasks:
+                        out.append({"side": side, "task": sub, "precision": precision,
+                                    "batch": batch, "seconds": args.seconds,
+                                    "config": "cifar" if task == "cifar" else "full",
+                                    "group": task})
+    return out
+
+
+def run_one(spec: dict, args, cache: str) -> float | None:
+    python = args.baseline_python if spec["side"] == "base" else sys.executable
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if spec["side"] == "base":
+        env["JAX_COMPILATION_CACHE_DIR"] = cache + "-base"
+    cmd = [python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            return float(np.median(res["ms"]))
+    print(f"  failed: {label(spec)}\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+    return None
+
+
+def label(s: dict) -> str:
+    who = {"ours": "ours", "base": "ours (base)", "keras": "Keras"}[s["side"]]
+    what = s["task"] if s["group"] != "cifar" else f"cifar {s['task']}"
+    return f"{who} {what} {s['precision']} b{s['batch']}"
+
+
+def key(s: dict) -> tuple:
+    return (s["side"], s["task"], s["precision"], s["batch"], s["config"])
+
+
+def report(specs: list[dict], ms: dict[tuple, list[float]], rounds: int) -> None:
+    def spread(a) -> str:
+        a = np.asarray([v for v in a if v is not None and np.isfinite(v)])
+        if not len(a):
+            return "failed"
+        return f"{np.median(a):,.0f} ({a.min():,.0f}-{a.max():,.0f})"
+
+    def ratio_text(num: tuple, den: tuple) -> str:
+        if num not in ms or den not in ms:
+            return "-"
+        r = np.array([a / b if a and b else np.nan for a, b in zip(ms[num], ms[den])])
+        r = r[np.isfinite(r)]
+        if not len(r):
+            return "-"
+        return f"{np.median(r):.2f} ({r.min():.2f}-{r.max():.2f})"
+
+    print(f"\n{rounds} rounds; ms per batch: median over rounds (min-max)\n")
+    sides = sorted({s["side"] for s in specs}, key=["ours", "base", "keras"].index)
+    names = {"ours": "ours", "base": "ours (base)", "keras": "Keras"}
+    rows = sorted({(s["task"], s["batch"]) for s in specs if s["config"] == "full"},
+                  key=lambda r: (r[0] != "forward", r[1]))
+    if rows:
+        print("| full, 299x299 | " + " | ".join(f"{names[s]} {p}" for s in sides
+                                                 for p in PRECISIONS) + " |")
+        print("|---|" + "---:|" * (len(sides) * len(PRECISIONS)))
+        for task, b in rows:
+            cells = [spread(ms[(s, task, p, b, "full")]) if (s, task, p, b, "full") in ms
+                     else "-" for s in sides for p in PRECISIONS]
+            print(f"| {task}, batch {b} | " + " | ".join(cells) + " |")
+        print("\nSpeed ratios, Keras time / our time per round (above 1: ours faster), "
+              "median (min-max):\n")
+        print("| full, 299x299 | f32 vs Keras f32 | bf16 vs Keras bf16 | best vs Keras bf16"
+              " | ours f32 vs base f32 |")
+        print("|---|---:|---:|---:|---:|")
+        for task, b in rows:
+            o32, o16 = ("ours", task, "float32", b, "full"), ("ours", task, "bfloat16", b, "full")
+            k32, k16 = ("keras", task, "float32", b, "full"), ("keras", task, "bfloat16", b, "full")
+            best = o16 if (o16 in ms and o32 in ms and
+                           np.nanmedian(np.array(ms[o16], float)) <
+                           np.nanmedian(np.array(ms[o32], float))) else o32
+            base = ("base", task, "float32", b, "full")
+            print(f"| {task}, batch {b} | {ratio_text(k32, o32)} | {ratio_text(k16, o16)} | "
+                  f"{ratio_text(k16, best)} ({'bf16' if best == o16 else 'f32'}) | "
+                  f"{ratio_text(base, o32)} |")
+    cifar = [s for s in specs if s["config"] == "cifar"]
+    if cifar:
+        print("\n| cifar, batch 128 | images/s, median (min-max) |")
+        print("|---|---:|")
+        for s in cifar:
+            a = np.array([v for v in ms[key(s)] if v], float)
+            ips = s["batch"] * 1e3 / a if len(a) else np.array([])
+            text = (f"{np.median(ips):,.0f} ({ips.min():,.0f}-{ips.max():,.0f})"
+                    if len(ips) else "failed")
+            print(f"| {names[s['side']]} {s['task']} {s['precision']} | {text} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", default=["forward", "train", "cifar"],
+                   choices=["forward", "train", "cifar"], help="which groups to measure")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32],
+                   help="forward batch sizes (default: 1 8 32)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=4.0,
+                   help="timed seconds per measurement and process (at least 5 calls)")
+    p.add_argument("--cifar-precisions", nargs="+", default=["float32"], choices=PRECISIONS)
+    p.add_argument("--baseline-python", default="",
+                   help="a second interpreter (another venv) whose JAX also runs our side: "
+                        "before/after figures in one interleaved run")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker_main(json.loads(args.worker))
+        return
+    specs = measurements(args)
+    ms: dict[tuple, list[float | None]] = {key(s): [] for s in specs}
+    print(f"{len(specs)} measurements x {args.rounds} rounds, each in its own process; "
+          f"python {sys.version.split()[0]}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="peer-xla-") as cache:
+        for r in range(args.rounds):
+            order = specs if r % 2 == 0 else specs[::-1]
+            t0 = time.perf_counter()
+            for s in order:
+                v = run_one(s, args, cache)
+                ms[key(s)].append(v)
+                print(f"  round {r + 1}: {label(s)}: "
+                      f"{'failed' if v is None else f'{v:,.1f} ms'}", flush=True)
+            print(f"round {r + 1} took {time.perf_counter() - t0:.0f} s", flush=True)
+    report(specs, ms, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
