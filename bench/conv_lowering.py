@@ -13,6 +13,9 @@ Collects the convolutions (and the 1x1 convolutions run as dots) of the eval-mod
 Prints per shape the median ms and GFLOP/s of each, then the forward's total conv time per
 lowering (each shape's time times its count): where the forward's time goes, and how much a
 faster kernel could save.
+
+With --pools it times instead every pooling of the forward, forward and gradient, as
+`lax.reduce_window` (Flax's pools) and as strided slices (`cnneb_jax.pooling`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,60 @@ def conv_shapes(config: str, batch: int) -> collections.Counter:
     return found
 
 
+def pool_calls(config: str, batch: int) -> collections.Counter:
+    """(kind, x shape, k, s, padding, count_include_pad) of each pool in the forward."""
+    from cnneb_jax import heads, segments
+    found: collections.Counter = collections.Counter()
+    saved = (segments.max_pool, segments.avg_pool, heads.avg_pool)
+
+    def spy(kind, fn):
+        def call(x, k, s, padding, **kw):
+            found[(kind, tuple(x.shape), k, s, padding, *kw.values())] += 1
+            return fn(x, k, s, padding, **kw)
+        return call
+    segments.max_pool = spy("max", saved[0])
+    segments.avg_pool = heads.avg_pool = spy("avg", saved[1])
+    try:
+        conv_shapes(config, batch)
+    finally:
+        segments.max_pool, segments.avg_pool, heads.avg_pool = saved
+    return found
+
+
+def time_pools(args) -> None:
+    import flax.linen as nn
+    from cnneb_jax.pooling import avg_pool, max_pool
+    rng = np.random.default_rng(0)
+    totals: dict[str, float] = collections.defaultdict(float)
+    print("| pool | x | n | reduce_window ms | slices ms | reduce_window grad ms | "
+          "slices grad ms |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (kind, xs, k, s, pad, *rest), n in pool_calls(args.config, args.batch).items():
+        if xs[0] != args.batch:  # traced while the variables' shapes were worked out
+            continue
+        x = jnp.asarray(rng.standard_normal(xs), args.dtype)
+        if kind == "max":
+            ref = lambda x: nn.max_pool(x, (k, k), (s, s), pad)
+            ours = lambda x: max_pool(x, k, s, pad)
+        else:
+            include = rest[0] if rest else True
+            ref = lambda x: nn.avg_pool(x, (k, k), (s, s), pad, count_include_pad=include)
+            ours = lambda x: avg_pool(x, k, s, pad, include)
+        t = {}
+        for name, f in [("rw", ref), ("slices", ours)]:
+            fwd = jax.jit(f)
+            grad = jax.jit(jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) ** 2)))
+            t[name] = median_ms(lambda: fwd(x).block_until_ready(), args.reps)
+            t[name + " grad"] = median_ms(lambda: grad(x).block_until_ready(), args.reps)
+        for key_, v in t.items():
+            totals[key_] += n * v
+        print(f"| {kind} {k}x{k}/{s} {pad} | {xs} | {n} | {t['rw']:.2f} | {t['slices']:.2f} | "
+              f"{t['rw grad']:.2f} | {t['slices grad']:.2f} |", flush=True)
+    print("\nTotal pool time of the forward, ms (each shape's time x its count):")
+    for key_, v in totals.items():
+        print(f"  {key_}: {v:.1f}")
+
+
 def median_ms(call, reps: int) -> float:
     call()
     call()
@@ -90,7 +147,11 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--tf", action="store_true", help="also time tf.nn.conv2d (oneDNN)")
+    p.add_argument("--pools", action="store_true", help="time the pools instead of the convs")
     args = p.parse_args()
+    if args.pools:
+        time_pools(args)
+        return
     dt = jnp.dtype(args.dtype)
     shapes = conv_shapes(args.config, args.batch)
     rng = np.random.default_rng(0)

@@ -4,6 +4,7 @@ bfloat16, each measurement in its own process, in interleaved rounds.
     python bench/peer.py                          # everything, 3 rounds (about 30 min on 2 cores)
     python bench/peer.py --only forward --batches 8 --rounds 2
     python bench/peer.py --baseline-python /tmp/venv311/bin/python   # adds "ours (base)"
+    git worktree add /tmp/base HEAD~1 && python bench/peer.py --baseline-tree /tmp/base
 
 Ours: the `full` config (299x299, standard widths, 1,000 classes) as the cascade runs it
 when every image goes deep: the program `stem -> Mixed_5b`, then `Mixed_5b -> end` and O2
@@ -77,7 +78,8 @@ def _random_variables(model):
     return jax.tree_util.tree_map_with_path(leaf, abstract_variables(model))
 
 
-def jax_worker(task: str, precision: str, batch: int, config: str, seconds: float) -> dict:
+def jax_call(task: str, precision: str, batch: int, config: str):
+    """(call, images per call): one compiled forward or train step of ours, ready to run."""
     sys.path.insert(0, str(ROOT))
     import jax
     import jax.numpy as jnp
@@ -93,7 +95,7 @@ def jax_worker(task: str, precision: str, batch: int, config: str, seconds: floa
         size = {"cifar_train32": "0", "cifar_train24": "24"}[task]
         overrides = {"compute_dtype": precision, "lowres_size": size}
         cfg, run = make_runner(config, overrides, steps_per_epoch=170)
-        return {"ms": _timed(lambda: run(1), seconds), "images": cfg.batch_size}
+        return (lambda: run(1)), cfg.batch_size
     model = build_model(cfg)
     variables = _random_variables(model)
     m = model.num_exits
@@ -111,7 +113,7 @@ def jax_worker(task: str, precision: str, batch: int, config: str, seconds: floa
             for f in rest:
                 h = f(v, h)
             jax.block_until_ready(last(v, h))
-        return {"ms": _timed(call, seconds), "images": batch}
+        return call, batch
     # The train step: segments and O2 only (no O1), SGD with momentum, BatchNorm in
     # training mode; mixed precision as the backbone stage runs it (model.to_compute_dtype).
     from cnneb_jax.data import normalize
@@ -148,10 +150,11 @@ def jax_worker(task: str, precision: str, batch: int, config: str, seconds: floa
     def call():
         holder["state"], loss = step(holder["state"], xd, y)
         jax.block_until_ready(loss)
-    return {"ms": _timed(call, seconds), "images": batch}
+    return call, batch
 
 
-def keras_worker(task: str, precision: str, batch: int, seconds: float) -> dict:
+def keras_call(task: str, precision: str, batch: int):
+    """(call, images per call): Keras's InceptionV3 forward or train step, ready to run."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import tensorflow as tf
@@ -163,26 +166,27 @@ def keras_worker(task: str, precision: str, batch: int, seconds: float) -> dict:
     x = tf.constant(rng.uniform(-1, 1, (batch, 299, 299, 3)).astype(np.float32))
     if task == "forward":
         fwd = tf.function(lambda t: model(t, training=False))
-        return {"ms": _timed(lambda: fwd(x).numpy(), seconds), "images": batch}
+        return (lambda: fwd(x).numpy()), batch
     y = tf.constant(rng.integers(0, 1000, batch).astype(np.int32))
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return {"ms": _timed(lambda: model.train_on_batch(x, y), seconds), "images": batch}
+    return (lambda: model.train_on_batch(x, y)), batch
 
 
 def worker_main(spec: dict) -> None:
     if spec["side"] == "keras":
-        out = keras_worker(spec["task"], spec["precision"], spec["batch"], spec["seconds"])
+        call, images = keras_call(spec["task"], spec["precision"], spec["batch"])
     else:
-        out = jax_worker(spec["task"], spec["precision"], spec["batch"], spec["config"],
-                         spec["seconds"])
+        call, images = jax_call(spec["task"], spec["precision"], spec["batch"], spec["config"])
+    out = {"ms": _timed(call, spec["seconds"]), "images": images}
     print("RESULT " + json.dumps(out), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver
 
 def measurements(args) -> list[dict]:
-    sides = ["ours"] + (["base"] if args.baseline_python else []) + ["keras"]
+    sides = (["ours"] + (["base"] if args.baseline_python or args.baseline_tree else [])
+             + ([] if args.no_keras else ["keras"]))
     out = []
     for task in args.only:
         batches = args.batches if task == "forward" else [8] if task == "train" else [128]
@@ -204,13 +208,15 @@ def measurements(args) -> list[dict]:
 
 
 def run_one(spec: dict, args, cache: str) -> float | None:
-    python = args.baseline_python if spec["side"] == "base" else sys.executable
+    base = spec["side"] == "base"
+    python = (args.baseline_python or sys.executable) if base else sys.executable
+    script = Path(args.baseline_tree or ROOT) / "bench" / "peer.py" if base else Path(__file__)
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
     if spec["side"] == "base":
         env["JAX_COMPILATION_CACHE_DIR"] = cache + "-base"
-    cmd = [python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    cmd = [python, str(script.resolve()), "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=script.parent.parent)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[7:])
@@ -275,14 +281,16 @@ def report(specs: list[dict], ms: dict[tuple, list[float]], rounds: int) -> None
                   f"{ratio_text(base, o32)} |")
     cifar = [s for s in specs if s["config"] == "cifar"]
     if cifar:
-        print("\n| cifar, batch 128 | images/s, median (min-max) |")
-        print("|---|---:|")
+        print("\n| cifar, batch 128 | images/s, median (min-max) | speed vs base per round |")
+        print("|---|---:|---:|")
         for s in cifar:
-            a = np.array([v for v in ms[key(s)] if v], float)
-            ips = s["batch"] * 1e3 / a if len(a) else np.array([])
+            a = np.array([v or np.nan for v in ms[key(s)]], float)
+            ips = s["batch"] * 1e3 / a[np.isfinite(a)]
             text = (f"{np.median(ips):,.0f} ({ips.min():,.0f}-{ips.max():,.0f})"
                     if len(ips) else "failed")
-            print(f"| {names[s['side']]} {s['task']} {s['precision']} | {text} |")
+            base = ("base",) + key(s)[1:]
+            vs = ratio_text(base, key(s)) if s["side"] == "ours" else "-"
+            print(f"| {names[s['side']]} {s['task']} {s['precision']} | {text} | {vs} |")
 
 
 def main() -> None:
@@ -299,6 +307,11 @@ def main() -> None:
     p.add_argument("--baseline-python", default="",
                    help="a second interpreter (another venv) whose JAX also runs our side: "
                         "before/after figures in one interleaved run")
+    p.add_argument("--baseline-tree", default="",
+                   help="another checkout (a git worktree) whose code runs the baseline side "
+                        "(with --baseline-python's interpreter, or this one)")
+    p.add_argument("--no-keras", action="store_true",
+                   help="ours (and the baseline) only: an A/B of our own code")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

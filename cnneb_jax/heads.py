@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cnneb_jax.configs import Config
+from cnneb_jax.pooling import avg_pool
 from cnneb_jax.segments import ConvBN, InceptionA, channels
 
 FT, OTHER = 0, 1
@@ -27,7 +28,7 @@ class AuxLayers(nn.Module):
     def __call__(self, x, train: bool):
         cfg = self.cfg
         k = min(cfg.aux_pool, x.shape[1])
-        x = nn.avg_pool(x, (k, k), strides=(cfg.aux_pool_stride,) * 2, padding="VALID")
+        x = avg_pool(x, k, cfg.aux_pool_stride, "VALID")
         x = ConvBN(channels(cfg.aux_channels, cfg.width), (1, 1), bn_momentum=cfg.bn_momentum,
                    name="Conv2d_1b_1x1")(x, train)
         if self.is_initializing():

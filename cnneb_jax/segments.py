@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from cnneb_jax.configs import BLOCKS, Config
+from cnneb_jax.pooling import avg_pool, max_pool
 
 
 def channels(c: int, width: float) -> int:
@@ -30,41 +31,13 @@ def _conv(x, w, strides: int, padding: str):
     return jax.lax.conv_general_dilated(x, w, (strides, strides), padding, dimension_numbers=_DN)
 
 
-@jax.custom_vjp
-def conv_same_s1(x, w):
-    """Stride-1 SAME conv whose weight gradient is k*k shifted matmuls.
-
-    XLA's CPU backend computes the weight gradient of small convs 1.5-2x slower than
-    the matmul formulation; training time on CPU is dominated by it.
-    """
-    return _conv(x, w, 1, "SAME")
-
-
-def _conv_fwd(x, w):
-    return _conv(x, w, 1, "SAME"), (x, w)
-
-
-def _conv_bwd(res, dy):
-    x, w = res
-    kh, kw, cin, cout = w.shape
-    dx = jax.vjp(lambda x_: _conv(x_, w, 1, "SAME"), x)[1](dy)[0]
-    ph, pw = (kh - 1) // 2, (kw - 1) // 2
-    xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
-    h, wd = x.shape[1], x.shape[2]
-    dy2 = dy.reshape(-1, cout)
-    taps = [jnp.dot(xp[:, i:i + h, j:j + wd, :].reshape(-1, cin).T, dy2)
-            for i in range(kh) for j in range(kw)]
-    return dx, jnp.stack(taps).reshape(kh, kw, cin, cout)
-
-
-conv_same_s1.defvjp(_conv_fwd, _conv_bwd)
-
-
 class Conv(nn.Module):
     """Bias-free conv with an HWIO kernel (the shapes of nn.Conv / Keras Conv2D).
 
-    1x1 convs run as matmuls, stride-1 SAME kxk convs use the matmul weight gradient:
-    same numbers as lax.conv, up to float rounding, much faster to train on CPU.
+    1x1 convs run as matmuls (same numbers as lax.conv up to float rounding; faster on
+    XLA:CPU, bench/conv_lowering.py). Every other conv, and every gradient, is XLA's own:
+    the matmul-per-tap weight gradient that once trained 1.5-2x faster made the cifar
+    step 16-21% slower on JAX 0.12 (docs/RESULTS.md §14), so it was dropped.
     """
     features: int
     kernel_size: tuple[int, int]
@@ -79,8 +52,6 @@ class Conv(nn.Module):
         x = x.astype(w.dtype)  # mixed precision: the kernel arrives already cast (bf16)
         if self.kernel_size == (1, 1) and self.strides == 1:
             return jnp.dot(x, w.reshape(cin, self.features))
-        if self.strides == 1 and self.padding == "SAME" and self.kernel_size[0] * self.kernel_size[1] <= 9:
-            return conv_same_s1(x, w)
         return _conv(x, w, self.strides, self.padding)
 
 
@@ -101,7 +72,7 @@ class ConvBN(nn.Module):
 
 def _avg_pool_same(x):
     # TF's SAME average pooling divides by the number of real (unpadded) inputs.
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME", count_include_pad=False)
+    return avg_pool(x, 3, 1, "SAME", count_include_pad=False)
 
 
 class InceptionA(nn.Module):
@@ -138,7 +109,7 @@ class InceptionB(nn.Module):
         b1 = ConvBN(c(64), (1, 1), bn_momentum=m, name="Branch_1_Conv2d_0a_1x1")(x, train)
         b1 = ConvBN(c(96), (3, 3), bn_momentum=m, name="Branch_1_Conv2d_0b_3x3")(b1, train)
         b1 = ConvBN(c(96), (3, 3), 2, self.padding, m, name="Branch_1_Conv2d_1a_1x1")(b1, train)
-        b2 = nn.max_pool(x, (3, 3), strides=(2, 2), padding=self.padding)
+        b2 = max_pool(x, 3, 2, self.padding)
         return jnp.concatenate([b0, b1, b2], axis=-1)
 
 
@@ -182,7 +153,7 @@ class InceptionD(nn.Module):
         b1 = ConvBN(c(192), (1, 7), bn_momentum=m, name="Branch_1_Conv2d_0b_1x7")(b1, train)
         b1 = ConvBN(c(192), (7, 1), bn_momentum=m, name="Branch_1_Conv2d_0c_7x1")(b1, train)
         b1 = ConvBN(c(192), (3, 3), 2, self.padding, m, name="Branch_1_Conv2d_1a_3x3")(b1, train)
-        b2 = nn.max_pool(x, (3, 3), strides=(2, 2), padding=self.padding)
+        b2 = max_pool(x, 3, 2, self.padding)
         return jnp.concatenate([b0, b1, b2], axis=-1)
 
 
@@ -256,10 +227,10 @@ class Segment(nn.Module):
     def __call__(self, x, train: bool = False):
         for name in segment_blocks(self.start, self.end):
             if name == "MaxPool_3a_3x3":
-                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=self.cfg.padding)
+                x = max_pool(x, 3, 2, self.cfg.padding)
             elif name == "MaxPool_5a_3x3":
                 if self.cfg.use_pool_5a:
-                    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=self.cfg.padding)
+                    x = max_pool(x, 3, 2, self.cfg.padding)
             else:
                 x = make_block(name, self.cfg)(x, train)
         return x

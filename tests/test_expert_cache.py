@@ -13,7 +13,7 @@ from cnneb_jax.stages import load_backbone, make_predict_fn, predict_all
 def setup(tiny_run, tiny_cfg, tiny_data):
     model, backbone = load_backbone(tiny_run[0], tiny_cfg)
     x, y = tiny_data["val_images"], tiny_data["val_labels"]
-    views = ec.cache_views(model, backbone, x, y, views=6, pad=tiny_cfg.pad_crop,
+    views = ec.cache_views(model, backbone, x, y, views=12, pad=tiny_cfg.pad_crop,
                            batch_size=16, dtype=np.float16)
     plain = ec.cache_views(model, backbone, x, y, batch_size=16)
     return model, backbone, views, plain
@@ -34,8 +34,8 @@ def test_augmented_views_differ_and_have_the_stage_shapes(setup, tiny_data):
     model, _, views, plain = setup
     n = len(tiny_data["val_labels"])
     f = views["feats"][0]
-    assert f.shape == (6 * n,) + plain["feats"][0].shape[1:] and f.dtype == np.float16
-    assert views["is_ft"][0].shape == (6 * n,) and views["is_ft"][0].dtype == bool
+    assert f.shape == (12 * n,) + plain["feats"][0].shape[1:] and f.dtype == np.float16
+    assert views["is_ft"][0].shape == (12 * n,) and views["is_ft"][0].dtype == bool
     # Each view is a different crop/flip: view 0 and view 1 of the same images differ.
     assert not np.allclose(f[:n], f[n:2 * n])
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cnneb_jax.configs import BLOCKS, get_config
-from cnneb_jax.segments import Segment, channels, conv_same_s1, segment_blocks
+from cnneb_jax.segments import Conv, Segment, channels, segment_blocks
 
 
 def _conv_kernels(tree) -> list[tuple[int, ...]]:
@@ -44,18 +44,21 @@ def test_channels_scaling():
     assert channels(32, 0.0625) == 8  # never below 8
 
 
-@pytest.mark.parametrize("kernel", [(3, 3), (1, 7), (7, 1), (1, 3)])
-def test_fast_conv_gradient_matches_lax(kernel):
+@pytest.mark.parametrize("kernel,strides", [((1, 1), 1), ((3, 3), 1), ((1, 7), 1), ((3, 3), 2)])
+def test_conv_matches_lax_with_its_gradient(kernel, strides):
+    """Conv runs 1x1 convs as a matmul: same outputs and gradients as lax.conv."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 5)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=kernel + (5, 6)), jnp.float32)
-    ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
-    np.testing.assert_allclose(conv_same_s1(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
-    g_fast = jax.grad(loss(conv_same_s1), argnums=(0, 1))(x, w)
-    g_ref = jax.grad(loss(ref), argnums=(0, 1))(x, w)
-    for a, b in zip(g_fast, g_ref):
+    conv = Conv(6, kernel, strides)
+    v = conv.init(jax.random.PRNGKey(0), x)
+    ref = lambda v, x: jax.lax.conv_general_dilated(
+        x, v["params"]["kernel"], (strides, strides), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    loss = lambda f: (lambda v, x: jnp.sum(jnp.sin(f(v, x))))
+    np.testing.assert_allclose(conv.apply(v, x), ref(v, x), rtol=1e-5, atol=1e-5)
+    g = jax.grad(loss(conv.apply), argnums=(0, 1))(v, x)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(v, x)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 

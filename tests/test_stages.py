@@ -102,7 +102,7 @@ def test_tiny_expert_learns_ft_vs_other(trained, tiny_cfg, tiny_data):
     """The tiny expert stage really trains: on its own training data E1 ranks Other above FT
     better than chance, and its class-balanced loss is below ln 2, what the best constant
     answer gets. Its training data are augmented views of the held-out images, with FT
-    labels computed per view, so it is scored on 10 such views. (The logged per-step losses
+    labels computed per view, so it is scored on 20 such views. (The logged per-step losses
     are too noisy to compare: a tiny batch holds a handful of FT views, and how many
     depends on float rounding, so on the JAX version.)"""
     from cnneb_jax.data import augment
@@ -118,7 +118,7 @@ def test_tiny_expert_learns_ft_vs_other(trained, tiny_cfg, tiny_data):
     predict = make_predict_fn(model)
     x, y = tiny_data["val_images"], tiny_data["val_labels"]
     other, logits = [], []
-    for k in range(10):
+    for k in range(20):
         out = predict(full, augment(jax.random.PRNGKey(100 + k), x, tiny_cfg.pad_crop))
         preds = [np.asarray(o).argmax(-1) for o in out["exits"]]
         other.append(ft_labels(preds, y, 0) == 0)

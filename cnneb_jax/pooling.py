@@ -1,0 +1,64 @@
+"""Max and average pooling over square windows, written as strided slices.
+
+`lax.reduce_window` (what `flax.linen.max_pool` / `avg_pool` lower to) runs 3-14x slower on
+XLA:CPU than the same reduction written as k strided slices per axis, rows first, then
+columns; and its gradients are worse still (max pooling's `select_and_scatter`): the `full`
+config's pools take 74 ms forward and 577 ms for their gradients at batch 8 as
+reduce_window, 19 and 187 ms as slices (`bench/conv_lowering.py --pools`, docs/RESULTS.md
+§14). The slices give the same maxima exactly and the same averages up to float rounding;
+their gradients are elementwise. Padding follows
+`lax.padtype_to_pads` ("SAME": the extra pixel goes after), as Flax's and TF's do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _axis_pads(size: int, k: int, s: int, padding: str) -> tuple[int, int, int]:
+    """(output size, padding before, padding after) of one spatial axis."""
+    if padding == "VALID":
+        return (size - k) // s + 1, 0, 0
+    if padding != "SAME":
+        raise ValueError(f"padding must be SAME or VALID, got {padding!r}")
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return out, total // 2, total - total // 2
+
+
+def _reduce(x: jax.Array, k: int, s: int, padding: str, op, fill) -> jax.Array:
+    pads = [_axis_pads(x.shape[a], k, s, padding) for a in (1, 2)]
+    if any(lo or hi for _, lo, hi in pads):
+        x = jnp.pad(x, ((0, 0), *((lo, hi) for _, lo, hi in pads), (0, 0)),
+                    constant_values=fill)
+    for axis, (out, _, _) in zip((1, 2), pads):
+        taps = [jax.lax.slice_in_dim(x, i, i + s * (out - 1) + 1, s, axis) for i in range(k)]
+        x = functools.reduce(op, taps)
+    return x
+
+
+def max_pool(x: jax.Array, k: int, s: int, padding: str) -> jax.Array:
+    """k x k max pooling with stride s over NHWC."""
+    return _reduce(x, k, s, padding, jnp.maximum, -jnp.inf)
+
+
+def _counts(size: int, k: int, s: int, padding: str) -> np.ndarray:
+    """How many real (unpadded) pixels each window covers along one axis."""
+    out, lo, _ = _axis_pads(size, k, s, padding)
+    starts = np.arange(out) * s - lo
+    return np.minimum(starts + k, size) - np.maximum(starts, 0)
+
+
+def avg_pool(x: jax.Array, k: int, s: int, padding: str,
+             count_include_pad: bool = True) -> jax.Array:
+    """k x k average pooling with stride s over NHWC. With `count_include_pad=False` each
+    window divides by its real pixels only (TF's SAME average pooling)."""
+    total = _reduce(x, k, s, padding, jnp.add, 0)
+    if count_include_pad or padding == "VALID":
+        return total * jnp.asarray(1 / (k * k), x.dtype)
+    n = np.outer(_counts(x.shape[1], k, s, padding), _counts(x.shape[2], k, s, padding))
+    return total * jnp.asarray(1 / n[None, :, :, None], x.dtype)
