@@ -24,7 +24,6 @@ import argparse
 import collections
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from cnneb_jax.configs import CONFIGS, get_config  # noqa: E402
 from cnneb_jax.model import abstract_variables, branch_fn, build_model  # noqa: E402
+from cnneb_jax.report import median_seconds  # noqa: E402
 
 
 def conv_shapes(config: str, batch: int) -> collections.Counter:
@@ -129,14 +129,10 @@ def time_pools(args) -> None:
 
 
 def median_ms(call, reps: int) -> float:
+    """Median ms of `reps` calls after two warm-up calls (the first compiles)."""
     call()
     call()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
+    return 1e3 * median_seconds(call, reps)
 
 
 def main() -> None:

@@ -87,8 +87,6 @@ def jax_call(task: str, precision: str, batch: int, config: str):
     from cnneb_jax.configs import get_config
     from cnneb_jax.model import build_model, branch_fn, to_compute_dtype
 
-    cfg = get_config(config, {"compute_dtype": precision})
-    cfg = cfg.replace(num_classes=cfg.num_classes or 10)
     if task in ("cifar_train32", "cifar_train24"):
         sys.path.insert(0, str(ROOT / "bench"))
         from train_throughput import make_runner
@@ -96,6 +94,8 @@ def jax_call(task: str, precision: str, batch: int, config: str):
         overrides = {"compute_dtype": precision, "lowres_size": size}
         cfg, run = make_runner(config, overrides, steps_per_epoch=170)
         return (lambda: run(1)), cfg.batch_size
+    cfg = get_config(config, {"compute_dtype": precision})
+    cfg = cfg.replace(num_classes=cfg.num_classes or 10)
     model = build_model(cfg)
     variables = _random_variables(model)
     m = model.num_exits

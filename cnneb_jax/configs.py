@@ -170,7 +170,7 @@ CONFIGS: dict[str, Config] = {
         lr=0.05, label_smoothing=0.0, warmup_epochs=1.0, ema_decay=0.0, flip="random",
         bn_bias_lr_mult=1.0, lowres_size=0, identity_init=False,
         # 24 expert images (32 held out, 8 of them for calibration) in 30 full-batch steps
-        # on a backbone of 24 steps (after fewer, its logits are still huge): enough for a
+        # on a backbone of 48 steps (after too few, its logits are still huge): enough for a
         # test to see the expert learn FT vs Other.
         val_size=32, calib_size=8, expert_epochs=30, expert_batch_size=24, expert_lr=1e-2,
         expert_inputs="paper+confidence",
