@@ -28,3 +28,6 @@ if ! .venv/bin/python -c "import cnneb_jax, jax, flax, optax, orbax.checkpoint, 
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -c constraints.txt -e ".[test]"
 fi
+# oneDNN's CPU kernels (cnneb_jax/onednn.py): downloaded from the package registry and
+# compiled once (about 10 s); without them every config runs XLA's (slower) kernels.
+.venv/bin/python -m cnneb_jax.onednn || echo "setup.sh: continuing with XLA's kernels"

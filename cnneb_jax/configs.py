@@ -59,6 +59,10 @@ class Config:
     # optimizer state and BatchNorm statistics (meant for GPUs).
     # "float64" keeps everything in float64 (needs JAX_ENABLE_X64=1): exact comparisons in tests.
     compute_dtype: str = "float32"
+    # oneDNN's convolution and pooling kernels on the CPU (cnneb_jax/onednn.py, built by
+    # setup.sh; faster than XLA's, docs/RESULTS.md §15): "on", "off" (XLA's), or "auto" =
+    # on where they are built and the backend is the CPU.
+    onednn: str = "auto"
     # --- data ---
     dataset: str = "cifar10"
     val_size: int = 6000           # held out of train: expert labels and calibration
@@ -235,6 +239,7 @@ _RANGES: dict[str, tuple] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "padding": ("SAME", "VALID"), "compute_dtype": ("float32", "bfloat16", "float64"),
+    "onednn": ("auto", "on", "off"),
     "expert_inputs": ("paper", "paper+confidence"), "flip": ("random", "alternate"),
     "resize": ("none", "resize_crop", "random_resized_crop"),
     "pipeline": ("auto", "memory", "stream"), "pad_mode": ("zeros", "reflect"),

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnneb_jax import onednn
 from cnneb_jax.compile_cache import memo, memo_json
 from cnneb_jax.heads import OTHER
 from cnneb_jax.metrics import ft_labels, segment_flops
@@ -136,11 +137,16 @@ def _exported(c: Cascade, i: int, variant: str, x) -> jax.export.Exported:
         spec = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), x.dtype)
         fn = jax.jit(branch_fn(c.model, i, variant))
         specs = jax.tree_util.tree_map(_spec, _branch_variables(c, i, variant))
-        # Traced once per config on this machine (memoised with the compilation cache).
+        # Traced once per config on this machine (memoised with the compilation cache),
+        # and per kernel library: with oneDNN's the program calls them (FFI custom calls,
+        # registered by onednn.use before they are compiled).
+        kernels = "onednn" if onednn.use(c.model.cfg.onednn, jnp.float32) else "xla"
         memo_key = json.dumps([dataclasses.asdict(c.model.cfg), key[1:4], str(key[4]),
-                               jax.default_backend()], sort_keys=True, default=str)
+                               jax.default_backend(), kernels], sort_keys=True, default=str)
+        checks = onednn.export_checks() if kernels == "onednn" else ()
         exp = c.programs[key] = memo(
-            "branch", memo_key, lambda: jax.export.export(fn)(specs, spec).serialize(),
+            "branch", memo_key,
+            lambda: jax.export.export(fn, disabled_checks=checks)(specs, spec).serialize(),
             lambda blob: jax.export.deserialize(bytearray(blob)))
     return exp
 

@@ -8,6 +8,7 @@ no model code).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from cnneb_jax.controller import Cascade, path_flops
 from cnneb_jax.data import normalize
 from cnneb_jax.heads import OTHER
-from cnneb_jax.model import segment_fns
+from cnneb_jax.model import build_model, segment_fns
 
 # 2: every part lowered for several platforms (`platforms` in the manifest) and its sha256.
 FORMAT_VERSION = 2
@@ -52,7 +53,9 @@ def export_cascade(cascade: Cascade, out_dir: str | Path, rule: str,
     cfg = model.cfg
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fns = segment_fns(model)
+    # XLA's own kernels: an export runs wherever jax does (oneDNN's are a library on this
+    # machine, and a CPU-only one); the variables are the same either way.
+    fns = segment_fns(build_model(dataclasses.replace(cfg, onednn="off")))
     parts: list[dict] = []
 
     def write(name: str, fn, *specs):

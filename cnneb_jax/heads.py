@@ -28,9 +28,9 @@ class AuxLayers(nn.Module):
     def __call__(self, x, train: bool):
         cfg = self.cfg
         k = min(cfg.aux_pool, x.shape[1])
-        x = avg_pool(x, k, cfg.aux_pool_stride, "VALID")
+        x = avg_pool(x, k, cfg.aux_pool_stride, "VALID", onednn_mode=cfg.onednn)
         x = ConvBN(channels(cfg.aux_channels, cfg.width), (1, 1), bn_momentum=cfg.bn_momentum,
-                   name="Conv2d_1b_1x1")(x, train)
+                   onednn_mode=cfg.onednn, name="Conv2d_1b_1x1")(x, train)
         if self.is_initializing():
             k = min(5, x.shape[1])  # TF-slim shrinks the 5x5 kernel on small grids
         else:
@@ -42,7 +42,8 @@ class AuxLayers(nn.Module):
             x = jnp.pad(x, ((0, 0), (short // 2, short - short // 2),
                             (short // 2, short - short // 2), (0, 0)))
         x = ConvBN(channels(cfg.aux_hidden, cfg.width), (k, k), padding="VALID",
-                   bn_momentum=cfg.bn_momentum, name=f"Conv2d_2a_{k}x{k}")(x, train)
+                   bn_momentum=cfg.bn_momentum, onednn_mode=cfg.onednn,
+                   name=f"Conv2d_2a_{k}x{k}")(x, train)
         return jnp.mean(x, axis=(1, 2))
 
 

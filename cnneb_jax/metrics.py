@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -60,6 +61,10 @@ def segment_flops(model, variables) -> dict[str, float]:
     which skips the slow eager initialisation of a large model.
     """
     cfg = model.cfg
+    if cfg.onednn != "off":
+        # XLA counts no FLOPs inside oneDNN's kernels (custom calls): count XLA's own.
+        from cnneb_jax.model import build_model  # model imports nothing from here
+        model = build_model(dataclasses.replace(cfg, onednn="off"))
     x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
     out: dict[str, float] = {}
     feats = []

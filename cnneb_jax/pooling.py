@@ -8,6 +8,9 @@ reduce_window, 19 and 187 ms as slices (`bench/conv_lowering.py --pools`, docs/R
 §14). The slices give the same maxima exactly and the same averages up to float rounding;
 their gradients are elementwise. Padding follows
 `lax.padtype_to_pads` ("SAME": the extra pixel goes after), as Flax's and TF's do.
+
+With oneDNN (cnneb_jax/onednn.py) the forward runs its pooling kernels instead, another
+2-5x faster (docs/RESULTS.md §15); the gradient stays the slices'.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cnneb_jax import onednn
 
 
 def _axis_pads(size: int, k: int, s: int, padding: str) -> tuple[int, int, int]:
@@ -41,9 +46,37 @@ def _reduce(x: jax.Array, k: int, s: int, padding: str, op, fill) -> jax.Array:
     return x
 
 
-def max_pool(x: jax.Array, k: int, s: int, padding: str) -> jax.Array:
-    """k x k max pooling with stride s over NHWC."""
+def _max_slices(x: jax.Array, k: int, s: int, padding: str) -> jax.Array:
     return _reduce(x, k, s, padding, jnp.maximum, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _onednn_pool(x, k: int, s: int, padding: str, average: bool):
+    pads = [_axis_pads(x.shape[a], k, s, padding) for a in (1, 2)]
+    return onednn.pool(x, k, s, tuple((lo, hi) for _, lo, hi in pads),
+                       tuple(out for out, _, _ in pads), average)
+
+
+def _onednn_pool_fwd(x, k, s, padding, average):
+    return _onednn_pool(x, k, s, padding, average), x
+
+
+def _onednn_pool_bwd(k, s, padding, average, x, dy):
+    # oneDNN's forward, the slices' gradient: the same function (max ties aside, which
+    # the slices break the way lax.max does), so training sees XLA's proven gradient.
+    slices = ((lambda t: _avg_slices(t, k, s, padding, False)) if average
+              else (lambda t: _max_slices(t, k, s, padding)))
+    return jax.vjp(slices, x)[1](dy)
+
+
+_onednn_pool.defvjp(_onednn_pool_fwd, _onednn_pool_bwd)
+
+
+def max_pool(x: jax.Array, k: int, s: int, padding: str, onednn_mode: str = "off") -> jax.Array:
+    """k x k max pooling with stride s over NHWC (`onednn_mode`: see onednn.use)."""
+    if onednn.use(onednn_mode, x.dtype):
+        return _onednn_pool(x, k, s, padding, False)
+    return _max_slices(x, k, s, padding)
 
 
 def _counts(size: int, k: int, s: int, padding: str) -> np.ndarray:
@@ -53,10 +86,18 @@ def _counts(size: int, k: int, s: int, padding: str) -> np.ndarray:
     return np.minimum(starts + k, size) - np.maximum(starts, 0)
 
 
-def avg_pool(x: jax.Array, k: int, s: int, padding: str,
-             count_include_pad: bool = True) -> jax.Array:
+def avg_pool(x: jax.Array, k: int, s: int, padding: str, count_include_pad: bool = True,
+             onednn_mode: str = "off") -> jax.Array:
     """k x k average pooling with stride s over NHWC. With `count_include_pad=False` each
     window divides by its real pixels only (TF's SAME average pooling)."""
+    pads = any(lo or hi for a in (1, 2) for _, lo, hi in [_axis_pads(x.shape[a], k, s, padding)])
+    if onednn.use(onednn_mode, x.dtype) and not (count_include_pad and pads):
+        return _onednn_pool(x, k, s, padding, True)
+    return _avg_slices(x, k, s, padding, count_include_pad)
+
+
+def _avg_slices(x: jax.Array, k: int, s: int, padding: str,
+                count_include_pad: bool) -> jax.Array:
     total = _reduce(x, k, s, padding, jnp.add, 0)
     if count_include_pad or padding == "VALID":
         return total * jnp.asarray(1 / (k * k), x.dtype)

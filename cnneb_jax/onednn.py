@@ -1,0 +1,258 @@
+"""oneDNN's CPU convolutions inside jitted JAX code, through XLA's FFI.
+
+XLA:CPU's convolutions run 1.2-3.9x slower than oneDNN's in float32 and 2.5-5.5x in
+bfloat16 on this project's machines (docs/RESULTS.md §14), and they take over 90% of an
+Inception v3 forward. `native/onednn_conv.cc` wraps oneDNN's forward (with a fused bias and
+ReLU), backward-data and backward-weights convolutions as FFI handlers; this module builds
+it once, loads it, and offers `conv` (differentiable) and `conv_affine_relu` (inference,
+BatchNorm and ReLU fused in).
+
+The library comes from the package registry: oneDNN 3.2 (`onednn-cpu-gomp`, GNU OpenMP)
+with its own headers (`onednn-devel-cpu-gomp`), compiled with the system's C++ compiler
+against the FFI headers that jaxlib ships. `python -m cnneb_jax.onednn` builds it
+(`setup.sh` does); without it every config runs XLA's (the config's `onednn`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = Path(__file__).parent / "native" / "onednn_conv.cc"
+_WHEELS = ("onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0")
+_TARGETS = ("cnneb_onednn_conv_fwd", "cnneb_onednn_conv_bwd_data",
+            "cnneb_onednn_conv_bwd_weights", "cnneb_onednn_pool")
+
+
+class OneDNNUnavailable(RuntimeError):
+    """The oneDNN kernels are not built here (or cannot be)."""
+
+
+def cache_dir() -> Path:
+    """Where the wheels are unpacked and the library built ($CNNEB_ONEDNN_DIR overrides)."""
+    env = os.environ.get("CNNEB_ONEDNN_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cnneb_jax" / "onednn"
+
+
+def library_path() -> Path:
+    """The built library, named for what it was built from (source, wheels, jaxlib), so a
+    changed source or a new jaxlib never loads an old build."""
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest.update(" ".join(_WHEELS).encode())
+    digest.update(importlib.metadata.version("jaxlib").encode())
+    return cache_dir() / f"libcnneb_onednn-{digest.hexdigest()[:12]}.so"
+
+
+def build(verbose: bool = True) -> Path:
+    """Downloads the oneDNN wheels (once) and compiles the FFI library. Raises
+    OneDNNUnavailable with the reason when it cannot."""
+    out = library_path()
+    if out.exists():
+        return out
+    root = cache_dir()
+    lib, include = root / "lib" / "libdnnl.so.3", root / "include"
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise OneDNNUnavailable("no C++ compiler (g++) on PATH")
+    if not (lib.exists() and include.exists()):
+        say = print if verbose else (lambda *a, **k: None)
+        say(f"onednn: downloading {' and '.join(_WHEELS)} into {root}")
+        with tempfile.TemporaryDirectory() as tmp:
+            got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                                  "-d", tmp, *_WHEELS], capture_output=True, text=True)
+            if got.returncode != 0:
+                raise OneDNNUnavailable(f"pip download failed: {got.stderr.strip()[-500:]}")
+            for wheel in Path(tmp).glob("*.whl"):
+                zipfile.ZipFile(wheel).extractall(Path(tmp) / "unpacked")
+            data = list((Path(tmp) / "unpacked").glob("*.data/data"))
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            for d in data:
+                if (d / "lib" / "libdnnl.so.3").exists():
+                    shutil.copy(d / "lib" / "libdnnl.so.3", lib)
+                if (d / "include" / "oneapi").exists():
+                    shutil.rmtree(include, ignore_errors=True)
+                    shutil.copytree(d / "include", include)
+        if not (lib.exists() and include.exists()):
+            raise OneDNNUnavailable(f"the wheels {_WHEELS} did not hold libdnnl.so.3 and headers")
+    tmp_out = out.with_suffix(f".tmp{os.getpid()}")
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCE), f"-I{include}",
+           f"-I{jax.ffi.include_dir()}", f"-L{lib.parent}", "-l:libdnnl.so.3",
+           f"-Wl,-rpath,{lib.parent}", "-o", str(tmp_out)]
+    got = subprocess.run(cmd, capture_output=True, text=True)
+    if got.returncode != 0:
+        raise OneDNNUnavailable(f"compiling {_SOURCE.name} failed:\n{got.stderr[-2000:]}")
+    tmp_out.rename(out)  # atomic: a crash mid-build never leaves a half library behind
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """Loads and registers the kernels; returns the library, or why it cannot."""
+    path = library_path()
+    if not path.exists():
+        return f"not built ({path} is missing; run `python -m cnneb_jax.onednn`)"
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:
+        return f"cannot load {path}: {e}"
+    for name in _TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return lib
+
+
+def _load() -> str | None:
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def available() -> bool:
+    """True when the kernels are built and loaded (CPU only)."""
+    return _load() is None
+
+
+def require() -> None:
+    why = _load()
+    if why is not None:
+        raise OneDNNUnavailable(f"onednn='on' needs the oneDNN kernels, which are {why}")
+
+
+def use(mode: str, dtype) -> bool:
+    """Whether an op on `dtype` runs oneDNN's kernels under the config's `onednn` mode:
+    "off" never, "on" always (an error where they are not built), "auto" where they are
+    built and the default backend is the CPU. Float64 stays on XLA."""
+    if mode == "off":
+        return False
+    if mode == "on":
+        require()
+        if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"onednn='on' runs float32 or bfloat16, not {dtype}")
+        return True
+    if mode != "auto":
+        raise ValueError(f"onednn must be auto, on or off, not {mode!r}")
+    return (jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and jax.default_backend() == "cpu"
+            and available())
+
+
+def export_checks() -> list:
+    """What `jax.export` must be told to serialise a program that calls these kernels (for
+    this machine's own compilation cache only: they exist nowhere else)."""
+    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in _TARGETS]
+
+
+def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
+    """TF/XLA SAME padding (low, high) for one spatial axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def _geometry(x_shape, w_shape, strides: tuple[int, int], padding: str) -> dict:
+    (_, h, w, _), (kh, kw) = x_shape, w_shape[:2]
+    if padding == "SAME":
+        (pt, pb), (pl, pr) = same_padding(h, kh, strides[0]), same_padding(w, kw, strides[1])
+    elif padding == "VALID":
+        pt = pb = pl = pr = 0
+    else:
+        raise ValueError(f"padding must be SAME or VALID, not {padding!r}")
+    return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+                pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
+                pad_right=np.int64(pr))
+
+
+def _out_shape(x_shape, w_shape, g: dict) -> tuple[int, int, int, int]:
+    n, h, w, _ = x_shape
+    kh, kw, _, o = w_shape
+    ho = (h + int(g["pad_top"]) + int(g["pad_bottom"]) - kh) // int(g["stride_h"]) + 1
+    wo = (w + int(g["pad_left"]) + int(g["pad_right"]) - kw) // int(g["stride_w"]) + 1
+    return n, ho, wo, o
+
+
+def conv_affine_relu(x: jax.Array, w: jax.Array, scale: jax.Array | None = None,
+                     offset: jax.Array | None = None, *, strides: tuple[int, int] = (1, 1),
+                     padding: str = "SAME", relu: bool = False,
+                     cache_kernel: bool = False) -> jax.Array:
+    """relu(conv(x, w) * scale + offset) in one oneDNN primitive (not differentiable): the
+    inference ConvBN with BatchNorm's per-channel scale and offset (float32). x is NHWC and
+    w HWIO, both float32 or both bfloat16. `cache_kernel`: keep the kernel oneDNN packs
+    (bfloat16) for the next call with the same kernel, as inference calls repeat."""
+    require()
+    g = _geometry(x.shape, w.shape, strides, padding)
+    out = jax.ShapeDtypeStruct(_out_shape(x.shape, w.shape, g), x.dtype)
+    affine = scale is not None
+    one = jnp.ones((1,), jnp.float32)
+    scale = one if scale is None else scale.astype(jnp.float32)
+    offset = jnp.zeros_like(scale) if offset is None else offset.astype(jnp.float32)
+    return jax.ffi.ffi_call("cnneb_onednn_conv_fwd", out)(
+        x, w.astype(x.dtype), scale, offset, affine=affine, relu=relu, cache=cache_kernel, **g)
+
+
+def pool(x: jax.Array, window: int, stride: int, pads: tuple[tuple[int, int], ...],
+         out_hw: tuple[int, int], average: bool) -> jax.Array:
+    """Max pooling, or average pooling over each window's real pixels, of NHWC `x` with
+    explicit ((top, bottom), (left, right)) padding (not differentiable; pooling.py adds the
+    gradient)."""
+    require()
+    (pt, pb), (pl, pr) = pads
+    out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), x.dtype)
+    return jax.ffi.ffi_call("cnneb_onednn_pool", out)(
+        x, window=np.int64(window), stride=np.int64(stride), pad_top=np.int64(pt),
+        pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr),
+        average=average)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (1, 1),
+         padding: str = "SAME") -> jax.Array:
+    """conv(x, w) with oneDNN's kernels forward and backward (NHWC, HWIO)."""
+    return conv_affine_relu(x, w, strides=strides, padding=padding)
+
+
+def _conv_fwd(x, w, strides, padding):
+    return conv(x, w, strides, padding), (x, w)
+
+
+def _conv_bwd(strides, padding, res, dy):
+    x, w = res
+    g = _geometry(x.shape, w.shape, strides, padding)
+    dy = dy.astype(x.dtype)
+    dx = jax.ffi.ffi_call("cnneb_onednn_conv_bwd_data", jax.ShapeDtypeStruct(x.shape, x.dtype))(
+        dy, w, **g)
+    dw = jax.ffi.ffi_call("cnneb_onednn_conv_bwd_weights",
+                          jax.ShapeDtypeStruct(w.shape, x.dtype))(x, dy, **g)
+    return dx, dw.astype(w.dtype)
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def main() -> None:
+    """`python -m cnneb_jax.onednn`: build the kernels, or say why they cannot be built."""
+    try:
+        path = build()
+    except OneDNNUnavailable as e:
+        print(f"onednn: not built, XLA's convolutions will be used: {e}", file=sys.stderr)
+        sys.exit(1)
+    why = _load()
+    if why is not None:
+        print(f"onednn: built {path} but {why}", file=sys.stderr)
+        sys.exit(1)
+    print(f"onednn: ready ({path})")
+
+
+if __name__ == "__main__":
+    main()
