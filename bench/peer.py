@@ -85,7 +85,7 @@ def jax_call(task: str, precision: str, batch: int, config: str):
     import jax.numpy as jnp
     import optax
     from cnneb_jax.configs import get_config
-    from cnneb_jax.model import build_model, branch_fn, to_compute_dtype
+    from cnneb_jax.model import build_model, branch_fn, inference_variables, to_compute_dtype
 
     if task in ("cifar_train32", "cifar_train24"):
         sys.path.insert(0, str(ROOT / "bench"))
@@ -102,7 +102,9 @@ def jax_call(task: str, precision: str, batch: int, config: str):
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 255, (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
     if task == "forward":
-        v = jax.device_put({g: variables[g] for g in ("segments", "heads")})
+        # as a loaded cascade holds them (controller.make_cascade)
+        v = jax.device_put(inference_variables(cfg, {g: variables[g]
+                                                     for g in ("segments", "heads")}))
         first = jax.jit(branch_fn(model, 0, "seg"))
         rest = [jax.jit(branch_fn(model, i, "seg")) for i in range(1, m - 1)]
         last = jax.jit(branch_fn(model, m - 1, "plain"))

@@ -36,7 +36,7 @@ from cnneb_jax import onednn
 from cnneb_jax.compile_cache import memo, memo_json
 from cnneb_jax.heads import OTHER
 from cnneb_jax.metrics import ft_labels, segment_flops
-from cnneb_jax.model import Model, Variables, branch_fn, segment_fns
+from cnneb_jax.model import Model, Variables, branch_fn, inference_variables, segment_fns
 
 RULES = ("expert", "aux5b", "max_softmax", "entropy", "oracle")
 
@@ -78,6 +78,7 @@ def make_cascade(model: Model, variables: Variables, max_batch: int = 256,
                  workdir: Path | None = None, operating_point: dict | None = None) -> Cascade:
     key = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True)
     flops = memo_json("flops", key, lambda: segment_flops(model, variables))
+    variables = inference_variables(model.cfg, variables)
     return Cascade(model, jax.device_put(variables), dict(segment_fns(model)),
                    bucket_sizes(max_batch), flops, workdir, dict(operating_point or {}))
 

@@ -1,0 +1,65 @@
+"""Does a trained cascade answer the same in bfloat16 as in float32? Its exits' predicted
+labels and accuracies on every test image, at each compute dtype and kernel library.
+
+    python bench/precision_agreement.py --workdir pretrained/cifar \
+        --data-dir ../shared/datasets/cifar10-jpeg
+
+The reference is float32 with XLA's kernels (what the model was trained and evaluated
+with). Every other row gives, per exit, the share of test images whose predicted label
+equals the reference's, and the accuracy beside the reference's. The issue's bar for a
+faster inference precision: labels equal on at least 99.8% of the images, O1 and O2
+accuracy within 0.2 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cnneb_jax import data as data_lib  # noqa: E402
+from cnneb_jax.model import build_model, inference_variables  # noqa: E402
+from cnneb_jax.stages import load_trained, predict_all  # noqa: E402
+
+ROWS = [("float32", "off"), ("float32", "on"), ("bfloat16", "on"), ("bfloat16", "off")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a trained workdir or release folder")
+    p.add_argument("--data-dir", default=None, help="the image folder (default: tfds)")
+    p.add_argument("--batch-size", type=int, default=500)
+    args = p.parse_args()
+    model, variables = load_trained(args.workdir)
+    data = data_lib.load_dataset(model.cfg, args.data_dir)
+    images, labels = data["test_images"], data["test_labels"]
+    print(f"{args.workdir}: {len(labels)} test images, config {model.cfg.name}")
+    ref = None
+    print("| compute dtype | oneDNN | " + " | ".join(
+        f"O{i + 1} same label | O{i + 1} accuracy" for i in range(model.num_exits))
+        + " | seconds |")
+    print("|---|---|" + "---:|---:|" * model.num_exits + "---:|")
+    for dtype, onednn in ROWS:
+        cfg = dataclasses.replace(model.cfg, compute_dtype=dtype, onednn=onednn)
+        m = build_model(cfg)
+        start = time.perf_counter()
+        out = predict_all(m, inference_variables(cfg, variables), images, args.batch_size)
+        seconds = time.perf_counter() - start
+        preds = [np.asarray(o).argmax(-1) for o in out["exits"]]
+        ref = ref or preds
+        cells = []
+        for i, pr in enumerate(preds):
+            cells += [f"{(pr == ref[i]).mean():.2%}", f"{(pr == labels).mean():.2%}"]
+        print(f"| {dtype} | {onednn} | " + " | ".join(cells) + f" | {seconds:.1f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
