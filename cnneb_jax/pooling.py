@@ -9,8 +9,8 @@ reduce_window, 19 and 187 ms as slices (`bench/conv_lowering.py --pools`, docs/R
 their gradients are elementwise. Padding follows
 `lax.padtype_to_pads` ("SAME": the extra pixel goes after), as Flax's and TF's do.
 
-With oneDNN (cnneb_jax/onednn.py) the forward runs its pooling kernels instead, another
-2-5x faster (docs/RESULTS.md §15); the gradient stays the slices'.
+With oneDNN (cnneb_jax/onednn.py) inference runs its pooling kernels instead (faster still,
+docs/RESULTS.md §15); training keeps the slices, forward and backward.
 """
 
 from __future__ import annotations
@@ -58,15 +58,15 @@ def _onednn_pool(x, k: int, s: int, padding: str, average: bool):
 
 
 def _onednn_pool_fwd(x, k, s, padding, average):
-    return _onednn_pool(x, k, s, padding, average), x
-
-
-def _onednn_pool_bwd(k, s, padding, average, x, dy):
-    # oneDNN's forward, the slices' gradient: the same function (max ties aside, which
-    # the slices break the way lax.max does), so training sees XLA's proven gradient.
+    # Differentiated (training): the slices forward and backward, as with oneDNN off. Their
+    # gradient needs their own forward, so oneDNN's would only add a pass.
     slices = ((lambda t: _avg_slices(t, k, s, padding, False)) if average
               else (lambda t: _max_slices(t, k, s, padding)))
-    return jax.vjp(slices, x)[1](dy)
+    return jax.vjp(slices, x)
+
+
+def _onednn_pool_bwd(k, s, padding, average, vjp_fn, dy):
+    return vjp_fn(dy)
 
 
 _onednn_pool.defvjp(_onednn_pool_fwd, _onednn_pool_bwd)

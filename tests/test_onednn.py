@@ -155,3 +155,48 @@ def test_library_name_changes_with_its_source(tmp_path, monkeypatch):
     src.write_text(onednn._SOURCE.read_text() + "\n// changed\n")
     monkeypatch.setattr(onednn, "_SOURCE", src)
     assert onednn.library_path() != first
+
+
+@needs_onednn
+def test_training_plan_is_timed_once_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNEB_ONEDNN_DIR", str(tmp_path))
+    monkeypatch.delenv("CNNEB_ONEDNN_PLAN", raising=False)
+    monkeypatch.setattr(onednn, "_plans", {})
+    monkeypatch.setattr(onednn, "library_path", lambda: tmp_path / "libcnneb_onednn-test.so")
+    timed = []
+
+    def fake_times(*args):
+        timed.append(args[:2])
+        return {"onednn": 2.0, "onednn_xla_dw": 1.0, "xla": 3.0}
+    monkeypatch.setattr(onednn, "_time_plans", fake_times)
+    args = ((4, 9, 9, 8), (3, 3, 8, 16), jnp.float32, (1, 1), "SAME", None)
+    assert onednn.training_plan(*args) == "onednn_xla_dw"
+    assert onednn.training_plan(*args) == "onednn_xla_dw" and len(timed) == 1
+    # a new process reads the file; an answer already there stands over its own timing
+    monkeypatch.setattr(onednn, "_plans", {})
+    plans = next(tmp_path.glob("plans-*.json"))
+    monkeypatch.setattr(onednn, "_time_plans", lambda *a: {"onednn": 0.0, "onednn_xla_dw": 1.0,
+                                                           "xla": 1.0})
+    assert onednn.training_plan(*args) == "onednn_xla_dw" and len(timed) == 1
+    plans.write_text("{not json")  # damaged: timed again, not a crash
+    monkeypatch.setattr(onednn, "_plans", {})
+    assert onednn.training_plan(*args) == "onednn"
+    monkeypatch.setenv("CNNEB_ONEDNN_PLAN", "xla")
+    assert onednn.training_plan(*args) == "xla"
+    monkeypatch.setenv("CNNEB_ONEDNN_PLAN", "fastest")
+    with pytest.raises(ValueError, match="CNNEB_ONEDNN_PLAN"):
+        onednn.training_plan(*args)
+
+
+@needs_onednn
+@pytest.mark.parametrize("plan", onednn.PLANS)
+def test_every_training_plan_gives_xlas_gradients(plan, monkeypatch):
+    monkeypatch.setenv("CNNEB_ONEDNN_PLAN", plan)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 9, 9, 8)), jnp.float32)
+    mods = {m: ConvBN(16, (3, 3), 1, "SAME", onednn_mode=m) for m in ("on", "off")}
+    v = mods["off"].init(jax.random.PRNGKey(0), x, train=False)
+    grads = {m: jax.grad(lambda p, mod=mod: jnp.sum(mod.apply(
+        {**v, "params": p}, x, train=True, mutable=["batch_stats"])[0] ** 2))(v["params"])
+        for m, mod in mods.items()}
+    for a, b in zip(jax.tree.leaves(grads["on"]), jax.tree.leaves(grads["off"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
