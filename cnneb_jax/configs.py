@@ -60,8 +60,8 @@ class Config:
     # "float64" keeps everything in float64 (needs JAX_ENABLE_X64=1): exact comparisons in tests.
     compute_dtype: str = "float32"
     # oneDNN's convolution and pooling kernels on the CPU (cnneb_jax/onednn.py, built by
-    # setup.sh; faster than XLA's, docs/RESULTS.md §15): "on", "off" (XLA's), or "auto" =
-    # on where they are built and the backend is the CPU.
+    # setup.sh; docs/RESULTS.md §15): "on", "off" (XLA's), "auto" = on where they are built
+    # and the backend is the CPU, "inference" = auto for inference, XLA's for training.
     onednn: str = "auto"
     # --- data ---
     dataset: str = "cifar10"
@@ -239,7 +239,7 @@ _RANGES: dict[str, tuple] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "padding": ("SAME", "VALID"), "compute_dtype": ("float32", "bfloat16", "float64"),
-    "onednn": ("auto", "on", "off"),
+    "onednn": ("auto", "on", "off", "inference"),
     "expert_inputs": ("paper", "paper+confidence"), "flip": ("random", "alternate"),
     "resize": ("none", "resize_crop", "random_resized_crop"),
     "pipeline": ("auto", "memory", "stream"), "pad_mode": ("zeros", "reflect"),

@@ -19,13 +19,11 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -133,19 +131,23 @@ def require() -> None:
         raise OneDNNUnavailable(f"onednn='on' needs the oneDNN kernels, which are {why}")
 
 
-def use(mode: str, dtype) -> bool:
+MODES = ("auto", "on", "off", "inference")
+
+
+def use(mode: str, dtype, training: bool = False) -> bool:
     """Whether an op on `dtype` runs oneDNN's kernels under the config's `onednn` mode:
     "off" never, "on" always (an error where they are not built), "auto" where they are
-    built and the default backend is the CPU. Float64 stays on XLA."""
-    if mode == "off":
+    built and the default backend is the CPU, "inference" as "auto" but never in a
+    training step (`training`). Float64 stays on XLA."""
+    if mode == "off" or (mode == "inference" and training):
         return False
     if mode == "on":
         require()
         if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
             raise ValueError(f"onednn='on' runs float32 or bfloat16, not {dtype}")
         return True
-    if mode != "auto":
-        raise ValueError(f"onednn must be auto, on or off, not {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"onednn must be one of {MODES}, not {mode!r}")
     return (jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and jax.default_backend() == "cpu"
             and available())
 
@@ -217,108 +219,29 @@ def pool(x: jax.Array, window: int, stride: int, pads: tuple[tuple[int, int], ..
         average=average)
 
 
-def _xla_conv(x, w, strides, padding):
-    return jax.lax.conv_general_dilated(x, w, strides, padding,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (1, 1),
-         padding: str = "SAME", xla_weight_grad: bool = False) -> jax.Array:
-    """conv(x, w) with oneDNN's kernels forward and for the input gradient (NHWC, HWIO);
-    the kernel gradient too, unless `xla_weight_grad` (see `training_plan`)."""
+         padding: str = "SAME") -> jax.Array:
+    """conv(x, w) with oneDNN's kernels forward and backward (NHWC, HWIO)."""
     return conv_affine_relu(x, w, strides=strides, padding=padding)
 
 
-def _conv_fwd(x, w, strides, padding, xla_weight_grad):
-    return conv(x, w, strides, padding, xla_weight_grad), (x, w)
+def _conv_fwd(x, w, strides, padding):
+    return conv(x, w, strides, padding), (x, w)
 
 
-def _conv_bwd(strides, padding, xla_weight_grad, res, dy):
+def _conv_bwd(strides, padding, res, dy):
     x, w = res
     g = _geometry(x.shape, w.shape, strides, padding)
     dy = dy.astype(x.dtype)
     dx = jax.ffi.ffi_call("cnneb_onednn_conv_bwd_data", jax.ShapeDtypeStruct(x.shape, x.dtype))(
         dy, w, **g)
-    if xla_weight_grad:
-        dw = jax.vjp(lambda k: _xla_conv(x, k, strides, padding), w)[1](dy)[0]
-    else:
-        dw = jax.ffi.ffi_call("cnneb_onednn_conv_bwd_weights",
-                              jax.ShapeDtypeStruct(w.shape, x.dtype))(x, dy, **g)
+    dw = jax.ffi.ffi_call("cnneb_onednn_conv_bwd_weights",
+                          jax.ShapeDtypeStruct(w.shape, x.dtype))(x, dy, **g)
     return dx, dw.astype(w.dtype)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-# How a training conv runs: all oneDNN; oneDNN but XLA's kernel gradient; all XLA.
-PLANS = ("onednn", "onednn_xla_dw", "xla")
-_plans: dict[str, str] = {}
-
-
-def _plans_file() -> Path:
-    return cache_dir() / f"plans-{library_path().stem.split('-')[-1]}.json"
-
-
-def training_plan(x_shape, w_shape, dtype, strides: tuple[int, int], padding: str,
-                  xla_conv) -> str:
-    """Which of PLANS trains a conv of this geometry fastest on this machine: neither
-    library wins everywhere (oneDNN's kernel gradient is 1.2x faster than XLA's on the
-    `full` config's convs and slower on the narrow ones of `cifar` at 24x24, docs/RESULTS.md
-    §15). Timed once per geometry (forward and both gradients, interleaved, median of 5) and
-    remembered in `plans-<library>.json` beside the library; the first answer written
-    there stands, so every process on this machine trains alike. `xla_conv(x, w)` is the
-    XLA path to time. $CNNEB_ONEDNN_PLAN forces one plan."""
-    forced = os.environ.get("CNNEB_ONEDNN_PLAN")
-    if forced:
-        if forced not in PLANS:
-            raise ValueError(f"CNNEB_ONEDNN_PLAN must be one of {PLANS}, not {forced!r}")
-        return forced
-    key = json.dumps([list(x_shape), list(w_shape), jnp.dtype(dtype).name, list(strides),
-                      padding, os.cpu_count()])
-    if key in _plans:
-        return _plans[key]
-    path = _plans_file()
-    known = _read_plans(path)
-    if key not in known:
-        times = _time_plans(x_shape, w_shape, dtype, strides, padding, xla_conv)
-        known = _read_plans(path)  # another process may have decided meanwhile
-        if key not in known:
-            known[key] = min(times, key=times.get)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
-            tmp.replace(path)
-    _plans[key] = known[key]
-    return _plans[key]
-
-
-def _read_plans(path: Path) -> dict[str, str]:
-    try:
-        plans = json.loads(path.read_text())
-        return {k: v for k, v in plans.items() if v in PLANS}
-    except (OSError, ValueError, AttributeError):
-        return {}  # missing or damaged: timed again
-
-
-def _time_plans(x_shape, w_shape, dtype, strides, padding, xla_conv) -> dict[str, float]:
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
-    w = jnp.asarray(rng.standard_normal(w_shape) * 0.1, dtype)
-    dy = jnp.asarray(rng.standard_normal(_out_shape(x_shape, w_shape, _geometry(
-        x_shape, w_shape, strides, padding))), dtype)
-    fns = {"onednn": lambda a, b: conv(a, b, strides, padding, False),
-           "onednn_xla_dw": lambda a, b: conv(a, b, strides, padding, True),
-           "xla": xla_conv}
-    steps = {name: jax.jit(lambda a, b, d, f=f: jax.vjp(f, a, b)[1](d)) for name, f in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():
-        jax.block_until_ready(step(x, w, dy))
-    for _ in range(5):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            jax.block_until_ready(step(x, w, dy))
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:

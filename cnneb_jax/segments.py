@@ -36,12 +36,11 @@ def _conv(x, w, strides: int, padding: str):
 class Conv(nn.Module):
     """Bias-free conv with an HWIO kernel (the shapes of nn.Conv / Keras Conv2D).
 
-    With oneDNN (`onednn_mode`, cnneb_jax/onednn.py) a conv runs oneDNN's kernels or XLA's,
-    forward and backward, whichever `onednn.training_plan` timed faster for its shape.
-    XLA's path runs 1x1 convs as matmuls (same numbers as lax.conv up to float rounding;
-    faster on XLA:CPU, bench/conv_lowering.py). The matmul-per-tap weight gradient that once
-    trained 1.5-2x faster made the cifar step 16-21% slower on JAX 0.12 (docs/RESULTS.md
-    §14): dropped.
+    With oneDNN (`onednn_mode`, cnneb_jax/onednn.py) every conv but a 1x1 runs oneDNN's
+    kernels, forward and backward. 1x1 convs run as XLA matmuls (same numbers as lax.conv
+    up to float rounding; faster on XLA:CPU than its conv, bench/conv_lowering.py; as fast
+    as oneDNN's here, docs/RESULTS.md §15). The matmul-per-tap weight gradient that once
+    trained 1.5-2x faster made the cifar step 16-21% slower on JAX 0.12 (§14): dropped.
 
     `bn` = (scale, offset) turns it into relu(conv(x, w) * scale + offset) in one oneDNN
     primitive: inference BatchNorm and ReLU fused into the conv.
@@ -63,15 +62,11 @@ class Conv(nn.Module):
             scale, offset = bn
             return onednn.conv_affine_relu(x, w, scale, offset, strides=strides,
                                            padding=self.padding, relu=True, cache_kernel=True)
-        xla_conv = lambda a, k: (jnp.dot(a, k.reshape(cin, self.features))
-                                 if self.kernel_size == (1, 1) and self.strides == 1
-                                 else _conv(a, k, self.strides, self.padding))
-        if self.is_initializing() or not onednn.use(self.onednn_mode, x.dtype):
-            return xla_conv(x, w)
-        plan = onednn.training_plan(x.shape, w.shape, x.dtype, strides, self.padding, xla_conv)
-        if plan == "xla":
-            return xla_conv(x, w)
-        return onednn.conv(x, w, strides, self.padding, plan == "onednn_xla_dw")
+        if self.kernel_size == (1, 1) and self.strides == 1:
+            return jnp.dot(x, w.reshape(cin, self.features))
+        if onednn.use(self.onednn_mode, x.dtype, training=True):
+            return onednn.conv(x, w, strides, self.padding)
+        return _conv(x, w, self.strides, self.padding)
 
 
 class BatchNormStats(nn.Module):
