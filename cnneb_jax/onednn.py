@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -148,8 +149,19 @@ def use(mode: str, dtype, training: bool = False) -> bool:
         return True
     if mode not in MODES:
         raise ValueError(f"onednn must be one of {MODES}, not {mode!r}")
-    return (jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and jax.default_backend() == "cpu"
-            and available())
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16) or jax.default_backend() != "cpu":
+        return False
+    if not available():
+        _warn_unavailable(_load())
+        return False
+    return True
+
+
+@functools.cache
+def _warn_unavailable(why: str) -> None:
+    # Once per process: "auto" still runs, on XLA's slower kernels, but not silently.
+    warnings.warn(f"oneDNN's CPU kernels are {why}; running XLA's (slower) instead "
+                  "(config onednn=off silences this)", stacklevel=3)
 
 
 def export_checks() -> list:
