@@ -2,10 +2,10 @@
 
 XLA:CPU's convolutions run 1.2-3.9x slower than oneDNN's in float32 and 2.5-5.5x in
 bfloat16 on this project's machines (docs/RESULTS.md §14), and they take over 90% of an
-Inception v3 forward. `native/onednn_conv.cc` wraps oneDNN's forward (with a fused bias and
-ReLU), backward-data and backward-weights convolutions as FFI handlers; this module builds
-it once, loads it, and offers `conv` (differentiable) and `conv_affine_relu` (inference,
-BatchNorm and ReLU fused in).
+Inception v3 forward. `native/onednn_conv.cc` wraps oneDNN's forward (with BatchNorm's
+scale and offset and a ReLU fused in), backward-data and backward-weights convolutions, and
+its pooling, as FFI handlers; this module builds it once, loads it, and offers `conv`
+(differentiable), `conv_affine_relu` and `pool` (inference).
 
 The library comes from the package registry: oneDNN 3.2 (`onednn-cpu-gomp`, GNU OpenMP)
 with its own headers (`onednn-devel-cpu-gomp`), compiled with the system's C++ compiler
@@ -170,32 +170,28 @@ def export_checks() -> list:
     return [jax.export.DisabledSafetyCheck.custom_call(name) for name in _TARGETS]
 
 
-def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
-    """TF/XLA SAME padding (low, high) for one spatial axis."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k - size, 0)
-    return total // 2, total - total // 2
+def axis_pads(size: int, k: int, s: int, padding: str) -> tuple[int, int, int]:
+    """(output size, padding before, padding after) of one spatial axis under TF/XLA's
+    SAME or VALID (SAME: the extra pixel goes after). The convs here and pooling.py use it."""
+    if padding == "VALID":
+        return (size - k) // s + 1, 0, 0
+    if padding != "SAME":
+        raise ValueError(f"padding must be SAME or VALID, got {padding!r}")
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return out, total // 2, total - total // 2
 
 
-def _geometry(x_shape, w_shape, strides: tuple[int, int], padding: str) -> dict:
-    (_, h, w, _), (kh, kw) = x_shape, w_shape[:2]
-    if padding == "SAME":
-        (pt, pb), (pl, pr) = same_padding(h, kh, strides[0]), same_padding(w, kw, strides[1])
-    elif padding == "VALID":
-        pt = pb = pl = pr = 0
-    else:
-        raise ValueError(f"padding must be SAME or VALID, not {padding!r}")
-    return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
-                pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
-                pad_right=np.int64(pr))
-
-
-def _out_shape(x_shape, w_shape, g: dict) -> tuple[int, int, int, int]:
-    n, h, w, _ = x_shape
-    kh, kw, _, o = w_shape
-    ho = (h + int(g["pad_top"]) + int(g["pad_bottom"]) - kh) // int(g["stride_h"]) + 1
-    wo = (w + int(g["pad_left"]) + int(g["pad_right"]) - kw) // int(g["stride_w"]) + 1
-    return n, ho, wo, o
+def _geometry(x_shape, w_shape, strides: tuple[int, int], padding: str
+              ) -> tuple[dict, tuple[int, int, int, int]]:
+    """The FFI attributes of a conv (strides, explicit padding) and its output shape."""
+    (n, h, w, _), (kh, kw, _, o) = x_shape, w_shape
+    (ho, pt, pb), (wo, pl, pr) = (axis_pads(h, kh, strides[0], padding),
+                                  axis_pads(w, kw, strides[1], padding))
+    attrs = dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+                 pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
+                 pad_right=np.int64(pr))
+    return attrs, (n, ho, wo, o)
 
 
 def conv_affine_relu(x: jax.Array, w: jax.Array, scale: jax.Array | None = None,
@@ -207,8 +203,8 @@ def conv_affine_relu(x: jax.Array, w: jax.Array, scale: jax.Array | None = None,
     w HWIO, both float32 or both bfloat16. `cache_kernel`: keep the kernel oneDNN packs
     (bfloat16) for the next call with the same kernel, as inference calls repeat."""
     require()
-    g = _geometry(x.shape, w.shape, strides, padding)
-    out = jax.ShapeDtypeStruct(_out_shape(x.shape, w.shape, g), x.dtype)
+    g, out_shape = _geometry(x.shape, w.shape, strides, padding)
+    out = jax.ShapeDtypeStruct(out_shape, x.dtype)
     affine = scale is not None
     one = jnp.ones((1,), jnp.float32)
     scale = one if scale is None else scale.astype(jnp.float32)
@@ -244,7 +240,7 @@ def _conv_fwd(x, w, strides, padding):
 
 def _conv_bwd(strides, padding, res, dy):
     x, w = res
-    g = _geometry(x.shape, w.shape, strides, padding)
+    g, _ = _geometry(x.shape, w.shape, strides, padding)
     dy = dy.astype(x.dtype)
     dx = jax.ffi.ffi_call("cnneb_onednn_conv_bwd_data", jax.ShapeDtypeStruct(x.shape, x.dtype))(
         dy, w, **g)

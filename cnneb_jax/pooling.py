@@ -7,7 +7,8 @@ config's pools take 74 ms forward and 577 ms for their gradients at batch 8 as
 reduce_window, 19 and 187 ms as slices (`bench/conv_lowering.py --pools`, docs/RESULTS.md
 §14). The slices give the same maxima exactly and the same averages up to float rounding;
 their gradients are elementwise. Padding follows
-`lax.padtype_to_pads` ("SAME": the extra pixel goes after), as Flax's and TF's do.
+`lax.padtype_to_pads` ("SAME": the extra pixel goes after), as Flax's and TF's do
+(`onednn.axis_pads`, shared with the convs).
 
 With oneDNN (cnneb_jax/onednn.py) inference runs its pooling kernels instead (faster still,
 docs/RESULTS.md §15); training keeps the slices, forward and backward.
@@ -24,19 +25,8 @@ import numpy as np
 from cnneb_jax import onednn
 
 
-def _axis_pads(size: int, k: int, s: int, padding: str) -> tuple[int, int, int]:
-    """(output size, padding before, padding after) of one spatial axis."""
-    if padding == "VALID":
-        return (size - k) // s + 1, 0, 0
-    if padding != "SAME":
-        raise ValueError(f"padding must be SAME or VALID, got {padding!r}")
-    out = -(-size // s)
-    total = max((out - 1) * s + k - size, 0)
-    return out, total // 2, total - total // 2
-
-
 def _reduce(x: jax.Array, k: int, s: int, padding: str, op, fill) -> jax.Array:
-    pads = [_axis_pads(x.shape[a], k, s, padding) for a in (1, 2)]
+    pads = [onednn.axis_pads(x.shape[a], k, s, padding) for a in (1, 2)]
     if any(lo or hi for _, lo, hi in pads):
         x = jnp.pad(x, ((0, 0), *((lo, hi) for _, lo, hi in pads), (0, 0)),
                     constant_values=fill)
@@ -52,7 +42,7 @@ def _max_slices(x: jax.Array, k: int, s: int, padding: str) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _onednn_pool(x, k: int, s: int, padding: str, average: bool):
-    pads = [_axis_pads(x.shape[a], k, s, padding) for a in (1, 2)]
+    pads = [onednn.axis_pads(x.shape[a], k, s, padding) for a in (1, 2)]
     return onednn.pool(x, k, s, tuple((lo, hi) for _, lo, hi in pads),
                        tuple(out for out, _, _ in pads), average)
 
@@ -81,7 +71,7 @@ def max_pool(x: jax.Array, k: int, s: int, padding: str, onednn_mode: str = "off
 
 def _counts(size: int, k: int, s: int, padding: str) -> np.ndarray:
     """How many real (unpadded) pixels each window covers along one axis."""
-    out, lo, _ = _axis_pads(size, k, s, padding)
+    out, lo, _ = onednn.axis_pads(size, k, s, padding)
     starts = np.arange(out) * s - lo
     return np.minimum(starts + k, size) - np.maximum(starts, 0)
 
@@ -90,8 +80,10 @@ def avg_pool(x: jax.Array, k: int, s: int, padding: str, count_include_pad: bool
              onednn_mode: str = "off") -> jax.Array:
     """k x k average pooling with stride s over NHWC. With `count_include_pad=False` each
     window divides by its real pixels only (TF's SAME average pooling)."""
-    pads = any(lo or hi for a in (1, 2) for _, lo, hi in [_axis_pads(x.shape[a], k, s, padding)])
-    if onednn.use(onednn_mode, x.dtype) and not (count_include_pad and pads):
+    # oneDNN's average leaves padding out of the count: fine unless padding is counted
+    padded = any(lo or hi for _, lo, hi in (onednn.axis_pads(x.shape[a], k, s, padding)
+                                            for a in (1, 2)))
+    if onednn.use(onednn_mode, x.dtype) and not (count_include_pad and padded):
         return _onednn_pool(x, k, s, padding, True)
     return _avg_slices(x, k, s, padding, count_include_pad)
 

@@ -100,24 +100,33 @@ dnnl::convolution_forward::primitive_desc FwdPd(const Geometry& g, dnnl::prop_ki
 
 enum Kind { kForward, kBackwardData, kBackwardWeights };
 
-std::shared_ptr<Entry> Lookup(const Geometry& g, Kind kind) {
-  static const char* names[] = {"fwd", "bwd_data", "bwd_weights"};
-  std::string key = g.Key(names[kind]);
+// The cached primitive under `key`, made by `make(entry)` on first use.
+template <typename Make>
+std::shared_ptr<Entry> Cached(const std::string& key, Make make) {
   {
     std::lock_guard<std::mutex> lock(cache_mu);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
   auto e = std::make_shared<Entry>();
-  auto& eng = Engine();
-  if (kind == kForward) {
-    auto pd = PlainOrAny(g, [&](const memory::desc& wei) {
-      return FwdPd(g, dnnl::prop_kind::forward_inference, wei);
-    });
-    e->prim = dnnl::convolution_forward(pd);
-    e->wei = pd.weights_desc();
-    e->scratch = pd.scratchpad_desc();
-  } else {
+  make(*e);
+  std::lock_guard<std::mutex> lock(cache_mu);
+  return cache.emplace(key, e).first->second;
+}
+
+std::shared_ptr<Entry> Lookup(const Geometry& g, Kind kind) {
+  static const char* names[] = {"fwd", "bwd_data", "bwd_weights"};
+  return Cached(g.Key(names[kind]), [&](Entry& e) {
+    auto& eng = Engine();
+    if (kind == kForward) {
+      auto pd = PlainOrAny(g, [&](const memory::desc& wei) {
+        return FwdPd(g, dnnl::prop_kind::forward_inference, wei);
+      });
+      e.prim = dnnl::convolution_forward(pd);
+      e.wei = pd.weights_desc();
+      e.scratch = pd.scratchpad_desc();
+      return;
+    }
     Geometry plain = g;
     plain.affine = false;
     plain.relu = false;
@@ -130,22 +139,20 @@ std::shared_ptr<Entry> Lookup(const Geometry& g, Kind kind) {
             eng, dnnl::algorithm::convolution_direct, g.Src(), wei, g.Dst(), {g.sh, g.sw},
             {g.pt, g.pl}, {g.pb, g.pr}, hint, attr);
       });
-      e->prim = dnnl::convolution_backward_data(pd);
-      e->wei = pd.weights_desc();
-      e->scratch = pd.scratchpad_desc();
+      e.prim = dnnl::convolution_backward_data(pd);
+      e.wei = pd.weights_desc();
+      e.scratch = pd.scratchpad_desc();
     } else {
       auto pd = PlainOrAny(g, [&](const memory::desc& wei) {
         return dnnl::convolution_backward_weights::primitive_desc(
             eng, dnnl::algorithm::convolution_direct, g.Src(), wei, g.Dst(), {g.sh, g.sw},
             {g.pt, g.pl}, {g.pb, g.pr}, hint, attr);
       });
-      e->prim = dnnl::convolution_backward_weights(pd);
-      e->wei = pd.diff_weights_desc();
-      e->scratch = pd.scratchpad_desc();
+      e.prim = dnnl::convolution_backward_weights(pd);
+      e.wei = pd.diff_weights_desc();
+      e.scratch = pd.scratchpad_desc();
     }
-  }
-  std::lock_guard<std::mutex> lock(cache_mu);
-  return cache.emplace(key, e).first->second;
+  });
 }
 
 ffi::Error DataType(ffi::DataType t, memory::data_type* out) {
@@ -188,13 +195,26 @@ std::mutex packed_mu;
 std::unordered_map<std::string, memory> packed_cache;
 size_t packed_bytes = 0;
 
+dnnl::stream& Stream() {
+  thread_local dnnl::stream s(Engine());
+  return s;
+}
+
+// Executes `e` with a scratchpad of this call's own, and waits.
+void Execute(const Entry& e, std::unordered_map<int, memory> args) {
+  std::vector<uint8_t> scratch(e.scratch.get_size());
+  args[DNNL_ARG_SCRATCHPAD] = memory(e.scratch, Engine(), scratch.data());
+  e.prim.execute(Stream(), args);
+  Stream().wait();
+}
+
 // Runs `e` with the kernel argument `arg` given in plain HWIO at `wei_ptr`: reordered into
 // the primitive's layout first (or after, for a kernel gradient). `cache`: keep the
 // reordered kernel for the next call with the same content.
 void Run(const Geometry& g, const Entry& e, std::unordered_map<int, memory> args, int arg,
          void* wei_ptr, bool wei_is_output, bool cache = false) {
   auto& eng = Engine();
-  thread_local dnnl::stream s(Engine());
+  dnnl::stream& s = Stream();
   memory plain(g.WeiPlain(), eng, wei_ptr);
   memory packed = plain;
   bool reorder = e.wei != g.WeiPlain();
@@ -221,11 +241,11 @@ void Run(const Geometry& g, const Entry& e, std::unordered_map<int, memory> args
     if (!wei_is_output) dnnl::reorder(plain, packed).execute(s, plain, packed);
   }
   args[arg] = packed;
-  std::vector<uint8_t> scratch(e.scratch.get_size());
-  args[DNNL_ARG_SCRATCHPAD] = memory(e.scratch, eng, scratch.data());
-  e.prim.execute(s, args);
-  if (reorder && wei_is_output) dnnl::reorder(packed, plain).execute(s, packed, plain);
-  s.wait();
+  Execute(e, args);
+  if (reorder && wei_is_output) {
+    dnnl::reorder(packed, plain).execute(s, packed, plain);
+    s.wait();
+  }
 }
 
 ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale, ffi::AnyBuffer offset,
@@ -302,35 +322,18 @@ ffi::Error Pool(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t k, int6
   Geometry g{xd[0], xd[1], xd[2], xd[3], k, k, yd[3], yd[1], yd[2], s, s, pt, pb, pl, pr, dt,
              average, false};
   try {
-    std::string key = g.Key("pool");
-    std::shared_ptr<Entry> e;
-    {
-      std::lock_guard<std::mutex> lock(cache_mu);
-      auto it = cache.find(key);
-      if (it != cache.end()) e = it->second;
-    }
-    auto& eng = Engine();
-    if (!e) {
-      e = std::make_shared<Entry>();
+    auto e = Cached(g.Key("pool"), [&](Entry& entry) {
       dnnl::primitive_attr attr;
       attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
       dnnl::pooling_forward::primitive_desc pd(
-          eng, dnnl::prop_kind::forward_inference,
+          Engine(), dnnl::prop_kind::forward_inference,
           average ? dnnl::algorithm::pooling_avg_exclude_padding : dnnl::algorithm::pooling_max,
-          g.Src(), memory::desc({g.n, g.c, g.ho, g.wo}, dt, tag::nhwc), {s, s}, {k, k}, {0, 0},
-          {pt, pl}, {pb, pr}, attr);
-      e->prim = dnnl::pooling_forward(pd);
-      e->scratch = pd.scratchpad_desc();
-      std::lock_guard<std::mutex> lock(cache_mu);
-      e = cache.emplace(key, e).first->second;
-    }
-    thread_local dnnl::stream st(Engine());
-    std::vector<uint8_t> scratch(e->scratch.get_size());
-    e->prim.execute(st, {{DNNL_ARG_SRC, memory(g.Src(), eng, x.untyped_data())},
-                         {DNNL_ARG_DST, memory(memory::desc({g.n, g.c, g.ho, g.wo}, dt, tag::nhwc),
-                                               eng, y->untyped_data())},
-                         {DNNL_ARG_SCRATCHPAD, memory(e->scratch, eng, scratch.data())}});
-    st.wait();
+          g.Src(), g.Dst(), {s, s}, {k, k}, {0, 0}, {pt, pl}, {pb, pr}, attr);
+      entry.prim = dnnl::pooling_forward(pd);
+      entry.scratch = pd.scratchpad_desc();
+    });
+    Execute(*e, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.untyped_data())},
+                 {DNNL_ARG_DST, memory(g.Dst(), Engine(), y->untyped_data())}});
   } catch (const dnnl::error& err) {
     return ffi::Error::Internal(std::string("oneDNN pool: ") + err.what());
   }
