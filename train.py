@@ -53,6 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--config cifar_confidence for the E1 ablation; the configs may "
                         "differ only in the expert stage's fields. evaluate.py --ablation "
                         "then sweeps the two side by side")
+    p.add_argument("--init-from", default=None, metavar="FILE",
+                   help="start the backbone stage from a Keras Inception v3 (.keras or .h5, "
+                        "e.g. keras.applications.InceptionV3(weights='imagenet').save(...)) "
+                        "instead of random weights; needs an Inception v3 config with "
+                        "input_norm=inception, such as imagenette_transfer. By default "
+                        "(finetune=heads) the imported trunk stays frozen and only the new "
+                        "heads train: O1, and O2 when the class count differs; --set "
+                        "finetune=all fine-tunes everything")
     p.add_argument("--retrain", action="store_true",
                    help="train the chosen stage(s) again even if already finished")
     return p.parse_args(argv)
@@ -69,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key.strip()] = value.strip()
     if args.backbone_from is not None and args.stage != "expert":
         print("error: --backbone-from goes with --stage expert", file=sys.stderr)
+        return 2
+    if args.init_from is not None and args.stage == "expert":
+        print("error: --init-from goes with --stage backbone or all", file=sys.stderr)
         return 2
     # Imports after parsing so that --help is instant.
     from pathlib import Path
@@ -99,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
               f"test {len(data['test_images'])}; {cfg.num_classes} classes; "
               + ("streamed from the files" if streamed else "decoded in memory"))
         if args.stage in ("backbone", "all"):
-            train_backbone(cfg, data, args.workdir, retrain=args.retrain)
+            train_backbone(cfg, data, args.workdir, retrain=args.retrain,
+                           init_from=args.init_from)
         if args.stage in ("expert", "all"):
             train_expert(cfg, data, args.workdir, retrain=args.retrain,
                          backbone_from=args.backbone_from)

@@ -65,6 +65,10 @@ class Config:
     onednn: str = "auto"
     # --- data ---
     dataset: str = "cifar10"
+    # Pixels -> network inputs: "cifar" standardises each channel with CIFAR-10's mean and
+    # deviation; "inception" scales to [-1, 1], what Keras' Inception v3 and weights
+    # imported from it (train.py --init-from) expect.
+    input_norm: str = "cifar"
     val_size: int = 6000           # held out of train: expert labels and calibration
     calib_size: int = 2000         # last part of val, kept for threshold calibration
     # Images of other sizes: "none" refuses them (all must be image_size square);
@@ -121,6 +125,10 @@ class Config:
     lookahead_start: float = 0.27
     bn_bias_lr_mult: float = 64.0  # lr multiplier on BatchNorm offsets (airbench's 64)
     eval_every_epochs: int = 1     # O1/O2 accuracy on the held-out images per epoch; 0 = off
+    # With imported weights (train.py --init-from): "heads" freezes the imported trunk (its
+    # BatchNorm statistics too) and trains only the new heads (O1, and O2 when the class
+    # count differs from the imported classifier's); "all" fine-tunes everything.
+    finetune: str = "heads"
     # --- expert stage ---
     # Adam peak lrs chosen on the calibration split (best mean ROC AUC of 2 seeds over
     # 1e-4..1e-1, bench/expert_seeds.py, docs/RESULTS.md §3): the paper's E1 3e-3 (it
@@ -143,6 +151,14 @@ class Config:
 
 _DEFAULT = Config()
 
+# Faithful Inception v3 at 299x299 with the original widths (ImageNet-sized): the layers of
+# keras.applications.InceptionV3 (cnneb_jax/keras_import.py reads its weights).
+_FULL = _DEFAULT.replace(
+    name="full", num_classes=1000, image_size=299, resize="random_resized_crop", width=1.0,
+    padding="VALID", stem_stride=2, use_pool_5a=True, aux_pool=5, aux_pool_stride=3,
+    expert_hidden=128, dataset="imagenet2012", batch_size=64, pad_crop=0, lowres_size=0,
+    bn_momentum=0.99, identity_init=False)
+
 CONFIGS: dict[str, Config] = {
     "cifar": _DEFAULT,
     # Second exit at Mixed_6e: m=3 outputs, 2 experts.
@@ -150,12 +166,7 @@ CONFIGS: dict[str, Config] = {
     # The E1 ablation: O1's logits, max probability, margin and entropy added to its inputs.
     "cifar_confidence": _DEFAULT.replace(name="cifar_confidence", expert_inputs="paper+confidence",
                                          expert_lr=0.03),
-    # Faithful Inception v3 at 299x299 with the original widths (ImageNet-sized).
-    "full": _DEFAULT.replace(
-        name="full", num_classes=1000, image_size=299, resize="random_resized_crop", width=1.0, padding="VALID",
-        stem_stride=2, use_pool_5a=True, aux_pool=5, aux_pool_stride=3,
-        expert_hidden=128, dataset="imagenet2012", batch_size=64, pad_crop=0, lowres_size=0,
-        bn_momentum=0.99, identity_init=False),
+    "full": _FULL,
     # Imagenette (ImageNet photos of 10 classes) from its image folder: photos resized and
     # centre-cropped to 64x64, a stride-2 first conv, so the grids after the stem are CIFAR's.
     # 3,000 training photos: 600 held out (200 of them for calibration).
@@ -163,6 +174,16 @@ CONFIGS: dict[str, Config] = {
         name="imagenette", image_size=64, stem_stride=2, resize="resize_crop",
         val_size=600, calib_size=200, epochs=20, warmup_epochs=4.6, lowres_size=0,
         identity_init=False),
+    # Transfer: the `full` Inception v3 started from Keras weights (train.py --init-from),
+    # on imagenette-224's photos at their own 224x224 with Keras' [-1, 1] inputs. The
+    # imported trunk stays frozen (finetune=heads), so a step runs the trunk forward only
+    # and trains the new O1 and O2 heads: a few epochs at a modest lr.
+    "imagenette_transfer": _FULL.replace(
+        name="imagenette_transfer", num_classes=0, image_size=224, resize="resize_crop",
+        dataset="imagenette", input_norm="inception", finetune="heads",
+        val_size=600, calib_size=200, batch_size=32, epochs=3, lr=0.01, warmup_epochs=0.5,
+        label_smoothing=0.1, ema_decay=0.0, bn_bias_lr_mult=1.0, eval_batch_size=64,
+        expert_epochs=8, expert_batch_size=64),
     # Tiny: for tests on a handful of images.
     "tiny": _DEFAULT.replace(
         name="tiny", num_classes=10, width=0.0625, aux_channels=64, aux_hidden=128, expert_hidden=8,
@@ -243,6 +264,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "expert_inputs": ("paper", "paper+confidence"), "flip": ("random", "alternate"),
     "resize": ("none", "resize_crop", "random_resized_crop"),
     "pipeline": ("auto", "memory", "stream"), "pad_mode": ("zeros", "reflect"),
+    "input_norm": ("cifar", "inception"), "finetune": ("heads", "all"),
 }
 
 

@@ -414,8 +414,17 @@ MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32) * 255
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32) * 255
 
 
-def normalize(images: jax.Array) -> jax.Array:
-    """uint8 (or float in [0, 255]) NHWC -> standardised float32."""
+INPUT_NORMS = ("cifar", "inception")
+
+
+def normalize(images: jax.Array, mode: str = "cifar") -> jax.Array:
+    """uint8 (or float in [0, 255]) NHWC -> float32: "cifar" standardises each channel with
+    CIFAR-10's mean and deviation; "inception" scales to [-1, 1], as Keras' Inception v3
+    (`preprocess_input`) and weights imported from it expect."""
+    if mode == "inception":
+        return images.astype(jnp.float32) / 127.5 - 1.0
+    if mode != "cifar":
+        raise ValueError(f"unknown input_norm {mode!r}; one of {INPUT_NORMS}")
     return (images.astype(jnp.float32) - MEAN) / STD
 
 

@@ -34,7 +34,7 @@ def _forward_fn(model: Model):
     def forward(variables, images, rng, pad):
         params, stats = split_collections(variables)
         x = images if pad is None else augment(rng, images, pad)
-        logits, feats, _ = backbone_forward(model, params, stats, normalize(x), train=False)
+        logits, feats, _ = backbone_forward(model, params, stats, normalize(x, model.cfg.input_norm), train=False)
         return feats[:-1], logits
     return forward
 

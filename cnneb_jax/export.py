@@ -73,7 +73,7 @@ def export_cascade(cascade: Cascade, out_dir: str | Path, rule: str,
     for i, seg in enumerate(seg_names):
         sv = v["segments"][seg]
         if i == 0:  # the first segment takes raw pixels in [0, 255]
-            f = lambda x, sv=sv, g=fns[f"seg:{seg}"]: g(sv, normalize(x))
+            f = lambda x, sv=sv, g=fns[f"seg:{seg}"]: g(sv, normalize(x, cfg.input_norm))
         else:
             f = lambda h, sv=sv, g=fns[f"seg:{seg}"]: g(sv, h)
         feat = write(f"seg{i}", f, h_spec)

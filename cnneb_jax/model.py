@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Collection
 
 import jax
 import jax.numpy as jnp
@@ -69,15 +69,26 @@ def build_model(cfg: Config) -> Model:
     return Model(cfg, segments, heads, experts, aux5b)
 
 
-def init_variables(model: Model, rng: jax.Array) -> Variables:
+def init_variables(model: Model, rng: jax.Array, init_segments: bool = True) -> Variables:
+    """Fresh variables of every part. `init_segments=False` leaves the backbone segments
+    at zeros, for callers that overwrite or ignore them (imported weights, the expert
+    stage): initialising the `full` trunk takes about 30 s here. Every other part gets
+    the same numbers either way."""
     cfg = model.cfg
     x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
     keys = iter(jax.random.split(rng, 4 * model.num_exits))
     out: Variables = {"segments": {}, "heads": {}, "experts": {}, "aux5b": {}}
     feats = []
     for name, seg in model.segments.items():
-        out["segments"][name] = seg.init(next(keys), x)
-        x = seg.apply(out["segments"][name], x)
+        key = next(keys)
+        if init_segments:
+            out["segments"][name] = seg.init(key, x)
+            x = seg.apply(out["segments"][name], x)
+        else:
+            shapes = jax.eval_shape(seg.init, key, x)
+            out["segments"][name] = jax.tree_util.tree_map(
+                lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            x = jnp.zeros(jax.eval_shape(seg.apply, shapes, x).shape, x.dtype)
         feats.append(x)
     for i, (name, head) in enumerate(model.heads.items()):
         out["heads"][name] = head.init(next(keys), feats[i])
@@ -94,12 +105,12 @@ def init_variables(model: Model, rng: jax.Array) -> Variables:
 
 
 def whitening_kernel(images: np.ndarray, channels: int, size: int = 3,
-                     eps: float = 5e-4) -> np.ndarray:
+                     eps: float = 5e-4, input_norm: str = "cifar") -> np.ndarray:
     """A (size, size, 3, channels) kernel that maps each size x size patch of the normalised
     images onto the top channels/2 eigenvectors of the patch covariance, each scaled to unit
     variance, with both signs (so the ReLU after it keeps every direction). Airbench's frozen
     first layer: later layers start from decorrelated inputs."""
-    x = np.asarray(normalize(images), np.float64)
+    x = np.asarray(normalize(images, input_norm), np.float64)
     patches = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))
     patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, size * size * x.shape[-1])
     patches = patches - patches.mean(0)
@@ -171,20 +182,34 @@ def merge_collections(params: Variables, stats: Variables) -> Variables:
 
 
 def backbone_forward(model: Model, params: Variables, stats: Variables, x: jax.Array,
-                     train: bool, rng: jax.Array | None = None):
-    """Runs all segments and exits O1..Om. Returns (list of logits, new batch_stats)."""
+                     train: bool, rng: jax.Array | None = None,
+                     frozen: Collection[str] = ()):
+    """Runs all segments and exits O1..Om. Returns (list of logits, features, new
+    batch_stats). `frozen` names parts ("segments", or "heads/O2") that run in eval mode
+    with their variables held constant (imported weights, `Config.finetune`): no gradient
+    flows into them and their BatchNorm statistics stay as they are."""
     new_stats = {"segments": {}, "heads": {}}
     feats = []
+
+    def run(group, name, module, h):
+        p, s = params[group][name], stats[group][name]
+        if is_frozen(group, name, frozen):
+            p, s = jax.lax.stop_gradient((p, s))
+            return _apply(module, p, s, False, None, h)
+        return _apply(module, p, s, train, rng, h)
+
     for name, seg in model.segments.items():
-        x, upd = _apply(seg, params["segments"][name], stats["segments"][name], train, rng, x)
-        new_stats["segments"][name] = upd
+        x, new_stats["segments"][name] = run("segments", name, seg, x)
         feats.append(x)
     logits = []
     for i, (name, head) in enumerate(model.heads.items()):
-        y, upd = _apply(head, params["heads"][name], stats["heads"][name], train, rng, feats[i])
-        new_stats["heads"][name] = upd
+        y, new_stats["heads"][name] = run("heads", name, head, feats[i])
         logits.append(y)
     return logits, feats, new_stats
+
+
+def is_frozen(group: str, name: str, frozen: Collection[str]) -> bool:
+    return group in frozen or f"{group}/{name}" in frozen
 
 
 def to_compute_dtype(cfg: Config, tree: Any) -> Any:
@@ -287,7 +312,7 @@ def branch_fn(model: Model, i: int, variant: str):
 
     def run(v: Variables, x: jax.Array):
         if i == 0:
-            x = normalize(x)
+            x = normalize(x, model.cfg.input_norm)
         h = eval_apply(seg, v["segments"][seg_name], x)
         if variant == "seg":
             return h

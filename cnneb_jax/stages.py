@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ from cnneb_jax.heads import FT, OTHER
 from cnneb_jax.metrics import ft_labels, roc_auc
 from cnneb_jax.model import (BACKBONE_GROUPS, EXPERT_GROUPS, Model, Variables,
                              abstract_variables, backbone_forward, build_model,
-                             expert_forward, identity_kernels, init_variables,
+                             expert_forward, identity_kernels, init_variables, is_frozen,
                              merge_collections, segment_bounds, segment_name,
                              split_collections, whitening_kernel)
 
@@ -99,7 +99,7 @@ def whiten_stem(cfg: Config, params: Variables, images: np.ndarray) -> Variables
     the covariance of 27-dimensional patches needs no more)."""
     seg = segment_name(*segment_bounds(cfg)[0])
     conv = params["segments"][seg]["Conv2d_1a_3x3"]["conv"]
-    kernel = whitening_kernel(images[:5000], cfg.stem_channels)
+    kernel = whitening_kernel(images[:5000], cfg.stem_channels, input_norm=cfg.input_norm)
     out = jax.tree_util.tree_map(lambda a: a, params)  # fresh containers, same leaves
     out["segments"][seg]["Conv2d_1a_3x3"]["conv"] = {
         **conv, "kernel": jnp.asarray(kernel, conv["kernel"].dtype)}
@@ -176,7 +176,7 @@ def make_predict_fn(model: Model):
     @jax.jit
     def predict(variables, images):
         params, stats = split_collections(variables)
-        x = normalize(images)
+        x = normalize(images, model.cfg.input_norm)
         logits, feats, _ = backbone_forward(model, params, stats, x, train=False)
         out = {"exits": logits}
         if "experts" in params and params["experts"]:
@@ -219,18 +219,28 @@ def exit_accuracies(outputs: dict, labels: np.ndarray) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- backbone
 
+def freeze_updates(updates: Variables, frozen: Collection[str]) -> Variables:
+    """`updates` with the frozen parts' set to zero (weight decay would move them)."""
+    return {group: {name: (jax.tree_util.tree_map(jnp.zeros_like, u)
+                           if is_frozen(group, name, frozen) else u)
+                    for name, u in parts.items()}
+            for group, parts in updates.items()}
+
+
 def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformation,
-                       size: int | None = None, total_steps: int = 0):
+                       size: int | None = None, total_steps: int = 0,
+                       frozen: Collection[str] = ()):
     """The jitted backbone train step. `size` < image_size trains on the augmented images
     downscaled to size x size (progressive resizing, `cfg.lowres_size`). `total_steps`
-    (the stage's) is needed by the lookahead only."""
+    (the stage's) is needed by the lookahead only. `frozen` parts (imported weights, see
+    `backbone_forward`) run in eval mode and are never updated."""
     if cfg.lookahead_every and total_steps <= 0:
         raise ValueError("the lookahead needs the stage's total_steps")
     m = model.num_exits
     size = size or cfg.image_size
 
     def loss_fn(params, stats, x, y, rng):
-        logits, _, new_stats = backbone_forward(model, params, stats, x, True, rng)
+        logits, _, new_stats = backbone_forward(model, params, stats, x, True, rng, frozen)
         targets = optax.smooth_labels(jax.nn.one_hot(y, cfg.num_classes), cfg.label_smoothing)
         ce = [optax.softmax_cross_entropy(l, targets).mean() for l in logits]
         loss = ce[-1] + cfg.aux_weight * sum(ce[:-1])
@@ -241,12 +251,14 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
     def step(state, images, labels, rng):
         k_aug, k_drop = jax.random.split(rng)
         x = normalize(augment(k_aug, images, cfg.pad_crop, flip=cfg.flip == "random",
-                              pad_mode=cfg.pad_mode))
+                              pad_mode=cfg.pad_mode), cfg.input_norm)
         if size != x.shape[1]:
             x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "linear", antialias=True)
         (loss, (new_stats, ce, accs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["stats"], x, labels, k_drop)
         updates, opt = tx.update(grads, state["opt"], state["params"])
+        if frozen:
+            updates = freeze_updates(updates, frozen)
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **{f"acc_O{i + 1}": accs[i] for i in range(m)}}
         return next_state(cfg, state, params, new_stats, opt, total_steps), metrics
@@ -386,7 +398,60 @@ def _check_runs_at(model: Model, params: Variables, stats: Variables, size: int)
                             f"or 0 to turn progressive resizing off")
 
 
-def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False) -> dict:
+INIT_RECORD = "init_from.json"   # in backbone/: the imported weights a stage started from
+
+
+def imported_start(cfg: Config, model: Model, variables: Variables, stage_dir: Path,
+                   init_from: str | Path | None) -> tuple[Variables, tuple[str, ...], dict]:
+    """The backbone stage's start from a Keras Inception v3 file (`init_from`), or from the
+    one this stage recorded when it began (a resumed run). Returns (variables, frozen
+    parts, record); without either, (variables, (), {}). Refuses a file other than the
+    recorded one: the stage's checkpoints were trained from that."""
+    from cnneb_jax import keras_import
+    record_path = stage_dir / INIT_RECORD
+    recorded = json.loads(record_path.read_text()) if record_path.exists() else None
+    if init_from is None and recorded is None:
+        return variables, (), {}
+    if recorded is None and (stage_dir / "ckpt").exists():
+        raise TrainingError(f"{stage_dir} holds checkpoints of a run that did not start "
+                            "from imported weights: --retrain to start afresh from them")
+    if cfg.input_norm != "inception":
+        raise TrainingError("Keras' Inception v3 weights expect inputs in [-1, 1]: "
+                            "--set input_norm=inception (the imagenette_transfer config does)")
+    source = Path(init_from if init_from is not None else recorded["path"])
+    if not source.is_file():
+        raise TrainingError(f"{stage_dir} started from {source}, which is gone: give it "
+                            "again with --init-from, or --retrain to start afresh")
+    digest = keras_import.file_digest(source)
+    if recorded is not None and recorded["sha256"] != digest:
+        raise TrainingError(f"{stage_dir} started from {recorded['path']} (sha256 "
+                            f"{recorded['sha256'][:12]}), not {source} ({digest[:12]}): "
+                            "--retrain to start afresh from the new file")
+    try:
+        variables, report = keras_import.import_keras(source, model, variables)
+    except keras_import.KerasImportError as e:
+        raise TrainingError(f"--init-from {source}: {e}") from None
+    frozen: tuple[str, ...] = ()
+    if cfg.finetune == "heads":
+        frozen = ("segments",) + tuple(f"heads/{h}" for h in report["heads"])
+    record = {"path": str(source.resolve()), "sha256": digest, "finetune": cfg.finetune,
+              "frozen": list(frozen), **report}
+    if recorded is None:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(record_path, record)
+    print(f"[backbone] imported {report['conv_layers']} conv layers"
+          + (f" and {', '.join(report['heads'])}" if report["heads"] else "")
+          + f" from {source}; new: {', '.join(report['fresh'])}"
+          + (f" ({report['why_fresh']})" if "why_fresh" in report else "")
+          + ("; training the new heads only (finetune=heads)" if frozen
+             else "; fine-tuning everything (finetune=all)"))
+    return variables, frozen, record
+
+
+def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False,
+                   init_from: str | Path | None = None) -> dict:
+    """The backbone stage; `init_from` starts it from a Keras Inception v3 file (`.keras`
+    or `.h5`, see cnneb_jax/keras_import.py) instead of random weights."""
     workdir = Path(workdir)
     stage_dir = workdir / "backbone"
     linked = backbone_source(workdir)
@@ -398,11 +463,16 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
         return done
     t_start = time.time()
     model = build_model(cfg)
-    variables = init_variables(model, jax.random.PRNGKey(cfg.seed))
+    importing = init_from is not None or (stage_dir / INIT_RECORD).exists()
+    variables = init_variables(model, jax.random.PRNGKey(cfg.seed),
+                               init_segments=not importing)
     params, stats = split_collections(_subset(variables, BACKBONE_GROUPS))
-    if cfg.identity_init:
+    if cfg.identity_init and not importing:
         params = identity_kernels(params)
-    if cfg.whiten_stem:
+    variables, frozen, init_record = imported_start(
+        cfg, model, merge_collections(params, stats), stage_dir, init_from)
+    params, stats = split_collections(variables)
+    if cfg.whiten_stem and not init_record:
         params = whiten_stem(cfg, params, pipeline.materialize(data["train_images"][:5000]))
     n = len(data["train_images"])
     total = cfg.epochs * (n // cfg.batch_size)
@@ -421,11 +491,12 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
                           predict=predict)
         return {f"heldout_{k}": v for k, v in exit_accuracies(out, heldout[1]).items()}
 
-    full_step = make_backbone_step(model, cfg, tx, total_steps=total)
+    full_step = make_backbone_step(model, cfg, tx, total_steps=total, frozen=frozen)
     step_for = None
     if cfg.lowres_size and cfg.lowres_epochs:
         _check_runs_at(model, params, stats, cfg.lowres_size)
-        low_step = make_backbone_step(model, cfg, tx, cfg.lowres_size, total_steps=total)
+        low_step = make_backbone_step(model, cfg, tx, cfg.lowres_size, total_steps=total,
+                                      frozen=frozen)
         low_steps = round(cfg.lowres_epochs * (n // cfg.batch_size))
         step_for = lambda step: low_step if step < low_steps else full_step
         print(f"[backbone] steps 1-{low_steps} at {cfg.lowres_size}x{cfg.lowres_size}, "
@@ -441,6 +512,8 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
     result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
               "train_seconds": time.time() - t_start, "steps": total,
               "train_images": n}
+    if init_record:
+        result["init_from"] = init_record
     ckpt.write_json(stage_dir / "result.json", result)
     ckpt.log_metrics(workdir, {"stage": "backbone", "event": "test", **result})
     print("[backbone] test accuracy: " +
@@ -595,7 +668,7 @@ def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation
 
     @jax.jit
     def step(state, images, labels, rng, class_w):
-        x = normalize(augment(rng, images, cfg.pad_crop, pad_mode=cfg.pad_mode))
+        x = normalize(augment(rng, images, cfg.pad_crop, pad_mode=cfg.pad_mode), cfg.input_norm)
         (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["stats"], x, labels, class_w)
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -665,7 +738,7 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
                   f"{MIN_FT_EXAMPLES}); its scores will be unreliable. Hold out more images "
                   f"(--set val_size=..., or --val-dir)", file=sys.stderr)
 
-    variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1))
+    variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1), init_segments=False)
     params, stats = split_collections(_subset(variables, EXPERT_GROUPS))
     n = len(data["val_images"])
     bs = min(cfg.expert_batch_size, n)
