@@ -7,6 +7,7 @@
     out = api.predict(cascade, images)       # the stored operating point
     out = api.predict(cascade, images, rule="max_softmax", threshold=0.9)  # or any other
     out["labels"], out["probs"], out["exit"], out["flops"], out["names"]
+    rows = api.predict_files(cascade, paths)  # image files: one row per file, errors too
 """
 
 from __future__ import annotations
@@ -127,6 +128,49 @@ def predict(cascade: Cascade, images, rule: str | None = None, threshold: float 
     x = check_images(images, cfg.image_size)
     y = None if labels is None else _check_labels(labels, len(x), cfg.num_classes)
     return answer(cascade, run_cascade(cascade, x, rule, threshold, y))
+
+
+def predict_files(cascade: Cascade, paths, rule: str | None = None,
+                  threshold: float | None = None, batch_size: int | None = None,
+                  progress: bool = False) -> list[dict]:
+    """`predict` over image files, read as the config reads its data (RGB; resized and
+    centre-cropped unless the config's resize is "none"), a batch at a time. Returns one
+    row per file, in order: path, label, class_name (when the workdir names its classes),
+    exit ("O1", ...), probability (of the predicted class), flops and error. A file that
+    cannot be read gets a row with its error and empty fields, not an exception."""
+    from tqdm.auto import tqdm
+
+    from cnneb_jax.data import read_image
+    rule, threshold = _resolve_point(cascade, rule, threshold)
+    cfg = cascade.model.cfg
+    paths = [str(p) for p in paths]
+    batch_size = batch_size or cascade.max_batch
+    rows: list[dict] = []
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
+    for start in range(0, len(paths), batch_size):
+        chunk = [{"path": p, "label": None, "class_name": None, "exit": None,
+                  "probability": None, "flops": None, "error": None}
+                 for p in paths[start:start + batch_size]]
+        images, readable = [], []
+        for row in chunk:
+            try:
+                images.append(read_image(row["path"], cfg.image_size, cfg.resize))
+                readable.append(row)
+            except (OSError, ValueError, SyntaxError) as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+        if images:
+            out = predict(cascade, np.stack(images), rule, threshold)
+            for i, row in enumerate(readable):
+                label = int(out["labels"][i])
+                row.update(label=label, exit=f"O{int(out['exit'][i]) + 1}",
+                           probability=float(out["probs"][i, label]),
+                           flops=float(out["flops"][i]))
+                if "names" in out:
+                    row["class_name"] = str(out["names"][i])
+        rows += chunk
+        bar.update(len(chunk))
+    bar.close()
+    return rows
 
 
 def answer(cascade: Cascade, routed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

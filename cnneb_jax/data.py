@@ -127,6 +127,35 @@ def resize_crop(im, size: int):
     return im.crop((left, top, left + size, top + size))
 
 
+def read_image(path: str | Path, size: int, resize: str) -> np.ndarray:
+    """One image file as the config reads it: a (size, size, 3) uint8 RGB array; unless
+    `resize` is "none", its shorter side resized to `size` and centre-cropped. Raises
+    ValueError for another size when `resize` is "none", OSError (or SyntaxError, from
+    Pillow) for a file it cannot decode."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        arr = np.asarray(resize_crop(im, size) if resize != "none" else im)
+    if arr.shape != (size, size, 3):
+        raise ValueError(f"the image is {arr.shape[1]}x{arr.shape[0]}, the model takes "
+                         f"{size}x{size} (the config's resize is 'none')")
+    return arr
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Every image file (.jpg, .jpeg, .png, any case) under `root`, class folders or not,
+    sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder" + (" (it is a file)" if root.exists()
+                                                     else " (it does not exist)"))
+    files = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return files
+
+
 def decode_files(paths, labels: np.ndarray, split: str, size: int | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decodes files with Pillow, one by one, so one bad file does not stop the rest.

@@ -179,3 +179,89 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def random_keras_model(size: int | None = None, classes: int = 1000, seed: int = 0,
+                       bn_images: np.ndarray | None = None, perturb_bn: bool = False,
+                       batch_size: int = 32):
+    """A Keras Inception v3 with random weights (`weights=None`, logits out): to try the
+    import and transfer path where no pretrained file can be downloaded, and to test it.
+    With `bn_images` (uint8, N x size x size x 3) its BatchNorm statistics are first set
+    from them (training-mode passes, so each layer sees normalised inputs): the random
+    features then have the scale trained statistics give, instead of growing through 94
+    layers. `perturb_bn` draws random offsets and statistics instead, so that a wrong
+    mapping of them shows in the logits (tests)."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    keras.utils.set_random_seed(seed)
+    km = keras.applications.InceptionV3(
+        weights=None, input_shape=None if size is None else (size, size, 3), classes=classes,
+        classifier_activation=None)
+    bns = [l for l in km.layers if isinstance(l, keras.layers.BatchNormalization)]
+    if perturb_bn:
+        rng = np.random.default_rng(seed)
+        for layer in bns:
+            n = layer.beta.shape[0]
+            layer.beta.assign(rng.normal(0, 0.5, n))
+            layer.moving_mean.assign(rng.normal(0, 0.5, n))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n))
+    if bn_images is not None:
+        for momentum in (0.0, 0.5, 0.9):   # the first batch sets them, later ones average
+            for layer in bns:
+                layer.momentum = momentum
+            for start in range(0, len(bn_images), batch_size):
+                x = bn_images[start:start + batch_size].astype(np.float32) / 127.5 - 1.0
+                km(x, training=True)
+        for layer in bns:
+            layer.momentum = 0.99
+    return km
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(
+        prog="python -m cnneb_jax.keras_import",
+        description="Check a Keras Inception v3 file against a config, or write one with "
+                    "random weights to try --init-from where nothing can be downloaded.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    check = sub.add_parser("check", help="import FILE into CONFIG and print what was read")
+    check.add_argument("file")
+    check.add_argument("--config", default="full")
+    check.add_argument("--num-classes", type=int, default=1000)
+    rand = sub.add_parser("random", help="write a random-weight Keras Inception v3 to OUT")
+    rand.add_argument("out")
+    rand.add_argument("--bn-from", default=None, metavar="DIR",
+                      help="set its BatchNorm statistics from the images of DIR's train/ "
+                           "split (resized to --size)")
+    rand.add_argument("--size", type=int, default=224)
+    rand.add_argument("--images", type=int, default=512)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "check":
+            from cnneb_jax.configs import get_config
+            from cnneb_jax.model import abstract_variables, build_model
+            cfg = get_config(args.config, {"num_classes": str(args.num_classes)})
+            model = build_model(cfg)
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                           abstract_variables(model))
+            print(import_keras(args.file, model, zeros)[1])
+        else:
+            images = None
+            if args.bn_from:
+                from cnneb_jax.data import list_images, read_image
+                files = list_images(Path(args.bn_from) / "train")
+                pick = np.random.default_rng(0).permutation(len(files))[:args.images]
+                images = np.stack([read_image(files[i], args.size, "resize_crop")
+                                   for i in sorted(pick)])
+            random_keras_model(args.size if images is not None else None,
+                               bn_images=images).save(args.out)
+            print(f"wrote {args.out}")
+    except (KerasImportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,7 @@
 """The programmatic API on a tiny trained workdir."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -179,3 +181,69 @@ def test_calibrated_budget_point_is_the_most_accurate_within_budget(cascade, tin
     for t, a, f in _real_grid(cascade, x, y, "entropy"):
         if f <= budget + 1e-6:
             assert a <= acc + 1e-9, (t, a, f)
+
+
+def _predict_folder(image_folder, root):
+    """Class folders, a loose file, a corrupt file and one of the wrong size."""
+    import shutil
+    from PIL import Image
+    for cls in ("cat", "ship"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((image_folder / "test" / cls).iterdir())[:2]:
+            shutil.copy(f, root / cls / f.name)
+    shutil.copy(sorted((image_folder / "test" / "dog").iterdir())[0], root / "loose.JPG")
+    (root / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (40, 30)).save(root / "wide.png")
+    return root
+
+
+def test_predict_files_gives_a_row_per_file_and_errors_instead_of_crashing(
+        cascade, image_folder, tmp_path):
+    from cnneb_jax import predictions
+    from cnneb_jax.data import list_images, read_image
+    root = _predict_folder(image_folder, tmp_path / "new")
+    files = list_images(root)
+    assert len(files) == 7
+    rows = api.predict_files(cascade, files, "max_softmax", 0.5, batch_size=4)
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    bad = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert set(bad) == {"broken.jpg", "wide.png"}
+    assert "40x30" in bad["wide.png"]
+    good = [r for r in rows if not r["error"]]
+    images = np.stack([read_image(r["path"], 32, "none") for r in good])
+    ref = api.predict(cascade, images, "max_softmax", 0.5)
+    assert [r["label"] for r in good] == list(ref["labels"])
+    assert [r["exit"] for r in good] == [f"O{e + 1}" for e in ref["exit"]]
+    np.testing.assert_allclose([r["probability"] for r in good], ref["probs"].max(-1))
+    assert [r["class_name"] for r in good] == list(ref["names"])
+    summary = predictions.summarize(rows, 2.0, 2, 10.0, cascade.class_names)
+    assert summary["files"] == 7 and summary["errors"] == 2
+    assert summary["images_per_s"] == 2.5
+    assert abs(sum(summary["exit_share"].values()) - 1.0) < 1e-9
+    assert summary["folder_labelled"] == 4   # the loose file is in no class folder
+    out = tmp_path / "preds.csv"
+    predictions.write_csv(rows, out)
+    lines = out.read_text().splitlines()
+    assert lines[0] == ",".join(predictions.COLUMNS) and len(lines) == 8
+
+
+def test_evaluate_predict_writes_the_csv_and_a_summary(tiny_workdir, image_folder, tmp_path,
+                                                       capsys):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import evaluate
+    root = _predict_folder(image_folder, tmp_path / "new")
+    out = tmp_path / "preds.csv"
+    assert evaluate.main(["--workdir", str(tiny_workdir), "--predict", str(root),
+                          "--out", str(out), "--rule", "max_softmax", "--threshold", "0.5",
+                          "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "7 files, 2 unreadable" in printed and "exits: O1" in printed
+    assert len(out.read_text().splitlines()) == 8
+    # No operating point stored and none given: a message, not a traceback.
+    assert evaluate.main(["--workdir", str(tiny_workdir), "--predict", str(root),
+                          "--out", str(out)]) == 1
+    assert "no rule given" in capsys.readouterr().err
+    assert evaluate.main(["--workdir", str(tiny_workdir), "--predict", str(tmp_path / "no"),
+                          "--out", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err

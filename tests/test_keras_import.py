@@ -15,7 +15,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 keras = pytest.importorskip("keras")
 
 from cnneb_jax.configs import get_config  # noqa: E402
-from cnneb_jax.keras_import import KerasImportError, conv_bn_order, import_keras  # noqa: E402
+from cnneb_jax.keras_import import (KerasImportError, conv_bn_order,  # noqa: E402
+                                    import_keras, random_keras_model)
 from cnneb_jax.model import (abstract_variables, branch_fn, build_model,  # noqa: E402
                              init_variables)
 
@@ -37,15 +38,7 @@ def _zeros(model):
 def keras_file(tmp_path_factory):
     """A Keras Inception v3 with random weights, its BatchNorm offsets and statistics
     perturbed so that a wrong mapping of them shows in the logits, saved as .keras."""
-    km = keras.applications.InceptionV3(weights=None, input_shape=(SIZE, SIZE, 3),
-                                        classes=10, classifier_activation=None)
-    rng = np.random.default_rng(0)
-    for layer in km.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.beta.shape[0]
-            layer.beta.assign(rng.normal(0, 0.5, n))
-            layer.moving_mean.assign(rng.normal(0, 0.5, n))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n))
+    km = random_keras_model(SIZE, classes=10, perturb_bn=True)
     path = tmp_path_factory.mktemp("keras") / "inception_v3.keras"
     km.save(path)
     return path, km
