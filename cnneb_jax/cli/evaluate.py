@@ -1,4 +1,4 @@
-"""Evaluate a trained CNN-EB workdir.
+r"""Evaluate a trained CNN-EB workdir.
 
     python evaluate.py --sweep --workdir runs/cifar --out runs/cifar/sweep \
         --data-dir ../shared/datasets/cifar10-jpeg

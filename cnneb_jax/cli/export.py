@@ -1,4 +1,4 @@
-"""Export a trained cascade for serving (jax.export StableHLO per segment + manifest.json).
+r"""Export a trained cascade for serving (jax.export StableHLO per segment + manifest.json).
 
     python export.py --workdir runs/cifar --data-dir ../shared/datasets/cifar10-jpeg \
         --rule expert --max-drop 0.01

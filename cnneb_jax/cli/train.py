@@ -1,4 +1,4 @@
-"""Train a CNN with expert branches, stage by stage.
+r"""Train a CNN with expert branches, stage by stage.
 
     python train.py --stage all --config cifar --workdir runs/cifar \
         --data-dir ../shared/datasets/cifar10-jpeg
