@@ -3,7 +3,7 @@
     from cnneb_jax import api
     cascade = api.load("runs/cifar")
     point = api.calibrate(cascade, data["calib_images"], data["calib_labels"], rule="expert",
-                          max_drop=0.01)     # stored in the workdir: later loads use it
+                          max_drop=0.01)     # stored (operating_point_path): later loads use it
     out = api.predict(cascade, images)       # the stored operating point
     out = api.predict(cascade, images, rule="max_softmax", threshold=0.9)  # or any other
     out["labels"], out["probs"], out["exit"], out["flops"], out["names"]
@@ -56,9 +56,26 @@ def load(workdir: str | Path, max_batch: int = 256, warm: bool = True) -> Cascad
     return cascade
 
 
+def operating_point_path(workdir: str | Path) -> Path:
+    """Where `calibrate` stores a cascade's point: in a workdir, `operating_point.json`;
+    a release stays as shipped (it may sit in a repository or a read-only folder), so
+    its point goes to `$CNNEB_CACHE/operating_points/` (default ~/.cache/cnneb_jax), named
+    by the digest of the release's variables."""
+    import hashlib
+    import os
+
+    from cnneb_jax.release import VARIABLES_FILE, is_release
+    workdir = Path(workdir)
+    if not is_release(workdir):
+        return workdir / OPERATING_POINT_FILE
+    digest = hashlib.sha256((workdir / VARIABLES_FILE).read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("CNNEB_CACHE", Path.home() / ".cache" / "cnneb_jax"))
+    return cache / "operating_points" / f"{workdir.resolve().name}-{digest}.json"
+
+
 def read_operating_point(workdir: str | Path) -> dict:
-    """The point `calibrate` stored in `workdir` ({} if none)."""
-    path = Path(workdir) / OPERATING_POINT_FILE
+    """The point `calibrate` stored for `workdir` ({} if none; see operating_point_path)."""
+    path = operating_point_path(workdir)
     if not path.exists():
         return {}
     try:
@@ -233,5 +250,7 @@ def calibrate(cascade: Cascade, images, labels, rule: str = "expert",
     cascade.operating_point.update(point)
     if save and cascade.workdir is not None:
         from cnneb_jax.checkpoints import write_json
-        write_json(cascade.workdir / OPERATING_POINT_FILE, point)
+        path = operating_point_path(cascade.workdir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, point)
     return point

@@ -12,9 +12,13 @@ Layout of a workdir:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import socket
 import shutil
 import sys
 import time
@@ -58,11 +62,65 @@ def manager(stage_dir: Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(stage_dir).absolute() / "ckpt", options=opts)
 
 
+def _disk_full(e: BaseException) -> bool:
+    # Orbax and TensorStore wrap the OS error: look through the chain and the message.
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    """Orbax writes into a temporary folder and renames it: a kill never leaves half a step."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
-    mngr.wait_until_finished()
+    """Orbax writes into a temporary folder and renames it: a kill never leaves half a step.
+    A disk that fills meanwhile stops with a plain message; the complete steps stay."""
+    try:
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave(meta)), force=True)
+        mngr.wait_until_finished()
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        kept = [s for s in mngr.all_steps() if s != step]
+        raise CheckpointError(
+            f"no space left on the disk of {mngr.directory} while writing step {step}: free "
+            "some space and run the same command again; it resumes from "
+            + (f"step {max(kept)}" if kept else "the start")) from None
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """One writer per workdir: an exclusive lock on `<workdir>/.lock` for the duration.
+    The kernel drops the lock when its process dies, so a killed trainer never leaves a
+    stale lock: the next one takes it over. A second trainer is refused at once, with the
+    first one's process id."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise CheckpointError(f"workdir {workdir} is an existing file, not a folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CheckpointError(f"workdir {workdir} is in use by another trainer ({holder}); "
+                                  "wait for it to finish, or use another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        yield
+    finally:
+        f.close()   # releases the lock
 
 
 def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, dict] | None:
@@ -79,6 +137,13 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, di
     ckpt_dir = Path(mngr.directory)
     failures = []
     for step in steps:
+        other = _other_shapes(mngr, step, like)
+        if other is not None:
+            # Not damage: the checkpoint is fine, the config that reads it is not its own.
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir / str(step)} holds other shapes than this config "
+                f"gives ({other}): the workdir's config.json was edited or replaced "
+                "after training; restore it (or --retrain)")
         try:
             out = mngr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -102,6 +167,37 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, di
                           + ". Start the stage again with --retrain, or restore a backup.")
 
 
+def _other_shapes(mngr: ocp.CheckpointManager, step: int, like: Any) -> str | None:
+    """How a stored step's array shapes differ from `like`'s, naming the first variable and,
+    when the step recorded its config, the fields that differ; None if they agree (or the
+    step's metadata cannot be read: then restoring it tells what is damaged)."""
+    try:
+        tree = mngr.item_metadata(step)["state"]
+        tree = getattr(tree, "tree", tree)
+        stored = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
+                  jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
+    except Exception:  # damaged metadata: the restore below reports it
+        return None
+    for path, leaf in jax.tree_util.tree_leaves_with_path(like):
+        key = jax.tree_util.keystr(path)
+        if key in stored and stored[key] != tuple(np.shape(leaf)):
+            why = f"{key} is {stored[key]} there, {tuple(np.shape(leaf))} here"
+            try:
+                meta = dict(mngr.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"])
+                theirs, mine = meta.get("config") or {}, read_config_json(
+                    Path(mngr.directory).parent.parent / "config.json")
+                fields = [f"{k}: {theirs[k]!r} in the checkpoint vs {mine.get(k)!r} in "
+                          "config.json" for k in theirs
+                          if k not in _RUN_FIELDS and theirs[k] != mine.get(k)]
+                if fields:
+                    why += "; " + ", ".join(fields)
+            except Exception:  # an older step without its config: the variable says enough
+                pass
+            return why
+    return None
+
+
 def check_config(workdir: Path, cfg: Config) -> None:
     """Records the config in a new workdir; refuses a workdir trained with another one."""
     if Path(workdir).exists() and not Path(workdir).is_dir():
@@ -121,18 +217,36 @@ def config_diff(workdir: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> str
     """The fields where the config recorded in `workdir` differs from `cfg`, as "field: A
     there vs B here, ...", leaving out the fields that only change how a run goes and those
     in `ignore`; "" when none."""
-    theirs = _with_added_fields(json.loads((Path(workdir) / "config.json").read_text()))
+    theirs = _with_added_fields(read_config_json(Path(workdir) / "config.json"))
     mine = dataclasses.asdict(cfg)
     diff = [k for k in mine if k not in _RUN_FIELDS and k not in ignore
             and json.dumps(theirs.get(k)) != json.dumps(mine[k])]
     return ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} here" for k in diff)
 
 
+def read_json(path: Path, what_to_do: str = "restore it from a backup, or retrain the "
+              "stage that wrote it (--retrain)") -> dict:
+    """A JSON object record of a workdir (config.json, result.json, ...); a damaged one
+    (truncated, not JSON, not an object) is named, with what to do."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+        return raw
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e}); {what_to_do}") from None
+
+
+def read_config_json(path: Path) -> dict:
+    return read_json(path, "restore it from a backup or a release's config.json, or start "
+                           "a new --workdir")
+
+
 def load_config(workdir: Path) -> Config:
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{workdir} has no config.json: not a cnneb-jax workdir")
-    raw = _with_added_fields(json.loads(path.read_text()))
+    raw = _with_added_fields(read_config_json(path))
     fields = {f.name: f for f in dataclasses.fields(Config)}
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields}
     cfg = Config(**kw)

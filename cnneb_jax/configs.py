@@ -304,9 +304,10 @@ def validate(cfg: Config) -> None:
         except re.error as e:
             raise ValueError(f"config field group_pattern is not a regular expression "
                              f"({e}): {cfg.group_pattern!r}") from None
-    if cfg.calib_size > cfg.val_size:
-        raise ValueError(f"config field calib_size ({cfg.calib_size}) must not exceed "
-                         f"val_size ({cfg.val_size}): calibration images are part of val")
+    if cfg.val_size and cfg.calib_size >= cfg.val_size:
+        raise ValueError(f"config field calib_size ({cfg.calib_size}) must be smaller than "
+                         f"val_size ({cfg.val_size}): the calibration images are the last "
+                         f"calib_size of the held-out ones, and the experts train on the rest")
     if cfg.pad_crop >= cfg.image_size:
         raise ValueError(f"config field pad_crop must be < image_size ({cfg.image_size}), "
                          f"got {cfg.pad_crop}")

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import jax
@@ -53,7 +54,8 @@ def check_folder_layout(root: Path) -> list[str]:
     """Checks `root/{train,test}/<class>/<image>` before anything is decoded; returns the
     class names. Each kind of wrong layout gets its own message naming the folder."""
     if not root.is_dir():
-        raise DataError(f"data dir {root} does not exist")
+        raise DataError(f"data dir {root} " + ("is a file, not a folder" if root.exists()
+                                               else "does not exist"))
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise DataError(f"data dir {root} has no '{split}/' folder "
@@ -88,13 +90,19 @@ def check_folder_layout(root: Path) -> list[str]:
     return classes["train"]
 
 
-def _folder_fingerprint(root: Path) -> str:
-    h = hashlib.sha1(str(root.resolve()).encode())
-    for split in ("train", "test"):
-        d = root / split
-        for cls in sorted(p.name for p in d.iterdir() if p.is_dir()):
-            h.update(f"{split}/{cls}:{len(os.listdir(d / cls))}".encode())
-    return h.hexdigest()[:12]
+def content_keys(paths_by_split: dict[str, list[str]]) -> tuple[str, str]:
+    """(cache key, data identity) of image files. The identity covers every file's class
+    folder, name and size, not where the folder lies: the lineage a workdir records. The
+    cache key also covers the absolute paths and modification times, so an image replaced
+    in place (same name, same count) is decoded again instead of read back stale."""
+    ident, cache = hashlib.sha256(), hashlib.sha256()
+    for split in sorted(paths_by_split):
+        for path in sorted(paths_by_split[split]):
+            st = os.stat(path)
+            rel = f"{split}/{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}"
+            ident.update(f"{rel}:{st.st_size}\n".encode())
+            cache.update(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return cache.hexdigest()[:16], ident.hexdigest()[:16]
 
 
 def list_class_folder(d: Path, classes: list[str], order_seed: str) -> tuple[np.ndarray, np.ndarray]:
@@ -231,11 +239,15 @@ def load_image_folder(root: str | Path, cache_dir: Path = DEFAULT_CACHE, size: i
     `files` is the folder's listing (`load_folder_files`) when the caller already has it."""
     root = Path(root)
     files = files or load_folder_files(root, val_dir)
-    key = _folder_fingerprint(root) + (f"-val{_dir_fingerprint(Path(val_dir))}" if val_dir else "")
-    cache = Path(cache_dir) / f"{root.name}-{key}-v2{f'-s{size}' if size else ''}.npz"
+    cache = Path(cache_dir) / f"{root.name}-{files['cache_key']}-v3{f'-s{size}' if size else ''}.npz"
     if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                return {**{k: z[k] for k in z.files}, "identity": files["identity"]}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            print(f"warning: the decoded-image cache {cache} is damaged ({type(e).__name__}: "
+                  f"{e}); decoding the images again", file=sys.stderr)
+            cache.unlink(missing_ok=True)
     out: dict[str, np.ndarray] = {}
     for split in [k[:-len("_images")] for k in files if k.endswith("_images")]:
         paths, labels = files[f"{split}_images"].paths, files[f"{split}_labels"]
@@ -250,14 +262,7 @@ def load_image_folder(root: str | Path, cache_dir: Path = DEFAULT_CACHE, size: i
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, **out)
     os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
-    return out
-
-
-def _dir_fingerprint(d: Path) -> str:
-    h = hashlib.sha1(str(d.resolve()).encode())
-    for cls in sorted(p.name for p in d.iterdir() if p.is_dir()):
-        h.update(f"{cls}:{len(os.listdir(d / cls))}".encode())
-    return h.hexdigest()[:12]
+    return {**out, "identity": files["identity"]}
 
 
 def check_val_dir(d: Path, classes: list[str]) -> Path:
@@ -284,10 +289,13 @@ def load_folder_files(root: str | Path, val_dir: str | Path | None = None) -> di
     if val_dir is not None:
         dirs["val"] = check_val_dir(Path(val_dir), classes)
     out: dict = {"class_names": np.array(classes)}
+    listed = {}
     for split, d in dirs.items():
         paths, labels = list_class_folder(d, classes, split)
         out[f"{split}_images"], out[f"{split}_labels"] = FileSplit(paths), labels
         out[f"{split}_files"] = np.array([os.path.basename(p) for p in paths])
+        listed[split] = list(paths)
+    out["cache_key"], out["identity"] = content_keys(listed)
     return out
 
 
@@ -301,6 +309,7 @@ def load_tfds(name: str, data_dir: str | None = None) -> dict[str, np.ndarray]:
         x, y = _decode_split(builder.as_dataset(split=split, shuffle_files=False))
         out[f"{split}_images"], out[f"{split}_labels"] = x, y
     out["class_names"] = np.array(builder.info.features["label"].names)
+    out["identity"] = f"tfds:{name}:{builder.version}"
     return out
 
 
@@ -316,6 +325,12 @@ def load_dataset(cfg: Config, data_dir: str | None, cache_dir: Path = DEFAULT_CA
     """
     if data_dir and not Path(data_dir).exists():
         raise DataError(f"data dir {data_dir} does not exist")
+    if data_dir and not Path(data_dir).is_dir():
+        raise DataError(f"data dir {data_dir} is a file, not a folder (give the folder that "
+                        "holds train/ and test/)")
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise DataError(f"cache folder {cache_dir} is a file, not a folder (--cache-dir or "
+                        "$CNNEB_CACHE)")
     if data_dir and not (Path(data_dir) / cfg.dataset).is_dir():
         # Not a tfds data dir holding the dataset: it must be an image folder.
         files = load_folder_files(data_dir, val_dir)
@@ -435,7 +450,8 @@ def split_dataset(cfg: Config, raw: dict) -> dict:
     if cfg.max_test_examples:
         xt, yt = xt[:cfg.max_test_examples], yt[:cfg.max_test_examples]
     return {"train_images": x[train_idx], "train_labels": y[train_idx], **held,
-            "test_images": xt, "test_labels": yt, "class_names": raw["class_names"]}
+            "test_images": xt, "test_labels": yt, "class_names": raw["class_names"],
+            "identity": raw.get("identity")}
 
 
 # Per-channel CIFAR-10 statistics; close enough for any natural-image dataset.

@@ -152,6 +152,10 @@ def check_images(images, input_shape, keep_uint8: bool = False) -> np.ndarray:
     raises ValueError on anything else."""
     h, w, ch = input_shape
     x = np.asarray(images)
+    if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] != ch):
+        raise ValueError(f"images of shape {x.shape} have no channel axis: grayscale? give "
+                         f"(N, H, W, {ch}) or (H, W, {ch}) arrays, e.g. "
+                         f"np.repeat(x[..., None], {ch}, -1)")
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4:

@@ -10,6 +10,7 @@ step when rerun, and ends by writing `<stage>/result.json` (then it is not retra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from cnneb_jax import checkpoints as ckpt
 from cnneb_jax import distributed as dist
-from cnneb_jax import pipeline, release
+from cnneb_jax import lineage, pipeline, release
 from cnneb_jax.configs import Config
 from cnneb_jax.data import alternating_flips, augment, epoch_batches, normalize
 from cnneb_jax.heads import FT, OTHER
@@ -269,7 +270,7 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
 def _stage_done(stage_dir: Path) -> dict | None:
     path = stage_dir / "result.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return ckpt.read_json(path)
     return None
 
 
@@ -288,6 +289,12 @@ def _begin_stage(cfg: Config, workdir: Path, stage: str, retrain: bool,
         return done
     if retrain and stage_dir.exists():
         shutil.rmtree(stage_dir)
+    dependent = workdir / "expert"
+    if stage == "backbone" and retrain and dependent.exists():
+        aside = workdir / f"expert.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(dependent, aside)
+        print(f"[backbone] --retrain: the expert stage trained on the old backbone no longer "
+              f"fits it; moved to {aside} (train it again with --stage expert)")
     return None
 
 
@@ -322,6 +329,9 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
     rows = dist.process_rows(batch_size)
     done = saved = start
     metrics = last_fn = None
+    # Each step records the config it was trained with: a config.json edited later is
+    # then named field by field (checkpoints.restore_latest).
+    meta = lambda step: {"step": step, "stage": stage, "config": dataclasses.asdict(cfg)}
     try:
         for step in range(start, total):
             epoch, i = divmod(step, steps_per_epoch)
@@ -354,7 +364,7 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
                                            "img_per_s": rate, **last})
             pbar.update(1)
             if saving:
-                ckpt.save(mngr, done, state, {"step": done, "stage": stage})
+                ckpt.save(mngr, done, state, meta(done))
                 saved = done
             if on_epoch_end is not None and done % steps_per_epoch == 0:
                 t_eval = time.perf_counter()
@@ -369,7 +379,7 @@ def _run_loop(stage: str, workdir: Path, cfg: Config, state: dict, step_fn, imag
         pbar.close()
         # Keep the steps done so far (unless the loss had diverged): nothing is lost.
         if done > saved and metrics is not None and math.isfinite(float(metrics["loss"])):
-            ckpt.save(mngr, done, state, {"step": done, "stage": stage})
+            ckpt.save(mngr, done, state, meta(done))
             saved = done
         mngr.close()
         raise TrainingInterrupted(
@@ -409,7 +419,7 @@ def imported_start(cfg: Config, model: Model, variables: Variables, stage_dir: P
     recorded one: the stage's checkpoints were trained from that."""
     from cnneb_jax import keras_import
     record_path = stage_dir / INIT_RECORD
-    recorded = json.loads(record_path.read_text()) if record_path.exists() else None
+    recorded = ckpt.read_json(record_path) if record_path.exists() else None
     if init_from is None and recorded is None:
         return variables, (), {}
     if recorded is None and (stage_dir / "ckpt").exists():
@@ -451,8 +461,14 @@ def imported_start(cfg: Config, model: Model, variables: Variables, stage_dir: P
 def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False,
                    init_from: str | Path | None = None) -> dict:
     """The backbone stage; `init_from` starts it from a Keras Inception v3 file (`.keras`
-    or `.h5`, see cnneb_jax/keras_import.py) instead of random weights."""
-    workdir = Path(workdir)
+    or `.h5`, see cnneb_jax/keras_import.py) instead of random weights. One trainer per
+    workdir: a second one is refused while this one runs."""
+    with ckpt.workdir_lock(workdir):
+        return _train_backbone(cfg, data, Path(workdir), retrain, init_from)
+
+
+def _train_backbone(cfg: Config, data: dict, workdir: Path, retrain: bool,
+                    init_from: str | Path | None) -> dict:
     stage_dir = workdir / "backbone"
     linked = backbone_source(workdir)
     if linked is not None:
@@ -511,7 +527,8 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
                           predict=predict)
     result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
               "train_seconds": time.time() - t_start, "steps": total,
-              "train_images": n}
+              "train_images": n, "data": data.get("identity"),
+              "variables_sha256": lineage.variables_digest(variables)}
     if init_record:
         result["init_from"] = init_record
     ckpt.write_json(stage_dir / "result.json", result)
@@ -590,6 +607,13 @@ def backbone_source(workdir: str | Path) -> Path | None:
     if not link.exists():
         return None
     return (Path(workdir).resolve() / json.loads(link.read_text())["path"]).resolve()
+
+
+def check_data_lineage(workdir: str | Path, data: dict, doing: str) -> None:
+    """Refuses data other than what the workdir's backbone trained on (see lineage.py)."""
+    workdir = Path(workdir)
+    lineage.check_data((backbone_source(workdir) or workdir) / "backbone",
+                       data.get("identity"), doing)
 
 
 def load_backbone(workdir: str | Path, cfg: Config) -> tuple[Model, Variables]:
@@ -712,8 +736,14 @@ def _warn_leak(heldout_rate: list[float], test_rate: list[float], n_test: int) -
 def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False,
                  backbone_from: str | Path | None = None) -> dict:
     """The expert stage on the workdir's frozen backbone, or, with `backbone_from`, on the
-    backbone of another workdir or release (see `link_backbone`)."""
-    workdir = Path(workdir)
+    backbone of another workdir or release (see `link_backbone`). One trainer per
+    workdir."""
+    with ckpt.workdir_lock(workdir):
+        return _train_expert(cfg, data, Path(workdir), retrain, backbone_from)
+
+
+def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool,
+                  backbone_from: str | Path | None) -> dict:
     stage_dir = workdir / "expert"
     if backbone_from is not None:   # first: a refused link leaves no config.json behind
         link_backbone(cfg, workdir, backbone_from)
@@ -722,6 +752,9 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
         return done
     t_start = time.time()
     model, backbone = load_backbone(workdir, cfg)
+    check_data_lineage(workdir, data, "training the experts")
+    backbone_sha = lineage.variables_digest(backbone)
+    lineage.check_expert_start(stage_dir, backbone_sha, data.get("identity"))
     if model.num_exits < 2:
         raise TrainingError("the config has no branch point, so there is no expert to train")
     # Class balance from the un-augmented held-out images: FT is the rare class.
@@ -758,7 +791,8 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
     result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
               "test_auc_other_vs_ft": aucs, "heldout_ft_examples": ft_counts,
               "heldout_ft_rate": heldout_rate,
-              "train_seconds": time.time() - t_start, "steps": total, "train_images": n}
+              "train_seconds": time.time() - t_start, "steps": total, "train_images": n,
+              "backbone_sha256": backbone_sha, "data": data.get("identity")}
     ckpt.write_json(stage_dir / "result.json", result)
     ckpt.log_metrics(workdir, {"stage": "expert", "event": "test", **result})
     print("[expert] test AUC (Other vs FT): " +
@@ -774,6 +808,7 @@ def load_trained(workdir: str | Path) -> tuple[Model, Variables]:
         return release.load_release(workdir)
     cfg = ckpt.load_config(workdir)
     model, backbone = load_backbone(workdir, cfg)
+    lineage.check_experts_match(workdir, backbone)
     if _stage_done(workdir / "expert") is None:
         raise TrainingError(f"{workdir} has no finished expert stage; "
                             "run `python train.py --stage expert` first")

@@ -44,7 +44,7 @@ def test_single_image_and_batch_of_one(cascade, tiny_data):
 
 
 @pytest.mark.parametrize("images, message", [
-    (np.zeros((2, 32, 32), np.uint8), "must be 32x32 with 3 channels"),
+    (np.zeros((2, 32, 32), np.uint8), "no channel axis: grayscale"),
     (np.zeros((2, 32, 32, 1), np.uint8), "3 channels"),
     (np.zeros((2, 28, 28, 3), np.uint8), "32x32"),
     (np.zeros((0, 32, 32, 3), np.uint8), "empty batch"),
@@ -247,3 +247,10 @@ def test_evaluate_predict_writes_the_csv_and_a_summary(tiny_workdir, image_folde
     assert evaluate.main(["--workdir", str(tiny_workdir), "--predict", str(tmp_path / "no"),
                           "--out", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_grayscale_batch_without_a_channel_axis_is_named(cascade):
+    """(N, H, W) was once read as one image of H x W with W channels."""
+    for shape in ((8, 32, 32), (32, 32)):
+        with pytest.raises(ValueError, match=r"have no channel axis: grayscale\?"):
+            api.predict(cascade, np.zeros(shape, np.uint8), "max_softmax", 0.5)

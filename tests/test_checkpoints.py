@@ -150,3 +150,71 @@ def test_tensorboard_is_skipped_with_one_warning_without_tensorflow(tmp_path, mo
         ckpt.write_scalars(tmp_path / "tb", "sweep", step, {"accuracy": 0.9})
     assert not (tmp_path / "tb").exists()
     assert capsys.readouterr().err.count("event files skipped") == 1
+
+
+def test_a_damaged_config_json_names_the_file(tmp_path):
+    cfg = get_config("tiny")
+    ckpt.check_config(tmp_path, cfg)
+    path = tmp_path / "config.json"
+    path.write_text(path.read_text()[:40])            # truncated
+    with pytest.raises(ckpt.CheckpointError, match=r"config.json is damaged .*backup"):
+        ckpt.load_config(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match=r"config.json is damaged"):
+        ckpt.check_config(tmp_path, cfg)
+
+
+def test_checkpoint_shapes_other_than_the_config_name_the_field_and_keep_the_steps(tmp_path):
+    """A config.json edited after training (here the width) makes the shapes disagree:
+    a message naming the variable and the field, and the checkpoint stays where it is
+    (it is not damaged)."""
+    import dataclasses
+    cfg = get_config("tiny")
+    ckpt.check_config(tmp_path, cfg)
+    mngr = ckpt.manager(tmp_path / "backbone")
+    ckpt.save(mngr, 4, {"params": {"k": jnp.ones((3, 8))}},
+              {"step": 4, "config": dataclasses.asdict(cfg)})
+    path = tmp_path / "config.json"
+    path.write_text(path.read_text().replace('"width": 0.0625', '"width": 0.125'))
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"\['params'\]\['k'\] is \(3, 8\) there, \(3, 16\) here; width: "
+                             r"0.0625 in the checkpoint vs 0.125 in config.json"):
+        ckpt.restore_latest(mngr, {"params": {"k": jnp.ones((3, 16))}})
+    assert mngr.all_steps() == [4] and not (tmp_path / "backbone" / "damaged").exists()
+
+
+def test_a_full_disk_during_a_save_stops_with_a_plain_message(tmp_path, monkeypatch):
+    import errno
+    mngr = ckpt.manager(tmp_path / "stage")
+    ckpt.save(mngr, 2, {"x": jnp.zeros(2)}, {"step": 2})
+
+    def full(*args, **kwargs):
+        raise ValueError("write failed") from OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(mngr, "save", full)
+    with pytest.raises(ckpt.CheckpointError, match=r"no space left on the disk of .* while "
+                                                   r"writing step 4: .* resumes from step 2"):
+        ckpt.save(mngr, 4, {"x": jnp.ones(2)}, {"step": 4})
+
+
+def test_one_trainer_per_workdir_and_a_killed_ones_lock_is_taken_over(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from cnneb_jax import checkpoints as c\n"
+         f"with c.workdir_lock({str(tmp_path)!r}):\n"
+         "    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ckpt.CheckpointError,
+                           match=rf"in use by another trainer \(pid {holder.pid} on"):
+            with ckpt.workdir_lock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    with ckpt.workdir_lock(tmp_path):   # the dead holder's lock is gone
+        assert f"pid {__import__('os').getpid()}" in (tmp_path / ".lock").read_text()

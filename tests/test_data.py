@@ -235,3 +235,46 @@ def test_val_dir_supplies_the_held_out_images(tmp_path):
     with pytest.raises(DataError, match="val dir .* has class folders the training data lacks"):
         (val / "train" / "owl").mkdir()
         load_dataset(cfg.replace(num_classes=2), str(root), tmp_path / "cache", str(val / "train"))
+
+
+def test_an_image_replaced_in_place_is_decoded_again(tmp_path):
+    """The cache key covers each file's size and modification time: a picture replaced
+    under the same name (same count, same folder) is never read back stale."""
+    import os
+    from PIL import Image
+    root = _folder(tmp_path / "f")
+    first = load_image_folder(root, tmp_path / "cache")
+    target = root / "train" / "cat" / "0.png"
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(target)
+    st = os.stat(target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse clocks
+    again = load_image_folder(root, tmp_path / "cache")
+    changed = [i for i in range(len(again["train_images"]))
+               if not np.array_equal(again["train_images"][i], first["train_images"][i])]
+    assert len(changed) == 1 and (again["train_images"][changed[0]] == 7).all()
+    # The identity a workdir records follows the content too (the size changed here).
+    assert again["identity"] != first["identity"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_decode_cache_is_rebuilt_with_one_warning(tmp_path, capsys, damage):
+    root = _folder(tmp_path / "f")
+    first = load_image_folder(root, tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("*.npz")
+    blob = cache.read_bytes()
+    cache.write_bytes(blob[:len(blob) // 2] if damage == "truncate" else b"x" * 100)
+    again = load_image_folder(root, tmp_path / "cache")
+    np.testing.assert_array_equal(again["train_images"], first["train_images"])
+    err = capsys.readouterr().err
+    assert err.count("is damaged") == 1 and cache.name in err
+    load_image_folder(root, tmp_path / "cache")   # rebuilt: read without a warning now
+    assert "damaged" not in capsys.readouterr().err
+
+
+def test_a_data_or_cache_folder_that_is_a_file_is_named(tmp_path, tiny_cfg):
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match="data dir .*data.txt is a file, not a folder"):
+        load_dataset(tiny_cfg, str(tmp_path / "data.txt"), tmp_path)
+    root = _folder(tmp_path / "f")
+    with pytest.raises(DataError, match="cache folder .*data.txt is a file, not a folder"):
+        load_dataset(tiny_cfg, str(root), tmp_path / "data.txt")

@@ -74,3 +74,22 @@ def test_shipped_cifar_model_keeps_its_accuracy():
     for k, want in meta["reference"]["accuracy"].items():
         # CPUs may round differently: at most one image of the subset may change its answer.
         assert abs(acc[k] - want) <= 1.0 / n + 1e-9, (k, acc[k], want)
+
+
+def test_calibrating_a_release_never_writes_into_it(tiny_release, tiny_data, tmp_path,
+                                                     monkeypatch):
+    """A release (the shipped `pretrained/cifar` sits in the repository) stays as shipped:
+    its operating point goes to the user's cache, and later loads find it there."""
+    import shutil
+    from cnneb_jax import api
+    release = shutil.copytree(tiny_release[0], tmp_path / "release")
+    monkeypatch.setenv("CNNEB_CACHE", str(tmp_path / "cache"))
+    before = sorted(p.relative_to(release) for p in release.rglob("*"))
+    cascade = api.load(release, max_batch=8, warm=False)
+    point = api.calibrate(cascade, tiny_data["calib_images"], tiny_data["calib_labels"],
+                          rule="max_softmax", max_drop=0.5)
+    assert sorted(p.relative_to(release) for p in release.rglob("*")) == before
+    (stored,) = (tmp_path / "cache" / "operating_points").glob("*.json")
+    assert api.operating_point_path(release) == stored
+    again = api.load(release, max_batch=8, warm=False)
+    assert again.operating_point["threshold"] == point["threshold"]

@@ -428,10 +428,10 @@ def test_progressive_resizing_trains_first_at_the_low_size(tiny_cfg, tiny_data, 
     seen = []
     forward = stages.backbone_forward
 
-    def spy(model, params, stats, x, train, rng=None):
+    def spy(model, params, stats, x, train, rng=None, frozen=()):
         if train:
             seen.append(x.shape[1])   # once per trace of a train step
-        return forward(model, params, stats, x, train, rng)
+        return forward(model, params, stats, x, train, rng, frozen)
 
     monkeypatch.setattr(stages, "backbone_forward", spy)
     cfg = tiny_cfg.replace(epochs=2, lowres_size=24, lowres_epochs=1.0, eval_every_epochs=0)

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from cnneb_jax import distributed
     from cnneb_jax.checkpoints import CheckpointError, load_config
     from cnneb_jax.report import sweep
-    from cnneb_jax.stages import TrainingError
+    from cnneb_jax.stages import TrainingError, check_data_lineage
 
     distributed.initialize()  # multi-host when a launcher set it up; else nothing
 
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.replace(max_test_examples=args.max_test)
         cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
         data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
+        check_data_lineage(args.workdir, data, "calibrating and evaluating")
         # The cascade routes arrays: a streamed dataset's evaluation splits are decoded here.
         for split in ("test", "calib"):
             data[f"{split}_images"] = materialize(data[f"{split}_images"])
@@ -162,6 +163,7 @@ def predict_folder(args: argparse.Namespace) -> int:
     from cnneb_jax import data as data_lib
     from cnneb_jax.checkpoints import load_config
     from cnneb_jax.pipeline import materialize
+    from cnneb_jax.stages import check_data_lineage
 
     files = data_lib.list_images(args.predict)
     out = Path(args.out or "predictions.csv")
@@ -176,6 +178,7 @@ def predict_folder(args: argparse.Namespace) -> int:
         cfg = load_config(Path(args.workdir))
         cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
         data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
+        check_data_lineage(args.workdir, data, "calibrating")
         point = api.calibrate(cascade, materialize(data["calib_images"]),
                               data["calib_labels"], rule=rule or "expert",
                               max_drop=args.max_drop, alpha=args.alpha or None, save=False)

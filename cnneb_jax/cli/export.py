@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from cnneb_jax.pipeline import materialize
     from cnneb_jax.checkpoints import CheckpointError, load_config
     from cnneb_jax.export import export_cascade
-    from cnneb_jax.stages import TrainingError
+    from cnneb_jax.release import is_release
+    from cnneb_jax.stages import TrainingError, check_data_lineage
 
     try:
         if args.release:
@@ -97,13 +98,17 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(Path(args.workdir))
             cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
             data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
+            check_data_lineage(args.workdir, data, "calibrating")
             data["calib_images"] = materialize(data["calib_images"])  # when streamed
             point = api.calibrate(cascade, data["calib_images"], data["calib_labels"],
                                   rule, max_drop=args.max_drop)
             threshold = point["threshold"]
             print(f"[export] {rule}: threshold {threshold:.4f} (calibration accuracy "
                   f"{point['accuracy']:.4f} vs {point['reference_accuracy']:.4f}), stored in "
-                  f"{args.workdir}")
+                  f"{api.operating_point_path(Path(args.workdir))}")
+        if args.out is None and is_release(args.workdir):
+            raise ValueError(f"{args.workdir} is a release, which stays as shipped: give "
+                             "--out for the export")
         out = export_cascade(cascade, args.out or Path(args.workdir) / "export", rule,
                              threshold, point,
                              platforms=[p.strip() for p in args.platforms.split(",") if p.strip()])
