@@ -145,3 +145,28 @@ def test_backbone_stage_from_keras_trains_the_new_heads_only(keras_file, tiny_da
     (work / "backbone" / "result.json").unlink()   # as if interrupted: resumable
     with pytest.raises(TrainingError, match="started from .*--retrain"):
         train_backbone(cfg, data, work, init_from=other)
+
+
+def test_finetune_decides_what_stays_frozen(keras_file, tmp_path):
+    """finetune=heads freezes the trunk, and O2 too when the imported classifier fits the
+    class count; finetune=all freezes nothing."""
+    from cnneb_jax.stages import imported_start
+    path, _ = keras_file
+    for n, finetune, frozen in ((10, "heads", ("segments", "heads/O2")),
+                                (7, "heads", ("segments",)), (10, "all", ())):
+        model = build_model(_cfg(num_classes=n, finetune=finetune))
+        _, got, record = imported_start(model.cfg, model, _zeros(model),
+                                        tmp_path / f"{n}-{finetune}", path)
+        assert got == frozen and record["frozen"] == list(frozen)
+
+
+def test_a_legacy_h5_file_imports_the_same(keras_file, tmp_path):
+    path, km = keras_file
+    h5 = tmp_path / "inception_v3.h5"
+    km.save(h5)
+    model = build_model(_cfg())
+    from_keras, _ = import_keras(path, model, _zeros(model))
+    from_h5, report = import_keras(h5, model, _zeros(model))
+    assert report["conv_layers"] == 94 and report["heads"] == ["O2"]
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), from_keras, from_h5)
+    assert all(jax.tree_util.tree_leaves(same))
