@@ -45,7 +45,8 @@ _ADDED_FIELDS = {"ema_decay": 0.0, "bn_bias_lr_mult": 1.0, "eval_every_epochs": 
                  "pipeline": "auto", "group_pattern": "", "width_6": 0.0, "width_7": 0.0,
                  "lowres_size": 0, "lowres_epochs": 0.0, "identity_init": False,
                  "lr_start": 0.0, "lr_end": 0.0, "lookahead_every": 0, "lookahead_start": 0.27,
-                 "pad_mode": "zeros", "input_norm": "cifar", "finetune": "heads"}
+                 "pad_mode": "zeros", "input_norm": "cifar", "finetune": "heads",
+                 "class_balance": "none"}
 
 
 def _with_added_fields(raw: dict) -> dict:

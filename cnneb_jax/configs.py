@@ -96,9 +96,13 @@ class Config:
     # 20 and 16 run too (the O1 head pads its map), 2.6x and 3.3x faster per step.
     lowres_size: int = 24          # 0 = off
     lowres_epochs: float = 14.0
-    # Horizontal flips in the backbone stage: "random" per view, or "alternate" (each image
-    # mirrored in every other epoch, see data.alternating_flips).
+    # Horizontal flips: "random" per view, "alternate" (each image mirrored in every other
+    # epoch of the backbone stage, see data.alternating_flips), or "none" where a mirror image
+    # changes the class (signs, digits, text, left/right anatomy). See AUGMENTATIONS.
     flip: str = "alternate"
+    # Class imbalance: "none", or "loss" (the backbone's cross-entropy weighted so that every
+    # class weighs the same in total, from the training labels).
+    class_balance: str = "none"
     # --- backbone stage ---
     # Batch 128 is not measurably faster than 256 here (bench/train_throughput.py, docs/
     # RESULTS.md §1) and ended level at equal epochs; it is the measured run's. lr scaled
@@ -203,6 +207,30 @@ CONFIGS: dict[str, Config] = {
 }
 
 
+# What each augmentation assumes about the data: the backbone stage prints the ones in use,
+# so that a user sees which to turn off where an assumption fails.
+AUGMENTATIONS: dict[str, tuple[str, str]] = {
+    # field: (what it does, the symmetry it assumes)
+    "flip": ("horizontal mirror", "a mirror image shows the same class (not so for signs, "
+             "digits, text, left/right anatomy: --set flip=none)"),
+    "pad_crop": ("random shift by up to pad_crop pixels", "a small shift keeps the class"),
+    "resize": ("random_resized_crop: random 25-100% crops, aspect 3/4-4/3",
+               "a part of the image keeps the class, at any scale"),
+    "lowres_size": ("the first lowres_epochs at lowres_size pixels",
+                    "a downscaled image shows the same class"),
+}
+
+
+def augmentations_in_use(cfg: "Config") -> list[str]:
+    """One line per augmentation the config turns on: the field, what it does, what it
+    assumes."""
+    on = {"flip": cfg.flip != "none", "pad_crop": cfg.pad_crop > 0,
+          "resize": cfg.resize == "random_resized_crop",
+          "lowres_size": bool(cfg.lowres_size and cfg.lowres_epochs)}
+    return [f"{k}={getattr(cfg, k)}: {AUGMENTATIONS[k][0]}; assumes {AUGMENTATIONS[k][1]}"
+            for k, used in on.items() if used]
+
+
 def parse_value(current: Any, text: str) -> Any:
     """Parses a `--set key=value` string to the type of the field's current value."""
     if isinstance(current, bool):
@@ -261,10 +289,12 @@ _RANGES: dict[str, tuple] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "padding": ("SAME", "VALID"), "compute_dtype": ("float32", "bfloat16", "float64"),
     "onednn": ("auto", "on", "off", "inference"),
-    "expert_inputs": ("paper", "paper+confidence"), "flip": ("random", "alternate"),
+    "expert_inputs": ("paper", "paper+confidence"),
+    "flip": ("random", "alternate", "none"),
     "resize": ("none", "resize_crop", "random_resized_crop"),
     "pipeline": ("auto", "memory", "stream"), "pad_mode": ("zeros", "reflect"),
     "input_norm": ("cifar", "inception"), "finetune": ("heads", "all"),
+    "class_balance": ("none", "loss"),
 }
 
 

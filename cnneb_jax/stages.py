@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from cnneb_jax import checkpoints as ckpt
 from cnneb_jax import distributed as dist
-from cnneb_jax import lineage, pipeline, release
-from cnneb_jax.configs import Config
+from cnneb_jax import diagnostics, lineage, pipeline, release
+from cnneb_jax.configs import Config, augmentations_in_use
 from cnneb_jax.data import alternating_flips, augment, epoch_batches, normalize
 from cnneb_jax.heads import FT, OTHER
 from cnneb_jax.metrics import ft_labels, roc_auc
@@ -228,13 +228,24 @@ def freeze_updates(updates: Variables, frozen: Collection[str]) -> Variables:
             for group, parts in updates.items()}
 
 
+def class_balance_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-class loss weights n / (k * n_c): every class weighs the same in total (a class
+    without training images gets weight 0)."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(num_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w.astype(np.float32)
+
+
 def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformation,
                        size: int | None = None, total_steps: int = 0,
-                       frozen: Collection[str] = ()):
+                       frozen: Collection[str] = (), class_w: np.ndarray | None = None):
     """The jitted backbone train step. `size` < image_size trains on the augmented images
     downscaled to size x size (progressive resizing, `cfg.lowres_size`). `total_steps`
     (the stage's) is needed by the lookahead only. `frozen` parts (imported weights, see
-    `backbone_forward`) run in eval mode and are never updated."""
+    `backbone_forward`) run in eval mode and are never updated. `class_w` (per class, see
+    `class_balance_weights`) weights each image's cross-entropy by its class."""
     if cfg.lookahead_every and total_steps <= 0:
         raise ValueError("the lookahead needs the stage's total_steps")
     m = model.num_exits
@@ -243,7 +254,12 @@ def make_backbone_step(model: Model, cfg: Config, tx: optax.GradientTransformati
     def loss_fn(params, stats, x, y, rng):
         logits, _, new_stats = backbone_forward(model, params, stats, x, True, rng, frozen)
         targets = optax.smooth_labels(jax.nn.one_hot(y, cfg.num_classes), cfg.label_smoothing)
-        ce = [optax.softmax_cross_entropy(l, targets).mean() for l in logits]
+        if class_w is None:
+            ce = [optax.softmax_cross_entropy(l, targets).mean() for l in logits]
+        else:
+            w = jnp.asarray(class_w)[y]
+            ce = [jnp.sum(w * optax.softmax_cross_entropy(l, targets)) / jnp.sum(w)
+                  for l in logits]
         loss = ce[-1] + cfg.aux_weight * sum(ce[:-1])
         accs = [jnp.mean(l.argmax(-1) == y) for l in logits]
         return loss, (new_stats, ce, accs)
@@ -507,12 +523,17 @@ def _train_backbone(cfg: Config, data: dict, workdir: Path, retrain: bool,
                           predict=predict)
         return {f"heldout_{k}": v for k, v in exit_accuracies(out, heldout[1]).items()}
 
-    full_step = make_backbone_step(model, cfg, tx, total_steps=total, frozen=frozen)
+    class_w = (class_balance_weights(data["train_labels"], cfg.num_classes)
+               if cfg.class_balance == "loss" else None)
+    for line in augmentations_in_use(cfg):
+        print(f"[backbone] augmentation {line}")
+    full_step = make_backbone_step(model, cfg, tx, total_steps=total, frozen=frozen,
+                                   class_w=class_w)
     step_for = None
     if cfg.lowres_size and cfg.lowres_epochs:
         _check_runs_at(model, params, stats, cfg.lowres_size)
         low_step = make_backbone_step(model, cfg, tx, cfg.lowres_size, total_steps=total,
-                                      frozen=frozen)
+                                      frozen=frozen, class_w=class_w)
         low_steps = round(cfg.lowres_epochs * (n // cfg.batch_size))
         step_for = lambda step: low_step if step < low_steps else full_step
         print(f"[backbone] steps 1-{low_steps} at {cfg.lowres_size}x{cfg.lowres_size}, "
@@ -531,11 +552,36 @@ def _train_backbone(cfg: Config, data: dict, workdir: Path, retrain: bool,
               "variables_sha256": lineage.variables_digest(variables)}
     if init_record:
         result["init_from"] = init_record
+    if len(heldout[0]):
+        result["heldout_report"] = heldout_report(model, variables, *heldout,
+                                                  data["class_names"], cfg.eval_batch_size,
+                                                  predict)
     ckpt.write_json(stage_dir / "result.json", result)
-    ckpt.log_metrics(workdir, {"stage": "backbone", "event": "test", **result})
+    ckpt.log_metrics(workdir, {"stage": "backbone", "event": "test",
+                               **{k: v for k, v in result.items() if k != "heldout_report"}})
     print("[backbone] test accuracy: " +
           ", ".join(f"{k} {v:.4f}" for k, v in result["test_accuracy"].items()))
     return result
+
+
+def heldout_report(model: Model, variables: Variables, images, labels: np.ndarray,
+                   class_names, batch_size: int, predict=None) -> dict:
+    """The backbone's self-report on held-out images (printed, kept in result.json): each
+    exit's worst classes and most confused pairs, and the last exit against O1, with a
+    warning when it is not better by more than its standard error (diagnostics.py)."""
+    out = predict_all(model, variables, images, batch_size, predict=predict)
+    m = model.num_exits
+    report = {"classes": {f"O{i + 1}": diagnostics.class_report(o, labels, class_names)
+                          for i, o in enumerate(out["exits"])},
+              "exit_gap": diagnostics.exit_gap(out["exits"], labels)}
+    for i in (0, m - 1) if m > 1 else (0,):
+        print("[backbone] held-out " + diagnostics.format_class_report(
+            report["classes"][f"O{i + 1}"], f"O{i + 1}").replace("\n", "\n[backbone] held-out "))
+    warning = diagnostics.exit_gap_warning(report["exit_gap"]) if m > 1 else None
+    if warning:
+        report["warning"] = warning
+        print(f"warning: {warning}", file=sys.stderr)
+    return report
 
 
 def make_expert_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
@@ -692,7 +738,8 @@ def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation
 
     @jax.jit
     def step(state, images, labels, rng, class_w):
-        x = normalize(augment(rng, images, cfg.pad_crop, pad_mode=cfg.pad_mode), cfg.input_norm)
+        x = normalize(augment(rng, images, cfg.pad_crop, flip=cfg.flip != "none",
+                              pad_mode=cfg.pad_mode), cfg.input_norm)
         (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["stats"], x, labels, class_w)
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -788,7 +835,16 @@ def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool,
     heldout_rate = [c / len(data["val_labels"]) for c in ft_counts]
     _warn_leak(heldout_rate, [aucs[f"ft_rate_E{i + 1}"] for i in range(len(ft_counts))],
                len(data["test_labels"]))
+    # The calibration split is held out of both stages: is the expert worth serving?
+    calib_out = predict_all(model, full, data["calib_images"], cfg.eval_batch_size)
+    versus = diagnostics.expert_vs_max_softmax(calib_out, data["calib_labels"])
+    for row in versus:
+        warning = diagnostics.expert_warning(row)
+        if warning:
+            row["warning"] = warning
+            print(f"warning: {warning}", file=sys.stderr)
     result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
+              "calib_expert_vs_max_softmax": versus,
               "test_auc_other_vs_ft": aucs, "heldout_ft_examples": ft_counts,
               "heldout_ft_rate": heldout_rate,
               "train_seconds": time.time() - t_start, "steps": total, "train_images": n,

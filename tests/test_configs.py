@@ -69,3 +69,13 @@ def test_default_expert_is_the_papers_and_the_ablation_is_a_variant():
     assert ablation.expert_lr != CONFIGS["cifar"].expert_lr
     assert ablation.replace(name="cifar", expert_inputs="paper",
                             expert_lr=CONFIGS["cifar"].expert_lr) == CONFIGS["cifar"]
+
+
+def test_the_augmentations_in_use_say_what_they_assume():
+    from cnneb_jax.configs import augmentations_in_use
+    lines = augmentations_in_use(get_config("cifar"))
+    assert any(l.startswith("flip=alternate") and "mirror image shows the same class" in l
+               for l in lines)
+    assert any(l.startswith("pad_crop=2") for l in lines)
+    none = augmentations_in_use(get_config("cifar", {"flip": "none", "pad_crop": "0"}))
+    assert not any(l.startswith(("flip", "pad_crop")) for l in none)

@@ -36,6 +36,22 @@ def test_backbone_stage_end_to_end(trained, tiny_cfg):
     assert [l["epoch"] for l in epochs] == list(range(1, tiny_cfg.epochs + 1))
     assert all(0.0 <= l["heldout_O2"] <= 1.0 for l in epochs)
     assert json.loads((workdir / "class_names.json").read_text())[:2] == ["airplane", "automobile"]
+    # The self-report on the held-out images: each exit's classes, and O2 against O1 (with
+    # the warning exactly when O2 is not better by more than its standard error).
+    report = b["heldout_report"]
+    assert set(report["classes"]) == {"O1", "O2"} and len(report["classes"]["O2"]["worst"]) == 5
+    gap = report["exit_gap"]
+    assert gap["images"] == tiny_cfg.val_size
+    assert ("warning" in report) == (gap["difference"] <= gap["standard_error"])
+
+
+def test_class_balance_weights_give_every_class_the_same_total():
+    from cnneb_jax.stages import class_balance_weights
+    labels = np.array([0] * 8 + [1] * 2 + [3] * 2)
+    w = class_balance_weights(labels, 4)
+    np.testing.assert_allclose(w, [0.5, 2.0, 0.0, 2.0])
+    totals = np.bincount(labels, weights=w[labels], minlength=4)
+    np.testing.assert_allclose(totals[[0, 1, 3]], totals[0])
 
 
 def test_metrics_are_also_tensorboard_events(trained):
