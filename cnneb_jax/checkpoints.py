@@ -172,8 +172,10 @@ def _other_shapes(mngr: ocp.CheckpointManager, step: int, like: Any) -> str | No
     """How a stored step's array shapes differ from `like`'s, naming the first variable and,
     when the step recorded its config, the fields that differ; None if they agree (or the
     step's metadata cannot be read: then restoring it tells what is damaged)."""
+    step_dir = Path(mngr.directory) / str(step)
     try:
-        tree = mngr.item_metadata(step)["state"]
+        # The handlers directly: the manager's item_metadata logs a warning per item.
+        tree = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
         tree = getattr(tree, "tree", tree)
         stored = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
                   jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
@@ -184,8 +186,7 @@ def _other_shapes(mngr: ocp.CheckpointManager, step: int, like: Any) -> str | No
         if key in stored and stored[key] != tuple(np.shape(leaf)):
             why = f"{key} is {stored[key]} there, {tuple(np.shape(leaf))} here"
             try:
-                meta = dict(mngr.restore(step, args=ocp.args.Composite(
-                    meta=ocp.args.JsonRestore()))["meta"])
+                meta = dict(ocp.JsonCheckpointHandler().restore(step_dir / "meta"))
                 theirs, mine = meta.get("config") or {}, read_config_json(
                     Path(mngr.directory).parent.parent / "config.json")
                 fields = [f"{k}: {theirs[k]!r} in the checkpoint vs {mine.get(k)!r} in "
@@ -272,7 +273,7 @@ def record_classes(workdir: Path, names) -> None:
     names = [str(n) for n in names]
     path = Path(workdir) / CLASS_NAMES_FILE
     if path.exists():
-        theirs = json.loads(path.read_text())
+        theirs = read_classes(workdir)
         if theirs != names:
             raise CheckpointError(f"workdir {workdir} was trained on classes {theirs[:5]}"
                                   f"{'...' if len(theirs) > 5 else ''} ({len(theirs)}); the data "
@@ -283,9 +284,19 @@ def record_classes(workdir: Path, names) -> None:
 
 
 def read_classes(workdir: Path) -> list[str] | None:
-    """The class names stored with a workdir or release (None for older ones)."""
+    """The class names stored with a workdir or release (None for older ones); a damaged
+    record is named."""
     path = Path(workdir) / CLASS_NAMES_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        names = json.loads(path.read_text())
+        if not isinstance(names, list):
+            raise ValueError(f"a JSON {type(names).__name__}, not a list")
+        return names
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e}); write the class folder names there "
+                              "in label order (sorted), or retrain in a new workdir") from None
 
 
 def log_metrics(workdir: Path, record: dict) -> None:

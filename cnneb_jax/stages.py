@@ -785,15 +785,14 @@ def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = F
     """The expert stage on the workdir's frozen backbone, or, with `backbone_from`, on the
     backbone of another workdir or release (see `link_backbone`). One trainer per
     workdir."""
-    with ckpt.workdir_lock(workdir):
-        return _train_expert(cfg, data, Path(workdir), retrain, backbone_from)
-
-
-def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool,
-                  backbone_from: str | Path | None) -> dict:
-    stage_dir = workdir / "expert"
-    if backbone_from is not None:   # first: a refused link leaves no config.json behind
+    if backbone_from is not None:   # first: a refused link leaves nothing behind
         link_backbone(cfg, workdir, backbone_from)
+    with ckpt.workdir_lock(workdir):
+        return _train_expert(cfg, data, Path(workdir), retrain)
+
+
+def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict:
+    stage_dir = workdir / "expert"
     done = _begin_stage(cfg, workdir, "expert", retrain, data.get("class_names"))
     if done is not None:
         return done

@@ -161,6 +161,9 @@ def test_a_damaged_config_json_names_the_file(tmp_path):
         ckpt.load_config(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match=r"config.json is damaged"):
         ckpt.check_config(tmp_path, cfg)
+    (tmp_path / ckpt.CLASS_NAMES_FILE).write_text('["cat", "do')
+    with pytest.raises(ckpt.CheckpointError, match=r"class_names.json is damaged"):
+        ckpt.read_classes(tmp_path)
 
 
 def test_checkpoint_shapes_other_than_the_config_name_the_field_and_keep_the_steps(tmp_path):

@@ -11,7 +11,8 @@ by default each is the cheapest threshold that Learn-then-Test certifies at --al
 drop on new images exceeds the target with probability at most 0.1); --alpha 0 fits the target
 on the calibration images with no margin instead. Table 2 gives, for each point, the share of
 bootstrap resamples of the test images on which the realized drop stays within the target.
-Without --sweep it prints the test accuracy of every exit.
+Without --sweep it prints the test accuracy of every exit and the backbone's self-report on
+its held-out images (worst classes, most confused pairs, the last exit against O1).
 
     python evaluate.py --predict DIR --workdir runs/cifar --out preds.csv
 
@@ -140,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             out = all_outputs(cascade, data["test_images"])
             for i, o in enumerate(out["exits"]):
                 print(f"O{i + 1} test accuracy: {(o.argmax(-1) == data['test_labels']).mean():.4f}")
+            # The backbone's self-report on its held-out images (as its stage printed it).
+            import numpy as np
+            from cnneb_jax.pipeline import concat
+            from cnneb_jax.stages import heldout_report
+            heldout_report(cascade.model, cascade.variables,
+                           concat(data["val_images"], data["calib_images"]),
+                           np.concatenate([data["val_labels"], data["calib_labels"]]),
+                           data["class_names"], cfg.eval_batch_size)
             return 0
         out_dir = Path(args.out) if args.out else Path(args.workdir) / "sweep"
         result = sweep(cascade, data, out_dir, repeats=args.repeats,
