@@ -577,7 +577,11 @@ def heldout_report(model: Model, variables: Variables, images, labels: np.ndarra
     for i in (0, m - 1) if m > 1 else (0,):
         print("[backbone] held-out " + diagnostics.format_class_report(
             report["classes"][f"O{i + 1}"], f"O{i + 1}").replace("\n", "\n[backbone] held-out "))
-    warning = diagnostics.exit_gap_warning(report["exit_gap"]) if m > 1 else None
+    gap = report["exit_gap"]
+    print(f"[backbone] held-out O1 {gap['O1']:.2%}, O{m} {gap[f'O{m}']:.2%}: difference "
+          f"{gap['difference'] * 100:+.2f} ± {gap['standard_error'] * 100:.2f} pt "
+          f"({gap['images']} images)")
+    warning = diagnostics.exit_gap_warning(gap) if m > 1 else None
     if warning:
         report["warning"] = warning
         print(f"warning: {warning}", file=sys.stderr)
