@@ -214,7 +214,7 @@ AUGMENTATIONS: dict[str, tuple[str, str]] = {
     "flip": ("horizontal mirror", "a mirror image shows the same class (not so for signs, "
              "digits, text, left/right anatomy: --set flip=none)"),
     "pad_crop": ("random shift by up to pad_crop pixels", "a small shift keeps the class"),
-    "resize": ("random_resized_crop: random 25-100% crops, aspect 3/4-4/3",
+    "resize": ("random 25-100% crops, aspect 3/4-4/3",
                "a part of the image keeps the class, at any scale"),
     "lowres_size": ("the first lowres_epochs at lowres_size pixels",
                     "a downscaled image shows the same class"),
