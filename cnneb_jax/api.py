@@ -61,16 +61,14 @@ def operating_point_path(workdir: str | Path) -> Path:
     a release stays as shipped (it may sit in a repository or a read-only folder), so
     its point goes to `$CNNEB_CACHE/operating_points/` (default ~/.cache/cnneb_jax), named
     by the digest of the release's variables."""
-    import hashlib
-    import os
-
+    from cnneb_jax.data import cache_root
+    from cnneb_jax.lineage import file_digest
     from cnneb_jax.release import VARIABLES_FILE, is_release
     workdir = Path(workdir)
     if not is_release(workdir):
         return workdir / OPERATING_POINT_FILE
-    digest = hashlib.sha256((workdir / VARIABLES_FILE).read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("CNNEB_CACHE", Path.home() / ".cache" / "cnneb_jax"))
-    return cache / "operating_points" / f"{workdir.resolve().name}-{digest}.json"
+    digest = file_digest(workdir / VARIABLES_FILE)[:16]
+    return cache_root() / "operating_points" / f"{workdir.resolve().name}-{digest}.json"
 
 
 def read_operating_point(workdir: str | Path) -> dict:
@@ -158,6 +156,7 @@ def predict_files(cascade: Cascade, paths, rule: str | None = None,
     from tqdm.auto import tqdm
 
     from cnneb_jax.data import read_image
+    from cnneb_jax.predictions import COLUMNS
     rule, threshold = _resolve_point(cascade, rule, threshold)
     cfg = cascade.model.cfg
     paths = [str(p) for p in paths]
@@ -165,9 +164,7 @@ def predict_files(cascade: Cascade, paths, rule: str | None = None,
     rows: list[dict] = []
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
     for start in range(0, len(paths), batch_size):
-        chunk = [{"path": p, "label": None, "class_name": None, "exit": None,
-                  "probability": None, "flops": None, "error": None}
-                 for p in paths[start:start + batch_size]]
+        chunk = [{**dict.fromkeys(COLUMNS), "path": p} for p in paths[start:start + batch_size]]
         images, readable = [], []
         for row in chunk:
             try:

@@ -29,7 +29,12 @@ from cnneb_jax.configs import Config
 # them, and oneDNN's reordered float ops (its one message) do not matter for decoding images.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-DEFAULT_CACHE = Path(os.environ.get("CNNEB_CACHE", Path.home() / ".cache" / "cnneb_jax"))
+def cache_root() -> Path:
+    """The user's cache folder: $CNNEB_CACHE, else ~/.cache/cnneb_jax (read when called)."""
+    return Path(os.environ.get("CNNEB_CACHE", Path.home() / ".cache" / "cnneb_jax"))
+
+
+DEFAULT_CACHE = cache_root()
 
 
 class DataError(ValueError):

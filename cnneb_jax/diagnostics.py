@@ -6,9 +6,12 @@ and the sweep repeats them beside Table 2."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
+from cnneb_jax.heads import OTHER
 from cnneb_jax.metrics import ft_labels, roc_auc
+from cnneb_jax.model import EXPERT_GROUPS
 
 
 def exit_gap(exits: list[np.ndarray], labels: np.ndarray) -> dict:
@@ -72,23 +75,34 @@ def format_class_report(report: dict, exit_name: str) -> str:
 MIN_FT_FOR_AUC = 10
 
 
-def expert_vs_max_softmax(outputs: dict, labels: np.ndarray, kind: str = "experts") -> list[dict]:
-    """Per expert E_i: ROC AUC (Other vs FT) of the expert's score and of O_i's max softmax
-    on these images (the calibration split: held out of both stages)."""
+def expert_aucs(outputs: dict, labels: np.ndarray) -> dict[str, float]:
+    """ROC AUC of each expert score for Other (positive) vs FT, next to O_i's max softmax,
+    for every expert kind in `outputs` ("experts", "aux5b"); and each expert's FT rate."""
     preds = [o.argmax(-1) for o in outputs["exits"]]
-    out = []
+    out: dict[str, float] = {}
     for i in range(len(preds) - 1):
         other = ft_labels(preds, labels, i) == 0
-        n_ft = int((~other).sum())
-        e = outputs[kind][i]
-        p_e = np.exp(e - e.max(-1, keepdims=True))
-        p_e = p_e[:, 1] / p_e.sum(-1)
-        z = outputs["exits"][i]
-        p_o = np.exp(z - z.max(-1, keepdims=True))
-        p_o = (p_o / p_o.sum(-1, keepdims=True)).max(-1)
+        p_o = jax.nn.softmax(outputs["exits"][i], axis=-1)
+        out[f"max_softmax_O{i + 1}"] = roc_auc(np.max(p_o, -1), other)
+        for kind in (k for k in EXPERT_GROUPS if k in outputs):
+            d = jax.nn.softmax(outputs[kind][i], axis=-1)
+            out[f"{kind}_E{i + 1}"] = roc_auc(np.asarray(d[:, OTHER]), other)
+        out[f"ft_rate_E{i + 1}"] = float(1.0 - other.mean())
+    return out
+
+
+def expert_vs_max_softmax(outputs: dict, labels: np.ndarray, kind: str = "experts") -> list[dict]:
+    """Per expert E_i: ROC AUC (Other vs FT) of the expert's score and of O_i's max softmax
+    on these images (the calibration split: held out of both stages), when they hold at
+    least MIN_FT_FOR_AUC FT examples and some Other ones."""
+    aucs = expert_aucs({"exits": outputs["exits"], kind: outputs[kind]}, labels)
+    out = []
+    for i in range(len(outputs["exits"]) - 1):
+        n_ft = int(round(aucs[f"ft_rate_E{i + 1}"] * len(labels)))
         row = {"expert": f"E{i + 1}", "ft_examples": n_ft}
         if MIN_FT_FOR_AUC <= n_ft < len(labels):
-            row.update(expert_auc=roc_auc(p_e, other), max_softmax_auc=roc_auc(p_o, other))
+            row.update(expert_auc=aucs[f"{kind}_E{i + 1}"],
+                       max_softmax_auc=aucs[f"max_softmax_O{i + 1}"])
         out.append(row)
     return out
 

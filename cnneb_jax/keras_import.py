@@ -13,7 +13,6 @@ imports its weights sets `input_norm="inception"`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -170,15 +169,6 @@ def import_keras(source: Any, model: Model, variables: Variables) -> tuple[Varia
                                f"classes, the config {model.cfg.num_classes}")
     report["fresh"] += [f"E{i + 1}" for i in range(model.num_exits - 1)]
     return out, report
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file: what a workdir records of the weights it started from."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def random_keras_model(size: int | None = None, classes: int = 1000, seed: int = 0,

@@ -38,6 +38,15 @@ def variables_digest(tree: Any) -> str:
     return h.hexdigest()
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, read in blocks: the weights a stage started from, a release."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _recorded(stage_dir: Path, key: str) -> str | None:
     path = Path(stage_dir) / "result.json"
     return ckpt.read_json(path).get(key) if path.exists() else None

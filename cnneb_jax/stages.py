@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 from cnneb_jax import checkpoints as ckpt
 from cnneb_jax import distributed as dist
 from cnneb_jax import diagnostics, lineage, pipeline, release
+from cnneb_jax.diagnostics import expert_aucs
 from cnneb_jax.configs import Config, augmentations_in_use
 from cnneb_jax.data import alternating_flips, augment, epoch_batches, normalize
 from cnneb_jax.heads import FT, OTHER
-from cnneb_jax.metrics import ft_labels, roc_auc
+from cnneb_jax.metrics import ft_labels
 from cnneb_jax.model import (BACKBONE_GROUPS, EXPERT_GROUPS, Model, Variables,
                              abstract_variables, backbone_forward, build_model,
                              expert_forward, identity_kernels, init_variables, is_frozen,
@@ -448,7 +449,7 @@ def imported_start(cfg: Config, model: Model, variables: Variables, stage_dir: P
     if not source.is_file():
         raise TrainingError(f"{stage_dir} started from {source}, which is gone: give it "
                             "again with --init-from, or --retrain to start afresh")
-    digest = keras_import.file_digest(source)
+    digest = lineage.file_digest(source)
     if recorded is not None and recorded["sha256"] != digest:
         raise TrainingError(f"{stage_dir} started from {recorded['path']} (sha256 "
                             f"{recorded['sha256'][:12]}), not {source} ({digest[:12]}): "
@@ -514,6 +515,8 @@ def _train_backbone(cfg: Config, data: dict, workdir: Path, retrain: bool,
     heldout = (pipeline.concat(data["val_images"], data["calib_images"]),
                np.concatenate([data["val_labels"], data["calib_labels"]]))
 
+    last_heldout: dict = {}   # the final epoch's held-out outputs, for the self-report
+
     def on_epoch_end(epoch, st):
         # Accuracy on the held-out images (never on test): the per-epoch curve settings
         # are chosen from.
@@ -521,6 +524,8 @@ def _train_backbone(cfg: Config, data: dict, workdir: Path, retrain: bool,
             return None
         out = predict_all(model, _eval_variables(st), heldout[0], cfg.eval_batch_size,
                           predict=predict)
+        if epoch == cfg.epochs:
+            last_heldout["outputs"] = out
         return {f"heldout_{k}": v for k, v in exit_accuracies(out, heldout[1]).items()}
 
     class_w = (class_balance_weights(data["train_labels"], cfg.num_classes)
@@ -555,7 +560,7 @@ def _train_backbone(cfg: Config, data: dict, workdir: Path, retrain: bool,
     if len(heldout[0]):
         result["heldout_report"] = heldout_report(model, variables, *heldout,
                                                   data["class_names"], cfg.eval_batch_size,
-                                                  predict)
+                                                  predict, last_heldout.get("outputs"))
     ckpt.write_json(stage_dir / "result.json", result)
     ckpt.log_metrics(workdir, {"stage": "backbone", "event": "test",
                                **{k: v for k, v in result.items() if k != "heldout_report"}})
@@ -565,11 +570,14 @@ def _train_backbone(cfg: Config, data: dict, workdir: Path, retrain: bool,
 
 
 def heldout_report(model: Model, variables: Variables, images, labels: np.ndarray,
-                   class_names, batch_size: int, predict=None) -> dict:
+                   class_names, batch_size: int, predict=None, outputs=None) -> dict:
     """The backbone's self-report on held-out images (printed, kept in result.json): each
     exit's worst classes and most confused pairs, and the last exit against O1, with a
-    warning when it is not better by more than its standard error (diagnostics.py)."""
-    out = predict_all(model, variables, images, batch_size, predict=predict)
+    warning when it is not better by more than its standard error (diagnostics.py).
+    `outputs`: `variables`' outputs on these images when already computed (the last
+    epoch's evaluation), so they are not predicted twice."""
+    out = outputs if outputs is not None else predict_all(model, variables, images,
+                                                          batch_size, predict=predict)
     m = model.num_exits
     report = {"classes": {f"O{i + 1}": diagnostics.class_report(o, labels, class_names)
                           for i, o in enumerate(out["exits"])},
@@ -751,21 +759,6 @@ def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation
         return {"params": params, "stats": new_stats, "opt": opt}, {"loss": loss, **metrics}
 
     return step
-
-
-def expert_aucs(outputs: dict, labels: np.ndarray) -> dict[str, float]:
-    """ROC AUC of each expert score for Other (positive) vs FT, next to O_i's max softmax."""
-    preds = [o.argmax(-1) for o in outputs["exits"]]
-    out: dict[str, float] = {}
-    for i in range(len(preds) - 1):
-        other = ft_labels(preds, labels, i) == 0
-        p_o = jax.nn.softmax(outputs["exits"][i], axis=-1)
-        out[f"max_softmax_O{i + 1}"] = roc_auc(np.max(p_o, -1), other)
-        for kind in EXPERT_GROUPS:
-            d = jax.nn.softmax(outputs[kind][i], axis=-1)
-            out[f"{kind}_E{i + 1}"] = roc_auc(np.asarray(d[:, OTHER]), other)
-        out[f"ft_rate_E{i + 1}"] = float(1.0 - other.mean())
-    return out
 
 
 # Below this many FT examples an expert has next to nothing to learn "go deeper" from.
