@@ -10,22 +10,21 @@ compare before and after. Each figure is the median of --repeats fresh runs of t
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import benchlib
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def main(argv: list[str] | None = None) -> None:
+    p = benchlib.parser(__doc__)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--tree", default=str(Path(__file__).resolve().parent.parent),
                    help="the checkout whose cnneb_jax is timed (default: this one)")
     p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     sys.path.insert(0, args.tree)
     from cnneb_jax import data
 
@@ -46,8 +45,7 @@ def main() -> None:
     n = sum(len(v) for k, v in first.items() if k.endswith("_labels"))
     print(f"{root} ({n} images), cnneb_jax from {args.tree}")
     for name, ts in timings.items():
-        spread = f" ({min(ts):.2f}-{max(ts):.2f})" if len(ts) > 1 else ""
-        print(f"{name}: {statistics.median(ts):.2f} s{spread}")
+        print(f"{name}: {benchlib.spread(ts, '{:.2f}')} s")
 
 
 if __name__ == "__main__":

@@ -8,21 +8,21 @@ each rule's saving against the proposed expert's and the oracle's, and the worst
 measured time to FLOPs-predicted time over every timed sweep point.
 
 Every threshold here was chosen on the calibration split. Rules are compared at equal
-accuracy, with paired bootstrap intervals, by bench/compare_rules.py; this script no longer
+accuracy, with paired bootstrap intervals, by experiments/compare_rules.py; this script no longer
 reads "the best point of each curve" off the test split (issue 11, item 8).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 
+import benchlib
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def main(argv: list[str] | None = None) -> None:
+    p = benchlib.parser(__doc__)
     p.add_argument("sweep_json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     r = json.load(open(args.sweep_json))
     m = len(r["exits_accuracy"])
     ref = r["baselines"][f"O{m} only"]

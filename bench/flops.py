@@ -5,27 +5,16 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchlib
+from cnneb_jax.metrics import prefix_share, segment_flops
+from cnneb_jax.model import abstract_variables, build_model, count_params
 
 
-from cnneb_jax.configs import CONFIGS, get_config  # noqa: E402
-from cnneb_jax.metrics import prefix_share, segment_flops  # noqa: E402
-from cnneb_jax.model import abstract_variables, build_model, count_params  # noqa: E402
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="cifar", choices=sorted(CONFIGS))
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field, as train.py --set")
-    args = p.parse_args()
-    cfg = get_config(args.config, dict(kv.split("=", 1) for kv in args.set))
-    cfg = cfg.replace(num_classes=cfg.num_classes or 10)  # CIFAR-10 unless set
+def main(argv: list[str] | None = None) -> None:
+    p = benchlib.parser(__doc__)
+    benchlib.config_flags(p)
+    args = p.parse_args(argv)
+    cfg = benchlib.config(args.config, args.set)
     model = build_model(cfg)
     # Shapes are all the cost analysis needs (no eager initialisation).
     v = abstract_variables(model)

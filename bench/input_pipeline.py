@@ -35,12 +35,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
+import benchlib
 from cnneb_jax import data as data_lib
-from cnneb_jax import pipeline
-from cnneb_jax.configs import CONFIGS, get_config
-from cnneb_jax.data import epoch_batches
+from cnneb_jax import pipeline, splits
+from cnneb_jax.backbone_stage import make_backbone_step
+from cnneb_jax.cache import cache_root
+from cnneb_jax.configs import get_config
 from cnneb_jax.model import BACKBONE_GROUPS, build_model, init_variables, split_collections
-from cnneb_jax.stages import backbone_optimizer, backbone_state, make_backbone_step
+from cnneb_jax.optim import backbone_optimizer, train_state
+from cnneb_jax.pipeline import epoch_batches
 
 
 def make_trainer(cfg, steps_per_epoch: int):
@@ -50,7 +53,7 @@ def make_trainer(cfg, steps_per_epoch: int):
     variables = init_variables(model, jax.random.PRNGKey(0))
     params, stats = split_collections({g: variables[g] for g in BACKBONE_GROUPS})
     tx = backbone_optimizer(cfg, steps_per_epoch)
-    state = backbone_state(cfg, tx, params, stats)
+    state = train_state(tx, params, stats, ema=cfg.ema_decay > 0)
     step = make_backbone_step(model, cfg, tx)
     holder = {"state": state, "i": 0}
 
@@ -68,10 +71,10 @@ def make_trainer(cfg, steps_per_epoch: int):
 
 
 def throughput(args) -> None:
-    cfg = get_config(args.config, dict(kv.split("=", 1) for kv in args.set))
+    cfg = get_config(args.config, benchlib.overrides(args.set))
     mem = data_lib.load_dataset(cfg.replace(pipeline="memory"), args.data_dir)
     st = data_lib.load_dataset(cfg.replace(pipeline="stream"), args.data_dir)
-    cfg = data_lib.with_classes(cfg, mem["class_names"])
+    cfg = splits.with_classes(cfg, mem["class_names"])
     n = len(mem["train_labels"])
     run = make_trainer(cfg, n // cfg.batch_size)
     sources = {"memory": mem["train_images"], "stream": st["train_images"]}
@@ -88,9 +91,8 @@ def throughput(args) -> None:
     ratio = np.array(rates["stream"]) / np.array(rates["memory"])
     print(f"\nconfig {cfg.name}, batch {cfg.batch_size}, {args.steps} steps x {args.rounds} rounds")
     for k, v in rates.items():
-        print(f"{k:>7}: median {np.median(v):.1f} img/s (min {min(v):.1f}, max {max(v):.1f})")
-    print(f"stream / memory: median {np.median(ratio):.3f} (min {ratio.min():.3f}, "
-          f"max {ratio.max():.3f})")
+        print(f"{k:>7}: {benchlib.spread(v)} img/s, median (min-max)")
+    print(f"stream / memory: {benchlib.spread(ratio, '{:.3f}')}")
 
 
 def _link_folder(src: Path, dst: Path, per_class: int) -> Path:
@@ -108,12 +110,12 @@ def _link_folder(src: Path, dst: Path, per_class: int) -> Path:
 
 def peak_run(args) -> None:
     """One size, one path, in this (fresh) process: prints a JSON line."""
-    cfg = get_config(args.config, dict(kv.split("=", 1) for kv in args.set))
+    cfg = get_config(args.config, benchlib.overrides(args.set))
     cfg = cfg.replace(pipeline=args.pipeline, val_size=0, calib_size=0)
     t0 = time.perf_counter()
     d = data_lib.load_dataset(cfg, args.data_dir, Path(args.cache_dir))
     load_s = time.perf_counter() - t0
-    cfg = data_lib.with_classes(cfg, d["class_names"])
+    cfg = splits.with_classes(cfg, d["class_names"])
     n = len(d["train_labels"])
     run = make_trainer(cfg, max(1, n // cfg.batch_size))
     rows = epoch_batches(np.random.default_rng(0), n, cfg.batch_size)
@@ -159,13 +161,11 @@ def memory(args) -> None:
                       f"{rec['steps']} steps (data ready in {rec['load_s']:.1f} s)", flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = benchlib.parser(__doc__)
     p.add_argument("mode", choices=["throughput", "memory", "_peak"])
     p.add_argument("--data-dir", required=True, help="an image folder (train/, test/)")
-    p.add_argument("--config", default="cifar", choices=sorted(CONFIGS))
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    benchlib.config_flags(p)
     p.add_argument("--steps", type=int, default=20, help="train steps per round / run")
     p.add_argument("--rounds", type=int, default=5, help="throughput: ABAB rounds")
     p.add_argument("--per-class", type=int, nargs="+", default=[30, 300],
@@ -173,8 +173,8 @@ def main() -> None:
     p.add_argument("--pipelines", nargs="+", default=["stream", "memory"],
                    help="memory: the input paths to measure")
     p.add_argument("--pipeline", default="stream", help=argparse.SUPPRESS)
-    p.add_argument("--cache-dir", default=str(data_lib.DEFAULT_CACHE), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument("--cache-dir", default=str(cache_root()), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
     {"throughput": throughput, "memory": memory, "_peak": peak_run}[args.mode](args)
 
 

@@ -12,33 +12,28 @@ The issue's bar: at most 1e-4.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
-from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import benchlib
+from cnneb_jax import onednn
+from cnneb_jax.configs import get_config
+from cnneb_jax.keras_import import import_keras, random_keras_model
+from cnneb_jax.model import abstract_variables, branch_fn, build_model
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cnneb_jax import onednn  # noqa: E402
-from cnneb_jax.configs import get_config  # noqa: E402
-from cnneb_jax.keras_import import import_keras, random_keras_model  # noqa: E402
-from cnneb_jax.model import abstract_variables, branch_fn, build_model  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = benchlib.parser(__doc__)
     p.add_argument("--size", type=int, default=299, help="image size (Keras: at least 75)")
     p.add_argument("--images", type=int, default=8, help="random images (default 8)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     km = random_keras_model(args.size, seed=args.seed, perturb_bn=True)
     x = np.random.default_rng(args.seed + 1).uniform(
         0, 255, (args.images, args.size, args.size, 3)).astype(np.float32)

@@ -10,12 +10,13 @@ folder for this run; CNNEB_COMPILE_CACHE=off measures loads without the cache.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+import benchlib
 
 CHILD = r"""
 import json, sys, time
@@ -45,12 +46,11 @@ def run_once(workdir: str, max_batch: int, env: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = benchlib.parser(__doc__)
     p.add_argument("--workdir", default="pretrained/cifar")
     p.add_argument("--max-batch", type=int, default=256)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cnneb-load-") as cache:
         env = dict(os.environ)
         env.pop("JAX_COMPILATION_CACHE_DIR", None)

@@ -39,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+import benchlib
+
+ROOT = benchlib.ROOT
 PRECISIONS = ("float32", "bfloat16")
 
 
@@ -59,28 +61,8 @@ def _timed(call, seconds: float, min_reps: int = 5, max_reps: int = 200) -> list
     return times
 
 
-def _random_variables(model):
-    """Variables of the model's shapes: He-normal kernels, zero biases and BatchNorm means,
-    unit BatchNorm variances (activations keep their scale, nothing overflows or goes
-    denormal, which could change a kernel's speed)."""
-    import jax
-    from cnneb_jax.model import abstract_variables
-    rng = np.random.default_rng(0)
-
-    def leaf(path, a):
-        name = getattr(path[-1], "key", "")
-        if name == "var":
-            return np.ones(a.shape, a.dtype)
-        if name == "kernel":
-            fan_in = int(np.prod(a.shape[:-1]))
-            return (rng.standard_normal(a.shape) * np.sqrt(2 / fan_in)).astype(a.dtype)
-        return np.zeros(a.shape, a.dtype)
-    return jax.tree_util.tree_map_with_path(leaf, abstract_variables(model))
-
-
 def jax_call(task: str, precision: str, batch: int, config: str):
     """(call, images per call): one compiled forward or train step of ours, ready to run."""
-    sys.path.insert(0, str(ROOT))
     import jax
     import jax.numpy as jnp
     import optax
@@ -88,7 +70,6 @@ def jax_call(task: str, precision: str, batch: int, config: str):
     from cnneb_jax.model import build_model, branch_fn, inference_variables, to_compute_dtype
 
     if task in ("cifar_train32", "cifar_train24"):
-        sys.path.insert(0, str(ROOT / "bench"))
         from train_throughput import make_runner
         size = {"cifar_train32": "0", "cifar_train24": "24"}[task]
         overrides = {"compute_dtype": precision, "lowres_size": size}
@@ -97,7 +78,7 @@ def jax_call(task: str, precision: str, batch: int, config: str):
     cfg = get_config(config, {"compute_dtype": precision})
     cfg = cfg.replace(num_classes=cfg.num_classes or 10)
     model = build_model(cfg)
-    variables = _random_variables(model)
+    variables = benchlib.random_variables(model)
     m = model.num_exits
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 255, (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
@@ -118,7 +99,7 @@ def jax_call(task: str, precision: str, batch: int, config: str):
         return call, batch
     # The train step: segments and O2 only (no O1), SGD with momentum, BatchNorm in
     # training mode; mixed precision as the backbone stage runs it (model.to_compute_dtype).
-    from cnneb_jax.data import normalize
+    from cnneb_jax.augment import normalize
     segs = list(model.segments.values())
     seg_names = list(model.segments)
     head = model.heads[f"O{m}"]
@@ -157,7 +138,8 @@ def jax_call(task: str, precision: str, batch: int, config: str):
 
 def keras_call(task: str, precision: str, batch: int):
     """(call, images per call): Keras's InceptionV3 forward or train step, ready to run."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from cnneb_jax import tfenv
+    tfenv.quiet()
     import keras
     import tensorflow as tf
     if precision == "bfloat16":
@@ -204,7 +186,7 @@ def measurements(args) -> list[dict]:
                     for sub in subtasks:
                         out.append({"side": side, "task": sub, "precision": precision,
                                     "batch": batch, "seconds": args.seconds,
-                                    "config": "cifar" if task == "cifar" else "full",
+                                    "config": "cifar" if task == "cifar" else args.config,
                                     "group": task})
     return out
 
@@ -238,11 +220,7 @@ def key(s: dict) -> tuple:
 
 
 def report(specs: list[dict], ms: dict[tuple, list[float]], rounds: int) -> None:
-    def spread(a) -> str:
-        a = np.asarray([v for v in a if v is not None and np.isfinite(v)])
-        if not len(a):
-            return "failed"
-        return f"{np.median(a):,.0f} ({a.min():,.0f}-{a.max():,.0f})"
+    spread = lambda a: benchlib.spread(a, "{:,.0f}")
 
     def ratio_text(num: tuple, den: tuple) -> str:
         if num not in ms or den not in ms:
@@ -254,30 +232,32 @@ def report(specs: list[dict], ms: dict[tuple, list[float]], rounds: int) -> None
         return f"{np.median(r):.2f} ({r.min():.2f}-{r.max():.2f})"
 
     print(f"\n{rounds} rounds; ms per batch: median over rounds (min-max)\n")
+    # Our side's config against Keras (full: 299x299, Keras' architecture).
+    full = next((s["config"] for s in specs if s["group"] != "cifar"), "full")
     sides = sorted({s["side"] for s in specs}, key=["ours", "base", "keras"].index)
     names = {"ours": "ours", "base": "ours (base)", "keras": "Keras"}
-    rows = sorted({(s["task"], s["batch"]) for s in specs if s["config"] == "full"},
+    rows = sorted({(s["task"], s["batch"]) for s in specs if s["config"] == full},
                   key=lambda r: (r[0] != "forward", r[1]))
     if rows:
-        print("| full, 299x299 | " + " | ".join(f"{names[s]} {p}" for s in sides
+        print(f"| {full} | " + " | ".join(f"{names[s]} {p}" for s in sides
                                                  for p in PRECISIONS) + " |")
         print("|---|" + "---:|" * (len(sides) * len(PRECISIONS)))
         for task, b in rows:
-            cells = [spread(ms[(s, task, p, b, "full")]) if (s, task, p, b, "full") in ms
+            cells = [spread(ms[(s, task, p, b, full)]) if (s, task, p, b, full) in ms
                      else "-" for s in sides for p in PRECISIONS]
             print(f"| {task}, batch {b} | " + " | ".join(cells) + " |")
         print("\nSpeed ratios, Keras time / our time per round (above 1: ours faster), "
               "median (min-max):\n")
-        print("| full, 299x299 | f32 vs Keras f32 | bf16 vs Keras bf16 | best vs Keras bf16"
+        print(f"| {full} | f32 vs Keras f32 | bf16 vs Keras bf16 | best vs Keras bf16"
               " | ours f32 vs base f32 |")
         print("|---|---:|---:|---:|---:|")
         for task, b in rows:
-            o32, o16 = ("ours", task, "float32", b, "full"), ("ours", task, "bfloat16", b, "full")
-            k32, k16 = ("keras", task, "float32", b, "full"), ("keras", task, "bfloat16", b, "full")
+            o32, o16 = ("ours", task, "float32", b, full), ("ours", task, "bfloat16", b, full)
+            k32, k16 = ("keras", task, "float32", b, full), ("keras", task, "bfloat16", b, full)
             best = o16 if (o16 in ms and o32 in ms and
                            np.nanmedian(np.array(ms[o16], float)) <
                            np.nanmedian(np.array(ms[o32], float))) else o32
-            base = ("base", task, "float32", b, "full")
+            base = ("base", task, "float32", b, full)
             print(f"| {task}, batch {b} | {ratio_text(k32, o32)} | {ratio_text(k16, o16)} | "
                   f"{ratio_text(k16, best)} ({'bf16' if best == o16 else 'f32'}) | "
                   f"{ratio_text(base, o32)} |")
@@ -295,9 +275,8 @@ def report(specs: list[dict], ms: dict[tuple, list[float]], rounds: int) -> None
             print(f"| {names[s['side']]} {s['task']} {s['precision']} | {text} | {vs} |")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = benchlib.parser(__doc__)
     p.add_argument("--only", nargs="+", default=["forward", "train", "cifar"],
                    choices=["forward", "train", "cifar"], help="which groups to measure")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32],
@@ -314,8 +293,11 @@ def main() -> None:
                         "(with --baseline-python's interpreter, or this one)")
     p.add_argument("--no-keras", action="store_true",
                    help="ours (and the baseline) only: an A/B of our own code")
+    p.add_argument("--config", default="full",
+                   help="our side's config (default full: Keras' architecture); a smaller "
+                        "one (tiny) checks the script in seconds")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker))
         return

@@ -1,11 +1,12 @@
-"""Serving figures at the calibrated operating point, measured in one run (issue 12):
+"""Serving figures at the calibrated operating point, measured in one run:
 
-- images/s of a stream of request batches through (a) the session-7 per-batch controller
-  (one program per segment, head and expert, two host reads per branch point, no dispatch
-  ahead; kept below as `legacy_run` for this comparison), (b) today's per-batch controller
-  (`api.predict`), (c) the throughput mode (`throughput.serve`), in interleaved rounds;
-- bytes moved host-to-device and device-to-host per image by (a) and (b);
+- images/s of a stream of request batches through the per-batch controller (`api.predict`)
+  and the throughput mode (`throughput.serve`), in interleaved rounds, with the share of
+  samples whose exit agrees;
 - the exported cascade (`serving`) against the live one, for uint8 and float input.
+
+(Session 12's comparison with the session-7 controller, and its byte counts, came from
+this script up to commit e885ef4; docs/RESULTS.md keeps the figures.)
 
     python bench/serving.py --workdir pretrained/cifar --data-dir ../shared/datasets/cifar10-jpeg
     python bench/serving.py --save-npz split.npz ...   # the splits, to measure on a machine
@@ -17,118 +18,16 @@ largest FLOPs saving within --max-drop of the last exit), never on test.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from cnneb_jax import api, controller, serving, throughput  # noqa: E402
-from cnneb_jax.data import normalize  # noqa: E402
-
-
-# ---- the session-7 per-batch controller, for the before/after comparison ----------------
-
-def legacy_fns(c):
-    return {**c.fns, "normalize": jax.jit(normalize),
-            "take": jax.jit(lambda h, idx: jnp.take(h, idx, axis=0))}
-
-
-def legacy_run(c, fns, images, rule, threshold, counter=None):
-    """Session 7's run_cascade: segment, exit and expert as separate programs; the exit's
-    and the expert's logits read separately; chunks one after another."""
-    if len(images) > c.max_batch:
-        parts = [legacy_run(c, fns, images[s:s + c.max_batch], rule, threshold, counter)
-                 for s in range(0, len(images), c.max_batch)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    model, v = c.model, c.variables
-    m, n = model.num_exits, len(images)
-    segs, heads = list(model.segments), list(model.heads)
-    count = counter or (lambda *a: None)
-    out_logits = np.zeros((n, model.cfg.num_classes), np.float32)
-    out_exit = np.full(n, m - 1, np.int32)
-    active = np.arange(n)
-    x = controller.pad_rows(controller.pixels(images), controller.bucket_for(c, n))
-    count("h2d", x)
-    h = fns["normalize"](x)
-    for i in range(m):
-        h = fns[f"seg:{segs[i]}"](v["segments"][segs[i]], h)
-        o = fns[f"head:{heads[i]}"](v["heads"][heads[i]], h)
-        if i == m - 1:
-            o_np = np.asarray(o)
-            count("d2h", o_np)
-            out_logits[active] = o_np[:len(active)]
-            break
-        name = f"E{i + 1}"
-        e = None
-        if rule == "expert":
-            e = np.asarray(fns[f"expert:{name}"](v["experts"][name], h, o))
-        elif rule == "aux5b":
-            e = np.asarray(fns[f"aux5b:{name}"](v["aux5b"][name], h))
-        o_np = np.asarray(o)
-        count("d2h", o_np)
-        if e is not None:
-            count("d2h", e)
-            e = e[:len(active)]
-        o_np = o_np[:len(active)]
-        leave = controller.rule_score(rule, o_np, e) > threshold
-        out_logits[active[leave]] = o_np[leave]
-        out_exit[active[leave]] = i
-        keep = np.nonzero(~leave)[0]
-        if len(keep) == 0:
-            break
-        active = active[keep]
-        idx = controller.pad_rows(keep.astype(np.int32), controller.bucket_for(c, len(keep)))
-        count("h2d", idx)
-        h = fns["take"](h, idx)
-    return {"logits": out_logits, "exit": out_exit}
-
-
-# ---- byte counts of today's controller ---------------------------------------------------
-
-class Bytes:
-    def __init__(self):
-        self.h2d = self.d2h = 0
-
-    def __call__(self, kind, a):
-        setattr(self, kind, getattr(self, kind) + a.nbytes)
-
-
-def count_new(c, images, rule, threshold) -> Bytes:
-    """Bytes of numpy arrays handed to compiled programs (host to device) and of the arrays
-    the host reads back, for one api.predict call."""
-    b = Bytes()
-    real_program, real_asarray = controller._program, np.asarray
-
-    def program(c_, key, x):
-        prog = real_program(c_, key, x)
-
-        def run(*args):
-            for a in jax.tree_util.tree_leaves(args):
-                if isinstance(a, np.ndarray):
-                    b("h2d", a)
-            return prog(*args)
-        return run
-
-    def asarray(a, *args, **kw):
-        out = real_asarray(a, *args, **kw)
-        if isinstance(a, jax.Array):
-            b("d2h", out)
-        return out
-    controller._program, controller.np.asarray = program, asarray
-    try:
-        api.predict(c, images, rule, threshold)
-    finally:
-        controller._program, controller.np.asarray = real_program, real_asarray
-    return b
+import benchlib
+from cnneb_jax import api, serving, throughput
 
 
 def compare_export(c, export_dir, x, label: str) -> dict:
@@ -170,9 +69,8 @@ def stream_seconds(run, requests) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = benchlib.parser(__doc__)
     p.add_argument("--workdir", default="pretrained/cifar")
     p.add_argument("--data-dir", default=None, help="the image folder the workdir was trained on")
     p.add_argument("--data-npz", default=None, help="calib/test splits saved by --save-npz")
@@ -190,7 +88,7 @@ def main() -> None:
     p.add_argument("--export-to", default=None,
                    help="export the cascade at the calibrated point here and stop")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     splits = load_splits(args)
     if args.save_npz:
         np.savez(args.save_npz, **splits)
@@ -214,14 +112,12 @@ def main() -> None:
     x = splits["test_images"][:args.images]
     y = splits["test_labels"][:args.images]
     requests = [x[s:s + args.request_batch] for s in range(0, len(x), args.request_batch)]
-    fns = legacy_fns(c)
     runs = {
-        "per-batch, session 7": lambda rq: [legacy_run(c, fns, r, rule, thr) for r in rq],
-        "per-batch, fused": lambda rq: [api.predict(c, r, rule, thr) for r in rq],
+        "per-batch": lambda rq: [api.predict(c, r, rule, thr) for r in rq],
         "throughput mode": lambda rq: list(throughput.serve(c, rq, rule, thr,
                                                             max_wait_s=args.max_wait)),
     }
-    # Warm pass (compiles the legacy functions and the queue programs), and agreement.
+    # Warm pass, and agreement.
     exits = {}
     for name, run in runs.items():
         outs = run(requests)
@@ -236,16 +132,16 @@ def main() -> None:
     ref = np.array(secs[first])
     result = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
               "rule": rule, "threshold": thr, "max_drop": args.max_drop,
-              "share_exit1": float((exits["per-batch, fused"] == 0).mean()),
+              "share_exit1": float((exits["per-batch"] == 0).mean()),
               "test_accuracy": None, "images": n, "request_batch": args.request_batch,
               "max_batch": args.max_batch, "max_wait_s": args.max_wait, "rounds": args.rounds,
               "modes": {}}
-    pred = np.concatenate([o["labels"] for o in runs["per-batch, fused"](requests)])
+    pred = np.concatenate([o["labels"] for o in runs["per-batch"](requests)])
     result["test_accuracy"] = float((pred == y).mean())
     print(f"{n} test images in requests of {args.request_batch}; {result['share_exit1']:.1%} "
           f"leave at O1; accuracy {result['test_accuracy']:.4f}; rounds {args.rounds}")
-    print(f"| mode | images/s (median) | min-max | ratio to session 7 (median, min-max) | "
-          f"exits agree |")
+    print("| mode | images/s (median) | min-max | speed vs per-batch (median, min-max) | "
+          "exits agree |")
     print("|---|---:|---:|---:|---:|")
     for name, s in secs.items():
         s = np.array(s)
@@ -260,20 +156,6 @@ def main() -> None:
         print(f"| {name} | {r['images_per_s']:.0f} | {r['images_per_s_min']:.0f}-"
               f"{r['images_per_s_max']:.0f} | {r['speedup']:.2f} ({r['speedup_min']:.2f}-"
               f"{r['speedup_max']:.2f}) | {agree[name]:.4f} |")
-
-    # Bytes per image, one request of --request-batch images each way.
-    req = requests[0]
-    old = Bytes()
-    legacy_run(c, fns, req, rule, thr, old)
-    new = count_new(c, req, rule, thr)
-    new_f = count_new(c, req.astype(np.float32) / 255, rule, thr)
-    result["bytes_per_image"] = {
-        "session 7, uint8": {"h2d": old.h2d / len(req), "d2h": old.d2h / len(req)},
-        "fused, uint8": {"h2d": new.h2d / len(req), "d2h": new.d2h / len(req)},
-        "fused, float": {"h2d": new_f.h2d / len(req), "d2h": new_f.d2h / len(req)}}
-    print("bytes per image (host to device / device to host):")
-    for k, v in result["bytes_per_image"].items():
-        print(f"  {k}: {v['h2d']:.0f} / {v['d2h']:.0f}")
 
     # The exported cascade against the live one: exported here, and (--exported) one
     # exported on another machine.

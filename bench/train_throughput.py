@@ -15,15 +15,15 @@ progressive-resizing step at that size.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import numpy as np
 
-from cnneb_jax.configs import CONFIGS, get_config
-from cnneb_jax.model import BACKBONE_GROUPS, abstract_variables, build_model, split_collections
-from cnneb_jax.stages import backbone_optimizer, backbone_state, make_backbone_step
+import benchlib
+from cnneb_jax.backbone_stage import make_backbone_step
+from cnneb_jax.model import BACKBONE_GROUPS, build_model, split_collections
+from cnneb_jax.optim import backbone_optimizer, train_state
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -34,18 +34,13 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 def make_runner(config: str, overrides: dict[str, str], steps_per_epoch: int):
     """A compiled train step of the variant and its state; returns run(n) -> seconds."""
-    cfg = get_config(config, overrides)
-    cfg = cfg.replace(num_classes=cfg.num_classes or 10)  # CIFAR-10 unless set
+    cfg = benchlib.config(config, overrides)
     model = build_model(cfg)
-    variables = abstract_variables(model)
-    # Random normal weights of the right shapes, without the slow eager init.
-    leaves, tree = jax.tree_util.tree_flatten(variables)
+    variables = benchlib.random_variables(model)
     rng = np.random.default_rng(0)
-    leaves = [np.asarray(rng.standard_normal(l.shape) * 0.05, l.dtype) for l in leaves]
-    variables = jax.tree_util.tree_unflatten(tree, leaves)
     params, stats = split_collections({g: variables[g] for g in BACKBONE_GROUPS})
     tx = backbone_optimizer(cfg, steps_per_epoch)
-    state = backbone_state(cfg, tx, params, stats)
+    state = train_state(tx, params, stats, ema=cfg.ema_decay > 0)
     # The step at image_size, unless the variant names lowres_size: then the step at that
     # size (the config's default progressive resizing alone does not change what is timed).
     step = make_backbone_step(model, cfg, tx, int(overrides.get("lowres_size", 0)),
@@ -66,18 +61,18 @@ def make_runner(config: str, overrides: dict[str, str], steps_per_epoch: int):
     return cfg, run
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = benchlib.parser(__doc__)
     p.add_argument("variants", nargs="*", default=["base"],
                    help="name or name:key=value,... (default: the config alone)")
-    p.add_argument("--config", default="cifar", choices=sorted(CONFIGS))
+    benchlib.config_flags(p)
     p.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     runners = []
     for text in args.variants:
         name, overrides = parse_variant(text)
+        overrides = {**benchlib.overrides(args.set), **overrides}
         cfg, run = make_runner(args.config, overrides, steps_per_epoch=170)
         t = time.perf_counter()
         run(1)  # compile

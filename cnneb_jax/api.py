@@ -22,8 +22,9 @@ import numpy as np
 
 from cnneb_jax import serving
 from cnneb_jax.checkpoints import read_classes
-from cnneb_jax.controller import (RULES, Cascade, all_outputs, last_exit_flops, make_cascade,
-                                  path_flops, run_cascade, softmax_np, warm_up)
+from cnneb_jax.controller import RULES, all_outputs, last_exit_flops, path_flops, run_cascade
+from cnneb_jax.programs import Cascade, make_cascade, warm_up
+from cnneb_jax.routing import softmax
 from cnneb_jax.sweep import choose_threshold, sweep_rule
 
 OPERATING_POINT_FILE = "operating_point.json"
@@ -35,7 +36,7 @@ def load(workdir: str | Path, max_batch: int = 256, warm: bool = True) -> Cascad
     every bucket size now, so that no call compiles later (JAX's persistent compilation
     cache, see `cnneb_jax.compile_cache`, makes this fast after the first time)."""
     from cnneb_jax import compile_cache
-    from cnneb_jax.stages import load_trained
+    from cnneb_jax.workdir import load_trained
     if not isinstance(max_batch, numbers.Integral) or isinstance(max_batch, bool) \
             or max_batch < 1:
         raise ValueError(f"max_batch must be a positive integer; got {max_batch!r}")
@@ -61,7 +62,7 @@ def operating_point_path(workdir: str | Path) -> Path:
     a release stays as shipped (it may sit in a repository or a read-only folder), so
     its point goes to `$CNNEB_CACHE/operating_points/` (default ~/.cache/cnneb_jax), named
     by the digest of the release's variables."""
-    from cnneb_jax.data import cache_root
+    from cnneb_jax.cache import cache_root
     from cnneb_jax.lineage import file_digest
     from cnneb_jax.release import VARIABLES_FILE, is_release
     workdir = Path(workdir)
@@ -114,7 +115,7 @@ def _check_rule(rule, threshold=None) -> None:
         raise ValueError(f"threshold must be a number in [0, 1]; got {threshold!r}")
 
 
-def _resolve_point(cascade: Cascade, rule, threshold) -> tuple[str, float]:
+def resolve_point(cascade: Cascade, rule, threshold) -> tuple[str, float]:
     """The rule and threshold to route with: the ones given, else the stored point."""
     stored = cascade.operating_point
     if rule is None:
@@ -138,7 +139,7 @@ def predict(cascade: Cascade, images, rule: str | None = None, threshold: float 
     taken), `exit` (0 = O1, ..., m-1 = last exit), `flops` (cost of each sample's path) and,
     when the workdir stores the class names, `names` (the predicted class's name).
     `labels` (true classes) are needed only by the oracle rule."""
-    rule, threshold = _resolve_point(cascade, rule, threshold)
+    rule, threshold = resolve_point(cascade, rule, threshold)
     cfg = cascade.model.cfg
     x = check_images(images, cfg.image_size)
     y = None if labels is None else _check_labels(labels, len(x), cfg.num_classes)
@@ -157,7 +158,7 @@ def predict_files(cascade: Cascade, paths, rule: str | None = None,
 
     from cnneb_jax.data import read_image
     from cnneb_jax.predictions import COLUMNS
-    rule, threshold = _resolve_point(cascade, rule, threshold)
+    rule, threshold = resolve_point(cascade, rule, threshold)
     cfg = cascade.model.cfg
     paths = [str(p) for p in paths]
     batch_size = batch_size or cascade.max_batch
@@ -189,7 +190,7 @@ def predict_files(cascade: Cascade, paths, rule: str | None = None,
 
 def answer(cascade: Cascade, routed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What `predict` returns, from the controller's per-sample logits, exits and FLOPs."""
-    probs = softmax_np(routed["logits"])
+    probs = softmax(routed["logits"])
     pred = {"labels": probs.argmax(-1), "probs": probs, "exit": routed["exit"],
             "flops": routed["flops"]}
     if cascade.class_names is not None:

@@ -124,8 +124,11 @@ def workdir_lock(workdir: Path):
         f.close()   # releases the lock
 
 
-def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, dict] | None:
+def restore_latest(mngr: ocp.CheckpointManager, like: Any,
+                   partial: bool = False) -> tuple[int, Any, dict] | None:
     """(step, state, meta) of the newest step that restores, or None when there is none.
+    With `partial`, `like` may name a part of the stored state (e.g. the parameters and
+    statistics without the optimizer state): only that part is read.
 
     A step that fails to restore (truncated or missing file) is reported by name and moved
     to `<stage>/damaged/<step>` (kept for inspection, out of Orbax's way); the next older
@@ -146,8 +149,12 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, di
                 f"gives ({other}): the workdir's config.json was edited or replaced "
                 "after training; restore it (or --retrain)")
         try:
+            state_args = (ocp.args.PyTreeRestore(
+                item=abstract, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+                if partial else ocp.args.StandardRestore(abstract))
             out = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                state=state_args, meta=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax raises many types for damaged files
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             failures.append(f"step {step} ({reason})")
@@ -328,7 +335,8 @@ def write_scalars(logdir: Path, tag: str, step: int, values: dict[str, float]) -
     alone): metrics.jsonl and sweep.json hold the same numbers."""
     if not values:
         return
-    from cnneb_jax import data  # noqa: F401  (quiets TensorFlow before it loads)
+    from cnneb_jax import tfenv
+    tfenv.quiet()
     try:
         import tensorflow as tf
     except ImportError as e:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import jax
 
-from cnneb_jax.data import DEFAULT_CACHE
+from cnneb_jax.cache import cache_root
 
 OFF = ("0", "off", "false", "no")
 
@@ -36,7 +36,7 @@ def cache_dir() -> Path | None:
         return Path(env)
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
-    return DEFAULT_CACHE / "xla"
+    return cache_root() / "xla"
 
 
 def enable() -> Path | None:

@@ -3,9 +3,8 @@
 Sources:
   * an image folder (`train/<class>/*`, `test/<class>/*`) via tfds.folder_dataset.ImageFolder;
   * a tfds dataset by name (e.g. `cifar10`, downloaded when online) via tfds.load.
-Splits: `train` (what the backbone trains on), `val` (held out of train, for expert labels;
-its last `calib_size` images form `calib`, kept for threshold calibration) and `test`.
-Augmentation (random crop with padding, horizontal flip) runs inside the jitted train step.
+The splits are cut in splits.py; augmentation runs inside the jitted train step
+(augment.py); larger datasets stream from their files (pipeline.py).
 """
 
 from __future__ import annotations
@@ -13,35 +12,24 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
 import sys
 import zipfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from cnneb_jax import tfenv
+from cnneb_jax.cache import cache_root
 from cnneb_jax.configs import Config
+from cnneb_jax.pipeline import DataError, FileSplit
+from cnneb_jax.splits import split_dataset
 
-# TensorFlow (under tfds and tf.data) prints C++ start-up lines on import; nothing here needs
-# them, and oneDNN's reordered float ops (its one message) do not matter for decoding images.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-def cache_root() -> Path:
-    """The user's cache folder: $CNNEB_CACHE, else ~/.cache/cnneb_jax (read when called)."""
-    return Path(os.environ.get("CNNEB_CACHE", Path.home() / ".cache" / "cnneb_jax"))
-
-
-DEFAULT_CACHE = cache_root()
-
-
-class DataError(ValueError):
-    """A problem with the user's data (missing folder, wrong layout, bad images)."""
+DEFAULT_CACHE = cache_root()   # where the programs' --cache-dir defaults to
 
 
 def _decode_split(ds) -> tuple[np.ndarray, np.ndarray]:
+    tfenv.quiet()
     import tensorflow_datasets as tfds
     images, labels = [], []
     for batch in tfds.as_numpy(ds.batch(1024)):
@@ -287,7 +275,6 @@ def check_val_dir(d: Path, classes: list[str]) -> Path:
 
 def load_folder_files(root: str | Path, val_dir: str | Path | None = None) -> dict:
     """The streaming path's stand-in for `load_image_folder`: file lists, nothing decoded."""
-    from cnneb_jax.pipeline import FileSplit
     root = Path(root)
     classes = check_folder_layout(root)
     dirs = {"train": root / "train", "test": root / "test"}
@@ -306,6 +293,7 @@ def load_folder_files(root: str | Path, val_dir: str | Path | None = None) -> di
 
 def load_tfds(name: str, data_dir: str | None = None) -> dict[str, np.ndarray]:
     """`tfds.load(name)` (downloads when online, or reads a prepared `data_dir`)."""
+    tfenv.quiet()
     import tensorflow_datasets as tfds
     out: dict[str, np.ndarray] = {}
     builder = tfds.builder(name, data_dir=data_dir)
@@ -321,7 +309,7 @@ def load_tfds(name: str, data_dir: str | None = None) -> dict[str, np.ndarray]:
 def load_dataset(cfg: Config, data_dir: str | None, cache_dir: Path = DEFAULT_CACHE,
                  val_dir: str | None = None) -> dict:
     """Splits train, val, calib and test, each as uint8 NHWC arrays (or, when streaming,
-    `pipeline.FileSplit`s) with int32 labels, plus the class names (`with_classes` fills a
+    `pipeline.FileSplit`s) with int32 labels, plus the class names (`splits.with_classes` fills a
     config's `num_classes` from them).
 
     Without `data_dir`, or with a tfds data dir that holds `cfg.dataset`, the dataset is
@@ -359,156 +347,3 @@ def load_dataset(cfg: Config, data_dir: str | None, cache_dir: Path = DEFAULT_CA
                             "is decoded into memory (pipeline=auto or memory)")
         raw = load_tfds(cfg.dataset, data_dir)
     return split_dataset(cfg, raw)
-
-
-def with_classes(cfg: Config, class_names) -> Config:
-    """`cfg` with `num_classes` from the data (when 0); a stated count that disagrees with
-    the data is an error."""
-    n_cls = len(class_names)
-    if cfg.num_classes == 0:
-        return cfg.replace(num_classes=n_cls)
-    if n_cls != cfg.num_classes:
-        raise DataError(f"the data has {n_cls} classes but config {cfg.name!r} expects "
-                        f"{cfg.num_classes} (override with --set num_classes={n_cls}, "
-                        f"or 0 to take it from the data)")
-    return cfg
-
-
-def group_ids(files: np.ndarray, pattern: str) -> np.ndarray:
-    """One group key per file name: the regular expression's first group (or whole match)."""
-    rx = re.compile(pattern)
-    keys, unmatched = [], []
-    for f in files:
-        m = rx.search(str(f))
-        if m is None:
-            unmatched.append(str(f))
-            keys.append(None)
-        else:
-            keys.append(m.group(1) if rx.groups else m.group(0))
-    if unmatched:
-        raise DataError(f"group_pattern {pattern!r} matches no part of {len(unmatched)} file "
-                        f"name(s), e.g. {unmatched[:3]}; every image needs a group")
-    return np.array(keys)
-
-
-def heldout_split(n: int, size: int, calib_size: int, files: np.ndarray | None = None,
-                  pattern: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rest, val, calib) indices of n images: `size` held out, the last `calib_size` of
-    them for calibration. A fixed permutation (seed 0, independent of the training seed),
-    so every run and stage holds out the same images. With a group `pattern`, whole groups
-    go to one side (calibration groups first, then val groups, until each is full), so
-    near-identical images (frames of one video, shots of one object) never straddle it."""
-    rng = np.random.default_rng(0)
-    if not pattern:
-        perm = rng.permutation(n)
-        held = perm[:size]
-        return perm[size:], held[:size - calib_size], held[size - calib_size:]
-    if files is None:
-        raise DataError("group_pattern groups images by file name: it needs an image folder "
-                        "(--data-dir), not a tfds dataset by name")
-    keys = group_ids(files, pattern)
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    members = [[] for _ in uniq]
-    for i, g in enumerate(inverse):
-        members[g].append(i)
-    val, calib, rest = [], [], []
-    for g in rng.permutation(len(uniq)):
-        if len(calib) < calib_size:
-            calib += members[g]
-        elif len(val) + len(calib) < size:
-            val += members[g]
-        else:
-            rest += members[g]
-    as_idx = lambda a: np.array(sorted(a), np.int64)
-    return as_idx(rest), as_idx(val), as_idx(calib)
-
-
-def split_dataset(cfg: Config, raw: dict) -> dict:
-    x, y = raw["train_images"], raw["train_labels"]
-    cfg = with_classes(cfg, raw["class_names"])
-    if x.shape[1:3] != (cfg.image_size, cfg.image_size):
-        raise DataError(f"images are {x.shape[1]}x{x.shape[2]}, config {cfg.name!r} expects "
-                        f"{cfg.image_size}x{cfg.image_size} (or let it resize them: "
-                        f"--set resize=resize_crop)")
-    if "val_images" in raw:
-        # Held-out images the user chose (--val-dir): all of train/ trains the backbone.
-        xv, yv = raw["val_images"], raw["val_labels"]
-        if cfg.calib_size >= len(xv):
-            raise DataError(f"calib_size={cfg.calib_size} leaves no expert images in the "
-                            f"val dir ({len(xv)} images)")
-        _, val_idx, cal_idx = heldout_split(len(xv), len(xv), cfg.calib_size,
-                                            raw.get("val_files"), cfg.group_pattern)
-        train_idx = np.random.default_rng(0).permutation(len(x))
-        held = {"val_images": xv[val_idx], "val_labels": yv[val_idx],
-                "calib_images": xv[cal_idx], "calib_labels": yv[cal_idx]}
-    else:
-        if cfg.val_size >= len(x):
-            raise DataError(f"val_size={cfg.val_size} leaves no training images "
-                            f"({len(x)} in all)")
-        train_idx, val_idx, cal_idx = heldout_split(len(x), cfg.val_size, cfg.calib_size,
-                                                    raw.get("train_files"), cfg.group_pattern)
-        held = {"val_images": x[val_idx], "val_labels": y[val_idx],
-                "calib_images": x[cal_idx], "calib_labels": y[cal_idx]}
-    if cfg.max_train_examples:
-        train_idx = train_idx[:cfg.max_train_examples]
-    xt, yt = raw["test_images"], raw["test_labels"]
-    if cfg.max_test_examples:
-        xt, yt = xt[:cfg.max_test_examples], yt[:cfg.max_test_examples]
-    return {"train_images": x[train_idx], "train_labels": y[train_idx], **held,
-            "test_images": xt, "test_labels": yt, "class_names": raw["class_names"],
-            "identity": raw.get("identity")}
-
-
-# Per-channel CIFAR-10 statistics; close enough for any natural-image dataset.
-MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32) * 255
-STD = np.array([0.2470, 0.2435, 0.2616], np.float32) * 255
-
-
-INPUT_NORMS = ("cifar", "inception")
-
-
-def normalize(images: jax.Array, mode: str = "cifar") -> jax.Array:
-    """uint8 (or float in [0, 255]) NHWC -> float32: "cifar" standardises each channel with
-    CIFAR-10's mean and deviation; "inception" scales to [-1, 1], as Keras' Inception v3
-    (`preprocess_input`) and weights imported from it expect."""
-    if mode == "inception":
-        return images.astype(jnp.float32) / 127.5 - 1.0
-    if mode != "cifar":
-        raise ValueError(f"unknown input_norm {mode!r}; one of {INPUT_NORMS}")
-    return (images.astype(jnp.float32) - MEAN) / STD
-
-
-def augment(rng: jax.Array, images: jax.Array, pad: int, flip: bool = True,
-            pad_mode: str = "zeros") -> jax.Array:
-    """Random crop with `pad` pixels of padding (`pad_mode` "zeros" or "reflect"), then (if
-    `flip`) a random horizontal flip. With `flip=False` the caller flips, e.g. by
-    `alternating_flips`."""
-    n, h, w, _ = images.shape
-    k1, k2 = jax.random.split(rng)
-    if pad > 0:
-        mode = {"zeros": "constant", "reflect": "reflect"}[pad_mode]
-        padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
-        offsets = jax.random.randint(k1, (n, 2), 0, 2 * pad + 1)
-        crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
-        images = jax.vmap(crop)(padded, offsets)
-    if not flip:
-        return images
-    mirror = jax.random.bernoulli(k2, 0.5, (n, 1, 1, 1))
-    return jnp.where(mirror, images[:, :, ::-1, :], images)
-
-
-def alternating_flips(seed: int, n: int, epoch: int) -> np.ndarray:
-    """Which of `n` training images to mirror in `epoch`: a random half in epoch 0, then
-    each image alternates, so every image is seen both ways in any two consecutive
-    epochs (airbench's "alternating flip"; random flips repeat an orientation half the
-    time). Depends only on (seed, epoch): a resumed run mirrors the same images."""
-    first = np.random.default_rng([seed, 7919]).integers(0, 2, n).astype(bool)
-    return first ^ bool(epoch % 2)
-
-
-def epoch_batches(rng: np.random.Generator, n: int, batch_size: int) -> np.ndarray:
-    """Shuffled indices for one epoch, as (steps, batch_size); the ragged tail is dropped."""
-    steps = n // batch_size
-    if steps == 0:
-        raise DataError(f"{n} training images are fewer than one batch of {batch_size}")
-    return rng.permutation(n)[: steps * batch_size].reshape(steps, batch_size)

@@ -17,8 +17,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from cnneb_jax.controller import Cascade, path_flops
-from cnneb_jax.data import normalize
+from cnneb_jax.controller import path_flops
+from cnneb_jax.programs import Cascade
+from cnneb_jax.augment import normalize
 from cnneb_jax.heads import OTHER
 from cnneb_jax.model import build_model, segment_fns
 
@@ -89,7 +90,18 @@ def export_cascade(cascade: Cascade, out_dir: str | Path, rule: str,
             write(f"aux5b{i}", lambda h, av=av, g=fns[f"aux5b:{name}"]: g(av, h), f_spec)
         h_spec = f_spec
 
-    manifest = {
+    manifest = _manifest(cascade, platforms, rule, threshold, calibration, parts)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
+    return out
+
+
+def _manifest(cascade: Cascade, platforms: tuple, rule: str, threshold: float,
+              calibration: dict | None, parts: list[dict]) -> dict:
+    """What serving.py needs besides the parts: shapes, buckets, the operating point and
+    the FLOPs of every path."""
+    model = cascade.model
+    cfg = model.cfg
+    return {
         "format_version": FORMAT_VERSION,
         "platforms": list(platforms),
         "config": cfg.name,
@@ -107,5 +119,3 @@ def export_cascade(cascade: Cascade, out_dir: str | Path, rule: str,
         "calibration": calibration,
         "parts": parts,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
-    return out

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnneb_jax import tfenv
 from cnneb_jax.configs import Config
 from cnneb_jax.model import Model, Variables
 from cnneb_jax.segments import ConvBN
@@ -63,6 +64,7 @@ def load_keras_model(source: Any):
     if path.suffix not in (".keras", ".h5"):
         raise KerasImportError(f"{path}: expected a Keras model file ending in .keras or .h5")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    tfenv.quiet()
     import keras
     try:
         return keras.models.load_model(path, compile=False)
@@ -80,6 +82,7 @@ def _creation_index(name: str) -> tuple[int, str]:
 def keras_conv_bn_pairs(kmodel) -> list[tuple[Any, Any]]:
     """Keras' (Conv2D, BatchNormalization) pairs in creation order; each BatchNorm is the
     one layer that reads its conv's output."""
+    tfenv.quiet()
     import keras
     convs = [l for l in kmodel.layers if isinstance(l, keras.layers.Conv2D)]
     convs.sort(key=lambda l: _creation_index(l.name))
@@ -100,6 +103,7 @@ def _shape(a) -> str:
 
 def _classifier(kmodel):
     """The Dense on the pooled features (Keras: `predictions`), or None (include_top=False)."""
+    tfenv.quiet()
     import keras
     dense = [l for l in kmodel.layers if isinstance(l, keras.layers.Dense)]
     return dense[-1] if dense else None
@@ -182,6 +186,7 @@ def random_keras_model(size: int | None = None, classes: int = 1000, seed: int =
     layers. `perturb_bn` draws random offsets and statistics instead, so that a wrong
     mapping of them shows in the logits (tests)."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    tfenv.quiet()
     import keras
     keras.utils.set_random_seed(seed)
     km = keras.applications.InceptionV3(

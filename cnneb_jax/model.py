@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnneb_jax.configs import Config
-from cnneb_jax.data import normalize
+from cnneb_jax.augment import normalize
 from cnneb_jax.heads import Aux5bExpert, AuxHead, ExpertHead, MainHead
 from cnneb_jax.segments import Segment
 
@@ -58,7 +58,7 @@ class Model:
 def build_model(cfg: Config) -> Model:
     if cfg.num_classes == 0:
         raise ValueError("config num_classes is 0 (taken from the data): resolve it with "
-                         "data.with_classes, or --set num_classes=N")
+                         "splits.with_classes, or --set num_classes=N")
     bounds = segment_bounds(cfg)
     m = len(bounds)
     segments = {segment_name(s, e): Segment(cfg, s, e) for s, e in bounds}

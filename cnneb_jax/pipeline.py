@@ -5,7 +5,7 @@ Small datasets are decoded once into a uint8 array (data.py). Larger ones stay a
 and resize on the host, a few batches prefetched, each process reading only its own rows
 of every global batch. Which path a dataset takes: `data.use_streaming`.
 
-Both paths take the same index batches (`data.epoch_batches`, which depend only on the seed
+Both paths take the same index batches (`epoch_batches`, which depend only on the seed
 and the epoch), so a resumed run reads the same images in the same order. A file that fails
 to decode is skipped and counted; its row is filled by another image of the same batch in
 training, by a blank image in evaluation (said in the warning).
@@ -20,7 +20,11 @@ from typing import Iterator
 
 import numpy as np
 
-from cnneb_jax.data import DataError  # data.py also sets TensorFlow's log level first
+from cnneb_jax import tfenv
+
+
+class DataError(ValueError):
+    """A problem with the user's data (missing folder, wrong layout, bad images)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -45,7 +49,8 @@ class FileSplit:
 
 
 def _tf():
-    import tensorflow as tf  # quiet: see the environment set in data.py
+    tfenv.quiet()
+    import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")  # tf.data stays on the host; JAX owns the GPU
     return tf
 
@@ -194,3 +199,11 @@ def concat(a, b):
     if isinstance(a, FileSplit):
         return dataclasses.replace(a, paths=np.concatenate([a.paths, b.paths]))
     return np.concatenate([a, b])
+
+
+def epoch_batches(rng: np.random.Generator, n: int, batch_size: int) -> np.ndarray:
+    """Shuffled indices for one epoch, as (steps, batch_size); the ragged tail is dropped."""
+    steps = n // batch_size
+    if steps == 0:
+        raise DataError(f"{n} training images are fewer than one batch of {batch_size}")
+    return rng.permutation(n)[: steps * batch_size].reshape(steps, batch_size)

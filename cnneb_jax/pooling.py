@@ -4,7 +4,7 @@
 XLA:CPU than the same reduction written as k strided slices per axis, rows first, then
 columns; and its gradients are worse still (max pooling's `select_and_scatter`): the `full`
 config's pools take 74 ms forward and 577 ms for their gradients at batch 8 as
-reduce_window, 19 and 187 ms as slices (`bench/conv_lowering.py --pools`, docs/RESULTS.md
+reduce_window, 19 and 187 ms as slices (`experiments/conv_lowering.py --pools`, docs/RESULTS.md
 §14). The slices give the same maxima exactly and the same averages up to float rounding;
 their gradients are elementwise. Padding follows
 `lax.padtype_to_pads` ("SAME": the extra pixel goes after), as Flax's and TF's do

@@ -7,15 +7,14 @@
                         parameters and BatchNorm statistics, no optimizer state
     backbone/result.json, expert/result.json    the stages' own results
 
-`stages.load_trained` (so `api.load`, `evaluate.py` and `export.py`) accepts a release
-folder wherever it accepts a workdir. The release also records O1/O2 accuracy on a fixed
+`workdir.save_release` writes one from a finished workdir; `workdir.load_trained` (so
+`api.load`, `evaluate.py` and `export.py`) accepts a release folder wherever it accepts a
+workdir. The release also records O1/O2 accuracy on a fixed
 subset of test images (`reference_files`), so that a copy can be checked in seconds.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from flax import serialization
 
 from cnneb_jax import checkpoints as ckpt
+from cnneb_jax.evaluation import exit_accuracies, predict_all
 from cnneb_jax.model import Model, Variables, abstract_variables, build_model
 
 VARIABLES_FILE = "variables.msgpack"
@@ -59,40 +59,8 @@ def read_images(files: list[Path]) -> np.ndarray:
 
 def exit_accuracy_on(model: Model, variables: Variables, images: np.ndarray,
                      labels: np.ndarray) -> dict[str, float]:
-    from cnneb_jax.stages import exit_accuracies, predict_all
     out = predict_all(model, variables, images, model.cfg.eval_batch_size)
     return exit_accuracies(out, labels)
-
-
-def save_release(workdir: str | Path, out: str | Path, command: str, test_dir: str | Path,
-                 per_class: int = 50) -> dict:
-    """Writes the release folder `out` from a finished workdir; returns its release.json."""
-    from cnneb_jax.stages import backbone_source, load_trained
-    workdir, out = Path(workdir), Path(out)
-    # A workdir trained with --backbone-from has its backbone's result where that came from.
-    done_in = {"backbone": backbone_source(workdir) or workdir, "expert": workdir}
-    model, variables = load_trained(workdir)
-    variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), variables)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / VARIABLES_FILE).write_bytes(serialization.msgpack_serialize(variables))
-    shutil.copy(workdir / "config.json", out / "config.json")
-    if (workdir / ckpt.CLASS_NAMES_FILE).exists():
-        shutil.copy(workdir / ckpt.CLASS_NAMES_FILE, out / ckpt.CLASS_NAMES_FILE)
-    for stage in ("backbone", "expert"):
-        (out / stage).mkdir(exist_ok=True)
-        shutil.copy(done_in[stage] / stage / "result.json", out / stage / "result.json")
-    files, labels = reference_files(test_dir, per_class)
-    meta = {
-        "command": command,
-        "source_workdir": str(workdir),
-        "test_accuracy": json.loads((done_in["backbone"] / "backbone" / "result.json").read_text())
-        ["test_accuracy"],
-        "reference": {"per_class": per_class, "images": len(files),
-                      "accuracy": exit_accuracy_on(model, variables, read_images(files),
-                                                   labels)},
-    }
-    ckpt.write_json(out / "release.json", meta)
-    return meta
 
 
 def load_release(path: str | Path) -> tuple[Model, Variables]:

@@ -1,6 +1,6 @@
 """Runs an exported cascade (see `cnneb_jax/export.py`) with jax and numpy only: no Flax,
-no model or training code is imported, so this file can be copied next to the exported
-folder and used on its own.
+no model or training code is imported. It shares the routing step with the live
+controller through `routing.py` (numpy only), and imports nothing else of cnneb_jax.
 
     from cnneb_jax import serving
     cascade = serving.load("runs/cifar/export")
@@ -19,6 +19,9 @@ from typing import Callable
 
 import jax
 import numpy as np
+
+# numpy only: the one cnneb_jax module serving needs.
+from cnneb_jax.routing import bucket_for, decide, pad_rows, softmax
 
 SUPPORTED_FORMATS = (1, 2)  # 1: CPU only, no checksums
 RULES = ("expert", "aux5b", "max_softmax", "entropy")
@@ -179,26 +182,8 @@ def check_images(images, input_shape, keep_uint8: bool = False) -> np.ndarray:
     return x.astype(np.float32) * 255.0
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def _score(rule: str, o: np.ndarray, e: np.ndarray | None, other: int) -> np.ndarray:
-    if rule in ("expert", "aux5b"):
-        return _softmax(e)[:, other]
-    p = _softmax(o)
-    if rule == "max_softmax":
-        return p.max(-1)
-    h = -np.sum(p * np.log(np.clip(p, 1e-12, None)), -1)
-    return 1.0 - h / np.log(p.shape[-1])
-
-
 def _pad(x: np.ndarray, buckets: list[int]) -> np.ndarray:
-    size = next((b for b in buckets if b >= len(x)), len(x))
-    if size == len(x):
-        return x
-    return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
+    return pad_rows(x, bucket_for(buckets, len(x)))
 
 
 def _branch_program(exps: dict, i: int, last: bool, rule: str) -> Callable:
@@ -268,18 +253,16 @@ def _route(c: ExportedCascade, out, n: int, rule: str, threshold: float) -> dict
             logits[active] = np.asarray(out)[:len(active)]
             break
         h, small = out
-        small = np.asarray(small)[:len(active)]
-        o_np, e = small[:, :k], (small[:, k:] if rule in ("expert", "aux5b") else None)
-        leave = _score(rule, o_np, e, m["expert_other_index"]) > threshold
+        o_np, leave, keep = decide(small, len(active), k, rule, threshold,
+                                   m["expert_other_index"])
         logits[active[leave]] = o_np[leave]
         exits[active[leave]] = i
-        keep = np.nonzero(~leave)[0]
         if len(keep) == 0:
             break
         if len(keep) < len(active):
             h = c.fns["take"](h, _pad(keep.astype(np.int32), c.buckets))
         active = active[keep]
         out = c.fns[("branch", i + 1, rule)](h)
-    probs = _softmax(logits)
+    probs = softmax(logits)
     flops = np.asarray(m["path_flops"][rule])[exits]
     return {"labels": probs.argmax(-1), "probs": probs, "exit": exits, "flops": flops}

@@ -22,63 +22,12 @@ import dataclasses
 import time
 from typing import Iterable, Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cnneb_jax import api
-from cnneb_jax.controller import (RULE_VARIANT, Cascade, branch, bucket_for, gather, pad_rows,
-                                  path_flops, rule_score)
-
-
-def _append(buf: jax.Array, piece: jax.Array, offset: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(buf, piece, offset, axis=0)
-
-
-def _shift(buf: jax.Array) -> jax.Array:
-    # After a full bucket (the first half) has been taken, the rest moves to the front.
-    half = buf.shape[0] // 2
-    return buf.at[:half].set(buf[half:])
-
-
-# The buffer is donated: appends and shifts update it in place instead of copying it.
-_append_jit = jax.jit(_append, donate_argnums=0)
-_shift_jit = jax.jit(_shift, donate_argnums=0)
-_head_jit = jax.jit(lambda buf, size: buf[:size], static_argnums=1)
-
-
-@dataclasses.dataclass
-class _Queue:
-    """Features of samples waiting for one segment: rows [0, count) of a device buffer of
-    twice the largest bucket. A full bucket is dispatched as soon as one has gathered, so
-    fewer than a bucket wait when a piece (at most a bucket) arrives: it always fits."""
-    buf: jax.Array | None = None
-    count: int = 0
-    owners: list = dataclasses.field(default_factory=list)   # (request, row) per queued sample
-    arrived: list = dataclasses.field(default_factory=list)  # when each was queued
-
-    @property
-    def since(self) -> float | None:
-        return self.arrived[0] if self.arrived else None
-
-    def push(self, h: jax.Array, n: int, owners: list, capacity: int) -> None:
-        if self.buf is None:
-            self.buf = jnp.zeros((capacity,) + h.shape[1:], h.dtype)
-        self.buf = _append_jit(self.buf, h, np.int32(self.count))
-        self.count += n
-        self.owners += owners
-        self.arrived += [time.perf_counter()] * n
-
-    def pop(self, size: int, bucket: int) -> tuple[jax.Array, list]:
-        """The first `size` queued samples (a full bucket, or all of them), as a device
-        array of `bucket` rows."""
-        x = _head_jit(self.buf, bucket)
-        owners, self.owners = self.owners[:size], self.owners[size:]
-        self.arrived = self.arrived[size:]
-        self.count -= size
-        if self.count:   # only after a full bucket, which is the buffer's first half
-            self.buf = _shift_jit(self.buf)
-        return x, owners
+from cnneb_jax import api, routing
+from cnneb_jax.controller import DeviceQueue, pad_rows, path_flops
+from cnneb_jax.programs import RULE_VARIANT, Cascade, branch, bucket_for
+from cnneb_jax.heads import OTHER
 
 
 @dataclasses.dataclass
@@ -95,8 +44,9 @@ def serve(c: Cascade, batches: Iterable, rule: str | None = None,
     waits for a full bucket at most about `max_wait_s` (checked as each batch arrives; the
     stream's end runs whatever waits). Device work is dispatched a round ahead: a batch's
     first segment is queued on the device before the host reads the deep results of the
-    previous round, so the device is not idle while the host routes."""
-    rule, threshold = api._resolve_point(c, rule, threshold)
+    previous round, so the device is not idle while the host routes. (Long, on purpose:
+    the closures share the stream's requests, queues and pending work.)"""
+    rule, threshold = api.resolve_point(c, rule, threshold)
     if rule == "oracle":
         raise ValueError("the oracle needs labels: it is a bound, not a router")
     if not (isinstance(max_wait_s, (int, float)) and not isinstance(max_wait_s, bool)
@@ -104,7 +54,7 @@ def serve(c: Cascade, batches: Iterable, rule: str | None = None,
         raise ValueError(f"max_wait_s must be a number of seconds >= 0; got {max_wait_s!r}")
     m, k, top = c.model.num_exits, c.model.cfg.num_classes, c.max_batch
     variant = RULE_VARIANT[rule]
-    queues = [_Queue() for _ in range(m)]     # queues[i]: waiting for segment i (i >= 1)
+    queues = [DeviceQueue() for _ in range(m)]   # queues[i]: waiting for segment i (i >= 1)
     requests: dict[int, _Request] = {}
     pending: list = []                        # (segment, device output, owners), not read yet
 
@@ -121,20 +71,15 @@ def serve(c: Cascade, batches: Iterable, rule: str | None = None,
             finish(owners, np.asarray(out)[:n], i)
             return
         h, small = out
-        small = np.asarray(small)[:n]
-        o, e = small[:, :k], small[:, k:]
-        leave = rule_score(rule, o, e) > threshold
+        o, leave, keep = routing.decide(small, n, k, rule, threshold, OTHER)
         finish([w for w, x in zip(owners, leave) if x], o[leave], i)
-        keep = np.nonzero(~leave)[0]
         if len(keep) == 0:
             return
-        if len(keep) < n:
-            h = gather(c, h, pad_rows(keep.astype(np.int32), bucket_for(c, len(keep))))
         q = queues[i + 1]
-        q.push(h, len(keep), [owners[j] for j in keep], 2 * top)
+        q.push(c, h, keep, [owners[j] for j in keep])
         if q.count >= top:
-            x, owners_ = q.pop(top, top)
-            pending.append((i + 1, branch(c, i + 1, variant, x), owners_))
+            x, taken = q.pop(c, top)
+            pending.append((i + 1, branch(c, i + 1, variant, x), taken))
 
     def settle() -> None:
         while pending:
@@ -147,7 +92,7 @@ def serve(c: Cascade, batches: Iterable, rule: str | None = None,
             q = queues[i]
             late = q.since is not None and time.perf_counter() - q.since >= max_wait_s
             if q.count and (flush or late):
-                x, owners = q.pop(q.count, bucket_for(c, q.count))
+                x, owners = q.pop(c)
                 pending.append((i, branch(c, i, variant, x), owners))
 
     def done() -> Iterator[dict]:

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -92,7 +93,8 @@ def tiny_run(tiny_cfg, tiny_data, tmp_path_factory):
     once for the whole test run. Read it freely; copy it (`copy_workdir`) before changing it.
     Under pytest-xdist (`-n 2`, pyproject.toml) the first worker to ask trains it in the
     run's shared temporary folder while the other waits on a lock, then both read it."""
-    from cnneb_jax.stages import train_backbone, train_expert
+    from cnneb_jax.backbone_stage import train_backbone
+    from cnneb_jax.expert_stage import train_expert
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     workdir = shared / "tiny-run"
@@ -112,7 +114,7 @@ def tiny_ablation(tiny_run, tiny_cfg, tiny_data) -> Path:
     """A workdir whose experts take only O1's softmax (`expert_inputs="paper"`, where the
     tiny config adds the confidence features), trained on the tiny run's own backbone
     (`train_expert(backbone_from=...)`), shared like `tiny_run`."""
-    from cnneb_jax.stages import train_expert
+    from cnneb_jax.expert_stage import train_expert
     workdir = tiny_run[0].parent / "tiny-ablation"
     with _exclusive(tiny_run[0].parent / "tiny-ablation.lock"):
         train_expert(tiny_cfg.replace(expert_inputs="paper"), tiny_data, workdir,
@@ -123,3 +125,9 @@ def tiny_ablation(tiny_run, tiny_cfg, tiny_data) -> Path:
 def copy_workdir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def leaves_equal(a, b) -> bool:
+    """Whether two pytrees hold the same arrays, bit for bit."""
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))

@@ -6,8 +6,8 @@ import pytest
 from jax import monitoring
 
 from cnneb_jax.configs import get_config
-from cnneb_jax.controller import (all_outputs, bucket_for, bucket_sizes, make_cascade, path_flops,
-                                  run_cascade, warm_up)
+from cnneb_jax.controller import all_outputs, path_flops, run_cascade
+from cnneb_jax.programs import bucket_for, bucket_sizes, make_cascade, warm_up
 from cnneb_jax.model import build_model, init_variables
 
 TOL = dict(rtol=2e-4, atol=2e-4)

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from cnneb_jax.configs import get_config
-from cnneb_jax.data import (DataError, check_folder_layout, alternating_flips, augment, epoch_batches, heldout_split, load_dataset, load_image_folder, with_classes,
-                            split_dataset)
+from cnneb_jax.data import DataError, check_folder_layout, load_dataset, load_image_folder
+from cnneb_jax.splits import heldout_split, split_dataset, with_classes
+from cnneb_jax.augment import alternating_flips, augment
+from cnneb_jax.pipeline import epoch_batches
 
 
 def test_image_folder_is_read_and_cached(image_folder, tmp_path):

@@ -20,9 +20,13 @@ import sys
 from pathlib import Path
 import jax, numpy as np
 from cnneb_jax.configs import get_config
-from cnneb_jax.controller import make_cascade, run_cascade
+from cnneb_jax.controller import run_cascade
+from cnneb_jax.programs import make_cascade
 from cnneb_jax.data import load_dataset
-from cnneb_jax.stages import load_trained, predict_all, train_backbone, train_expert
+from cnneb_jax.workdir import load_trained
+from cnneb_jax.evaluation import predict_all
+from cnneb_jax.backbone_stage import train_backbone
+from cnneb_jax.expert_stage import train_expert
 folder, cache, work, out = sys.argv[1:5]
 # float64 throughout (JAX_ENABLE_X64=1), so that summation order moves numbers by ~1e-16.
 cfg = get_config("tiny").replace(epochs=1, expert_epochs=6, checkpoint_every_steps=2,

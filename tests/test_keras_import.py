@@ -111,7 +111,8 @@ def test_backbone_stage_from_keras_trains_the_new_heads_only(keras_file, tiny_da
     """Two steps of the transfer path (train.py --init-from) on the tiny folder: the
     imported trunk and its statistics stay bit-identical (no weight decay, no momentum, no
     BatchNorm update), the new heads learn, and a resumed run must give the same file."""
-    from cnneb_jax.stages import TrainingError, load_backbone, train_backbone
+    from cnneb_jax.workdir import TrainingError, load_backbone
+    from cnneb_jax.backbone_stage import train_backbone
     path, km = keras_file
     cfg = _cfg(num_classes=7, max_train_examples=16, batch_size=8, epochs=1, ema_decay=0,
                eval_every_epochs=0, checkpoint_every_steps=100, max_test_examples=8)
@@ -150,7 +151,7 @@ def test_backbone_stage_from_keras_trains_the_new_heads_only(keras_file, tiny_da
 def test_finetune_decides_what_stays_frozen(keras_file, tmp_path):
     """finetune=heads freezes the trunk, and O2 too when the imported classifier fits the
     class count; finetune=all freezes nothing."""
-    from cnneb_jax.stages import imported_start
+    from cnneb_jax.backbone_stage import imported_start
     path, _ = keras_file
     for n, finetune, frozen in ((10, "heads", ("segments", "heads/O2")),
                                 (7, "heads", ("segments",)), (10, "all", ())):

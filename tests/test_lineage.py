@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from cnneb_jax import lineage
-from cnneb_jax.stages import (_begin_stage, check_data_lineage, load_trained, train_expert)
+from cnneb_jax.workdir import begin_stage, check_data_lineage, load_trained
+from cnneb_jax.expert_stage import train_expert
 
 from conftest import copy_workdir
 
@@ -41,7 +42,7 @@ def test_experts_of_another_backbone_are_refused(tiny_workdir, tmp_path):
 def test_retraining_the_backbone_sets_its_old_experts_aside(tiny_workdir, tiny_cfg, tmp_path,
                                                             capsys):
     work = copy_workdir(tiny_workdir, tmp_path / "w")
-    _begin_stage(tiny_cfg, work, "backbone", retrain=True)
+    begin_stage(tiny_cfg, work, "backbone", retrain=True)
     assert not (work / "expert").exists() and not (work / "backbone").exists()
     (aside,) = work.glob("expert.stale-*")
     assert (aside / "result.json").exists()

@@ -74,7 +74,8 @@ def test_cifar_prefix_is_cheap():
 def test_bfloat16_compute_keeps_float32_params_and_matches_float32(tiny_cfg):
     """Mixed precision: the same parameters give nearly the same loss in bf16; gradients,
     updated parameters and logits stay float32."""
-    from cnneb_jax.stages import backbone_optimizer, make_backbone_step
+    from cnneb_jax.optim import backbone_optimizer
+    from cnneb_jax.backbone_stage import make_backbone_step
 
     images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), np.uint8)
     labels = np.arange(8) % 10
@@ -104,7 +105,7 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32(tiny_cfg):
 def test_whitening_kernel_decorrelates_patches():
     """Both signs of the top eigen-directions: the first half of the channels gives
     uncorrelated, unit-variance responses on the images it was computed from."""
-    from cnneb_jax.data import normalize
+    from cnneb_jax.augment import normalize
     from cnneb_jax.model import whitening_kernel
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (40, 16, 16, 3)).astype(np.float64)

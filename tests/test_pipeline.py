@@ -7,10 +7,13 @@ import pytest
 from PIL import Image
 
 from cnneb_jax import data as data_lib
+
+from cnneb_jax import splits
 from cnneb_jax import distributed as dist
 from cnneb_jax import pipeline
 from cnneb_jax.configs import get_config
-from cnneb_jax.data import DataError, epoch_batches, load_dataset
+from cnneb_jax.data import DataError, load_dataset
+from cnneb_jax.pipeline import epoch_batches
 
 
 def _mixed_folder(root: Path, classes=("a", "b", "c"), n_train=6, n_test=2, seed=0) -> Path:
@@ -132,7 +135,8 @@ def test_auto_rule_streams_large_or_cropped_data(monkeypatch):
 
 
 def test_streamed_training_is_bit_identical_to_memory(image_folder, decode_cache, tmp_path):
-    from cnneb_jax.stages import load_backbone, train_backbone
+    from cnneb_jax.workdir import load_backbone
+    from cnneb_jax.backbone_stage import train_backbone
     cfg = get_config("tiny", {"epochs": "2", "checkpoint_every_steps": "5"})
     mem = load_dataset(cfg, str(image_folder), decode_cache)
     st = load_dataset(cfg.replace(pipeline="stream"), str(image_folder))
@@ -150,14 +154,15 @@ def test_streamed_training_is_bit_identical_to_memory(image_folder, decode_cache
 def test_full_config_trains_a_few_steps_streamed_from_mixed_size_files(tmp_path):
     """The faithful 299x299 Inception v3 (`full`), fed through the streaming path with
     random-resized crops from a folder of mixed sizes and modes; classes from the folder."""
-    from cnneb_jax.stages import load_backbone, train_backbone
+    from cnneb_jax.workdir import load_backbone
+    from cnneb_jax.backbone_stage import train_backbone
     folder = _mixed_folder(tmp_path / "photos", n_train=4, n_test=1)
     cfg = get_config("full", {"num_classes": "0", "batch_size": "2", "epochs": "1",
                               "val_size": "4", "calib_size": "2", "eval_every_epochs": "0",
                               "eval_batch_size": "4", "max_train_examples": "4"})
     d = load_dataset(cfg, str(folder))
     assert isinstance(d["train_images"], pipeline.FileSplit)   # auto: random crops stream
-    cfg = data_lib.with_classes(cfg, d["class_names"])
+    cfg = splits.with_classes(cfg, d["class_names"])
     assert cfg.num_classes == 3 and cfg.image_size == 299
     res = train_backbone(cfg, d, tmp_path / "w")
     assert res["steps"] == 2 and set(res["test_accuracy"]) == {"O1", "O2"}

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cnneb_jax import release
-from cnneb_jax.release import ReleaseError, load_release, save_release
-from cnneb_jax.stages import load_trained
+from cnneb_jax.release import ReleaseError, load_release
+from cnneb_jax.workdir import load_trained, save_release
 from conftest import SHARED
 
 REPO = Path(__file__).resolve().parents[1]

@@ -56,6 +56,10 @@ def test_sweep_writes_table_figures_and_points(tiny_workdir, tiny_ablation, imag
     n_expert = sum(p["rule"] == "expert" for p in result["points"])
     assert len(acc.Tensors("sweep/expert/accuracy")) == n_expert
     assert "sweep/oracle/flops_saving" in acc.Tags()["tensors"]
+    # bench/early_exit.py reads the same sweep.json into its ratios.
+    r = subprocess.run([sys.executable, "bench/early_exit.py", str(out / "sweep.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "measured/FLOPs-predicted time over" in r.stdout, r.stderr
 
 
 def test_an_ablation_on_another_backbone_is_refused():
@@ -67,7 +71,7 @@ def test_an_ablation_on_another_backbone_is_refused():
 
 
 def _fake_cascade(buckets=(1, 2, 4, 8, 16)):
-    from cnneb_jax.controller import Cascade
+    from cnneb_jax.programs import Cascade
     flops = {"seg:a": 10.0, "seg:b": 100.0, "head:O1": 1.0, "head:O2": 0.0, "expert:E1": 2.0,
              "aux5b:E1": 5.0}
     return Cascade(None, None, {}, buckets, flops)
@@ -87,7 +91,7 @@ def test_executed_flops_count_the_rows_run():
 
 
 def test_stratified_subset_keeps_the_exit_shares():
-    from cnneb_jax.report import stratified
+    from cnneb_jax.timing import stratified
     exits = np.array([0] * 815 + [1] * 185)
     idx = stratified(exits, 50, seed=3)
     assert len(idx) == len(set(idx)) == 50

@@ -7,7 +7,8 @@ import pytest
 
 from cnneb_jax import api, throughput
 from cnneb_jax.configs import get_config
-from cnneb_jax.controller import all_outputs, make_cascade
+from cnneb_jax.controller import all_outputs
+from cnneb_jax.programs import make_cascade
 from cnneb_jax.model import build_model, init_variables
 from cnneb_jax.sweep import branch_scores, route
 

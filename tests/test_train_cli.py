@@ -84,7 +84,7 @@ def test_sigkill_in_either_stage_then_rerun_ends_bit_identical(cli_run, image_fo
     same command resumes from the last checkpoint (<= one interval lost) and the final
     parameters equal those of an uninterrupted run bit for bit."""
     import numpy as np
-    from cnneb_jax.stages import load_trained
+    from cnneb_jax.workdir import load_trained
 
     ref, r = cli_run
     assert r.returncode == 0, r.stderr[-2000:]

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cnneb_jax.cli import common
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
@@ -35,13 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", required=True, help="a workdir with both stages finished")
     p.add_argument("--out", default=None, help="output folder (default: WORKDIR/sweep)")
     p.add_argument("--sweep", action="store_true", help="run the threshold sweep and write reports")
-    p.add_argument("--data-dir", default=None,
-                   help="image folder with train/ and test/ (default: tfds.load of the config's "
-                        "dataset)")
-    p.add_argument("--val-dir", default=None,
-                   help="the --val-dir the workdir was trained with, if any (its last "
-                        "calib_size images are the calibration split)")
-    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/cnneb_jax)")
+    common.add_data_flags(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help="largest batch the controller runs at once, O2 alone included "
                         "(default 128 on a CPU, where every path runs faster per image at "
@@ -87,43 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pathlib import Path
 
-    from cnneb_jax import api
-    from cnneb_jax import data as data_lib
-    from cnneb_jax.pipeline import materialize
-    from cnneb_jax import distributed
+    from cnneb_jax import api, distributed
     from cnneb_jax.checkpoints import CheckpointError, load_config
     from cnneb_jax.report import sweep
-    from cnneb_jax.stages import TrainingError, check_data_lineage
+    from cnneb_jax.workdir import TrainingError
 
     distributed.initialize()  # multi-host when a launcher set it up; else nothing
 
     try:
-        if args.batch_size is None:
-            import jax
-            args.batch_size = 128 if jax.default_backend() == "cpu" else 256
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
-        if not 0.0 <= args.alpha < 1.0:
-            raise ValueError(f"--alpha must be in [0, 1) (0: no guarantee), got {args.alpha}")
-        if args.resamples < 1:
-            raise ValueError("--resamples must be at least 1")
-        if args.ablation and not args.sweep:
-            raise ValueError("--ablation goes with --sweep")
+        check_args(args)
         if args.predict is not None:
-            if args.sweep:
-                raise ValueError("--predict and --sweep are separate runs")
             return predict_folder(args)
-        if args.rule is not None or args.threshold is not None or args.max_drop is not None:
-            raise ValueError("--rule, --threshold and --max-drop go with --predict")
-        cfg = load_config(Path(args.workdir))
-        if args.max_test:
-            cfg = cfg.replace(max_test_examples=args.max_test)
-        cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
-        data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
-        check_data_lineage(args.workdir, data, "calibrating and evaluating")
-        # The cascade routes arrays: a streamed dataset's evaluation splits are decoded here.
-        for split in ("test", "calib"):
-            data[f"{split}_images"] = materialize(data[f"{split}_images"])
+        data = common.workdir_data(args, "calibrating and evaluating", args.max_test)
         # The sweep times the cascade, so it compiles every bucket size first; plain
         # accuracies only compile what they run.
         print(f"[evaluate] loading {args.workdir}"
@@ -137,18 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[evaluate] loading the ablation {d} as rule 'expert:{name}'")
             ablations[name] = api.load(d, max_batch=args.batch_size, warm=True)
         if not args.sweep:
-            from cnneb_jax.controller import all_outputs
-            out = all_outputs(cascade, data["test_images"])
-            for i, o in enumerate(out["exits"]):
-                print(f"O{i + 1} test accuracy: {(o.argmax(-1) == data['test_labels']).mean():.4f}")
-            # The backbone's self-report on its held-out images (as its stage printed it).
-            import numpy as np
-            from cnneb_jax.pipeline import concat
-            from cnneb_jax.stages import heldout_report
-            heldout_report(cascade.model, cascade.variables,
-                           concat(data["val_images"], data["calib_images"]),
-                           np.concatenate([data["val_labels"], data["calib_labels"]]),
-                           data["class_names"], cfg.eval_batch_size)
+            self_report(cascade, data)
             return 0
         out_dir = Path(args.out) if args.out else Path(args.workdir) / "sweep"
         result = sweep(cascade, data, out_dir, repeats=args.repeats,
@@ -163,6 +123,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuses flags that do not go together; picks the default --batch-size."""
+    if args.batch_size is None:
+        import jax
+        args.batch_size = 128 if jax.default_backend() == "cpu" else 256
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if not 0.0 <= args.alpha < 1.0:
+        raise ValueError(f"--alpha must be in [0, 1) (0: no guarantee), got {args.alpha}")
+    if args.resamples < 1:
+        raise ValueError("--resamples must be at least 1")
+    if args.ablation and not args.sweep:
+        raise ValueError("--ablation goes with --sweep")
+    if args.predict is not None and args.sweep:
+        raise ValueError("--predict and --sweep are separate runs")
+    if args.predict is None and (args.rule is not None or args.threshold is not None
+                                 or args.max_drop is not None):
+        raise ValueError("--rule, --threshold and --max-drop go with --predict")
+
+
+def self_report(cascade, data: dict) -> None:
+    """evaluate.py without --sweep: every exit's test accuracy, then the backbone's
+    self-report on its held-out images (as its stage printed it)."""
+    import numpy as np
+
+    from cnneb_jax.backbone_stage import heldout_report
+    from cnneb_jax.controller import all_outputs
+    from cnneb_jax.pipeline import concat
+    out = all_outputs(cascade, data["test_images"])
+    for i, o in enumerate(out["exits"]):
+        print(f"O{i + 1} test accuracy: {(o.argmax(-1) == data['test_labels']).mean():.4f}")
+    heldout_report(cascade.model, cascade.variables,
+                   concat(data["val_images"], data["calib_images"]),
+                   np.concatenate([data["val_labels"], data["calib_labels"]]),
+                   data["class_names"], cascade.model.cfg.eval_batch_size)
+
+
 def predict_folder(args: argparse.Namespace) -> int:
     """evaluate.py --predict: the cascade over every image under args.predict, as a CSV."""
     import time
@@ -170,9 +167,6 @@ def predict_folder(args: argparse.Namespace) -> int:
 
     from cnneb_jax import api, predictions
     from cnneb_jax import data as data_lib
-    from cnneb_jax.checkpoints import load_config
-    from cnneb_jax.pipeline import materialize
-    from cnneb_jax.stages import check_data_lineage
 
     files = data_lib.list_images(args.predict)
     out = Path(args.out or "predictions.csv")
@@ -184,11 +178,8 @@ def predict_folder(args: argparse.Namespace) -> int:
     cascade = api.load(args.workdir, max_batch=args.batch_size, warm=False)
     rule, threshold = args.rule, args.threshold
     if args.max_drop is not None:
-        cfg = load_config(Path(args.workdir))
-        cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
-        data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
-        check_data_lineage(args.workdir, data, "calibrating")
-        point = api.calibrate(cascade, materialize(data["calib_images"]),
+        data = common.workdir_data(args, "calibrating")
+        point = api.calibrate(cascade, data["calib_images"],
                               data["calib_labels"], rule=rule or "expert",
                               max_drop=args.max_drop, alpha=args.alpha or None, save=False)
         rule, threshold = point["rule"], point["threshold"]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cnneb_jax.cli import common
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
@@ -38,11 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "in [0, 1) as in api.calibrate (default 0.01 = one point)")
     p.add_argument("--threshold", type=float, default=None,
                    help="use this threshold instead of calibrating (no data needed)")
-    p.add_argument("--data-dir", default=None, help="image folder or tfds data dir")
-    p.add_argument("--val-dir", default=None,
-                   help="the --val-dir the workdir was trained with, if any (its last "
-                        "calib_size images are the calibration split)")
-    p.add_argument("--cache-dir", default=None, help="decoded-image cache folder")
+    common.add_data_flags(p)
     p.add_argument("--max-batch", type=int, default=256, help="largest bucket size")
     p.add_argument("--platforms", default="cpu,cuda",
                    help="comma-separated platforms every part is lowered for (default "
@@ -60,16 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from cnneb_jax import api
-    from cnneb_jax import data as data_lib
-    from cnneb_jax.pipeline import materialize
-    from cnneb_jax.checkpoints import CheckpointError, load_config
+    from cnneb_jax.checkpoints import CheckpointError
     from cnneb_jax.export import export_cascade
     from cnneb_jax.release import is_release
-    from cnneb_jax.stages import TrainingError, check_data_lineage
+    from cnneb_jax.workdir import TrainingError
 
     try:
         if args.release:
-            from cnneb_jax.release import save_release
+            from cnneb_jax.workdir import save_release
             if not args.data_dir or not (Path(args.data_dir) / "test").is_dir():
                 raise ValueError("--release needs --data-dir with a test/<class>/ folder")
             meta = save_release(args.workdir, args.release, args.train_command,
@@ -95,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             point, threshold = stored, stored["threshold"]
             print(f"[export] {rule}: threshold {threshold:.4f}, stored in {args.workdir}")
         else:
-            cfg = load_config(Path(args.workdir))
-            cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
-            data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
-            check_data_lineage(args.workdir, data, "calibrating")
-            data["calib_images"] = materialize(data["calib_images"])  # when streamed
+            data = common.workdir_data(args, "calibrating")
             point = api.calibrate(cascade, data["calib_images"], data["calib_labels"],
                                   rule, max_drop=args.max_drop)
             threshold = point["threshold"]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cnneb_jax.configs import CONFIGS, get_config
+from cnneb_jax.cli import common
+from cnneb_jax.configs import get_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,24 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["backbone", "expert", "all"], default="all",
                    help="which training stage to run (default: all = backbone, then expert)")
-    p.add_argument("--config", default="cifar", choices=sorted(CONFIGS),
-                   help="named config (default: cifar, 32x32 CIFAR-10 Inception v3 at width 0.25)")
     p.add_argument("--workdir", required=True,
                    help="folder for checkpoints, config.json, metrics.jsonl and results")
-    p.add_argument("--data-dir", default=None,
-                   help="image folder with train/<class>/* and test/<class>/* (read with "
-                        "tfds ImageFolder); if omitted, tfds.load(config.dataset) downloads it")
-    p.add_argument("--val-dir", default=None,
-                   help="folder of <class>/<image> held out for expert labels and calibration "
-                        "(the last calib_size of them), instead of val_size images drawn from "
-                        "train/; all of train/ then trains the backbone. Or hold out whole "
-                        "groups of near-identical images: --set group_pattern=REGEX")
-    p.add_argument("--cache-dir", default=None,
-                   help="where decoded images are cached (default: ~/.cache/cnneb_jax "
-                        "or $CNNEB_CACHE)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field, e.g. --set epochs=2 --set width=0.5 "
-                        "(repeatable; see cnneb_jax/configs.py for the fields)")
+    common.add_config_flags(p)
+    common.add_data_flags(p, training=True)
     p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
                    help="present the CPU as N JAX devices and train data-parallel across "
                         "them (default: leave XLA_FLAGS as it is, i.e. one CPU device). "
@@ -68,13 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            print(f"error: --set expects FIELD=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = value.strip()
+    try:
+        overrides = common.overrides(args.set)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.backbone_from is not None and args.stage != "expert":
         print("error: --backbone-from goes with --stage expert", file=sys.stderr)
         return 2
@@ -82,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --init-from goes with --stage backbone or all", file=sys.stderr)
         return 2
     # Imports after parsing so that --help is instant.
-    from pathlib import Path
-
-    from cnneb_jax import data as data_lib
+    from cnneb_jax import splits
     from cnneb_jax import distributed
     from cnneb_jax.checkpoints import CheckpointError
     from cnneb_jax.pipeline import FileSplit
-    from cnneb_jax.stages import (TrainingError, TrainingInterrupted, train_backbone,
-                                  train_expert)
+    from cnneb_jax.workdir import TrainingError
+    from cnneb_jax.loop import TrainingInterrupted
+    from cnneb_jax.backbone_stage import train_backbone
+    from cnneb_jax.expert_stage import train_expert
 
     if args.cpu_devices is not None:
         try:
@@ -101,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = get_config(args.config, overrides)
-        cache = Path(args.cache_dir) if args.cache_dir else data_lib.DEFAULT_CACHE
-        data = data_lib.load_dataset(cfg, args.data_dir, cache, args.val_dir)
-        cfg = data_lib.with_classes(cfg, data["class_names"])
+        data = common.load_data(cfg, args)
+        cfg = splits.with_classes(cfg, data["class_names"])
         streamed = isinstance(data["train_images"], FileSplit)
         print(f"[data] train {len(data['train_images'])}, held-out val "
               f"{len(data['val_images'])} + calib {len(data['calib_images'])}, "

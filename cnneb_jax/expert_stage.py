@@ -1,0 +1,191 @@
+"""The expert stage: backbone and exits frozen, the proposed experts E_i and the
+"Auxiliary+5b" experts learn FT vs Other (wrong at their exit, right at a later one) on
+held-out images the backbone never trained on. It warns where the experts have little to
+learn from, where the held-out images look leaked, and where O1's max softmax ranks the
+calibration images better than E1 (diagnostics.py); it ends by writing
+`expert/result.json`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cnneb_jax import checkpoints as ckpt
+from cnneb_jax import diagnostics, lineage
+from cnneb_jax.augment import augment, normalize
+from cnneb_jax.configs import Config
+from cnneb_jax.diagnostics import expert_aucs
+from cnneb_jax.evaluation import exit_accuracies, predict_all
+from cnneb_jax.heads import FT, OTHER
+from cnneb_jax.loop import StageSpec, run_stage
+from cnneb_jax.metrics import ft_labels
+from cnneb_jax.model import (EXPERT_GROUPS, Model, Variables, backbone_forward,
+                             expert_forward, init_variables, merge_collections,
+                             split_collections)
+from cnneb_jax.optim import make_expert_optimizer, train_state
+from cnneb_jax.workdir import (TrainingError, begin_stage, check_data_lineage,
+                               link_backbone, load_backbone, subset)
+
+
+def class_weights(is_ft: np.ndarray) -> np.ndarray:
+    """Balanced weights (FT, Other) from the FT rate: both classes weigh half of the loss."""
+    p_ft = float(np.clip(np.mean(is_ft), 1e-3, 1 - 1e-3))
+    return np.array([0.5 / p_ft, 0.5 / (1 - p_ft)], np.float32)
+
+
+def balanced_expert_loss(e_logits: jax.Array, target: jax.Array,
+                         class_w: jax.Array) -> jax.Array:
+    """Class-weighted cross-entropy of expert logits against {FT, Other} targets;
+    `class_w` is (FT, Other) as `class_weights` gives."""
+    w = class_w[target].astype(e_logits.dtype)
+    ce = optax.softmax_cross_entropy_with_integer_labels(e_logits, target)
+    return jnp.sum(w * ce) / jnp.sum(w)
+
+
+def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation,
+                     backbone: Variables):
+    m = model.num_exits
+    b_params, b_stats = split_collections(backbone)
+
+    def loss_fn(params, stats, x, y, class_w):
+        logits, feats, _ = backbone_forward(model, b_params, b_stats, x, train=False)
+        preds = [l.argmax(-1) for l in logits]
+        full_params = {**b_params, **params}
+        full_stats = {**b_stats, **stats}
+        new_stats = {g: {} for g in EXPERT_GROUPS}
+        loss, metrics = 0.0, {}
+        for i in range(m - 1):
+            right_later = jnp.zeros_like(y, dtype=bool)
+            for p in preds[i + 1:]:
+                right_later |= p == y
+            is_ft = (preds[i] != y) & right_later
+            target = jnp.where(is_ft, FT, OTHER)
+            for kind in EXPERT_GROUPS:
+                e_logits, upd = expert_forward(model, full_params, full_stats, kind, i,
+                                               feats[i], logits[i], train=True)
+                new_stats[kind][f"E{i + 1}"] = upd
+                loss = loss + balanced_expert_loss(e_logits, target, class_w[i])
+                metrics[f"acc_{kind}_E{i + 1}"] = jnp.mean(e_logits.argmax(-1) == target)
+            metrics[f"ft_rate_E{i + 1}"] = jnp.mean(is_ft)
+        return loss, (new_stats, metrics)
+
+    @jax.jit
+    def step(state, images, labels, rng, class_w):
+        x = normalize(augment(rng, images, cfg.pad_crop, flip=cfg.flip != "none",
+                              pad_mode=cfg.pad_mode), cfg.input_norm)
+        (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["stats"], x, labels, class_w)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "stats": new_stats, "opt": opt}, {"loss": loss, **metrics}
+
+    return step
+
+
+# Below this many FT examples an expert has next to nothing to learn "go deeper" from.
+MIN_FT_EXAMPLES = 30
+
+
+def _warn_leak(heldout_rate: list[float], test_rate: list[float], n_test: int) -> None:
+    """Warns when the held-out FT rate is far below the test one: the backbone has seen
+    near-copies of the held-out images (a random split of video frames, several shots of
+    one object), so they look easy and the expert learns that everything may leave early."""
+    for i, (h, t) in enumerate(zip(heldout_rate, test_rate)):
+        if t * n_test >= MIN_FT_EXAMPLES and h < 0.5 * t:
+            print(f"warning: the FT rate of E{i + 1} is {h:.2%} on the held-out images but "
+                  f"{t:.2%} on test: the held-out images look leaked (near-duplicates of "
+                  f"training images). Hold out whole groups (--set group_pattern=REGEX) or "
+                  f"give held-out images of your own (--val-dir)", file=sys.stderr)
+
+
+def train_expert(cfg: Config, data: dict, workdir: str | Path, retrain: bool = False,
+                 backbone_from: str | Path | None = None) -> dict:
+    """The expert stage on the workdir's frozen backbone, or, with `backbone_from`, on the
+    backbone of another workdir or release (see `link_backbone`). One trainer per
+    workdir."""
+    if backbone_from is not None:   # first: a refused link leaves nothing behind
+        link_backbone(cfg, workdir, backbone_from)
+    with ckpt.workdir_lock(workdir):
+        return _train_expert(cfg, data, Path(workdir), retrain)
+
+
+def ft_class_weights(model: Model, backbone: Variables, images, labels: np.ndarray,
+                     batch_size: int) -> tuple[np.ndarray, list[int]]:
+    """Each expert's (FT, Other) loss weights, from the un-augmented held-out images (FT is
+    the rare class), and its FT count; warns where an expert has too few to learn from."""
+    out = predict_all(model, backbone, images, batch_size, "FT labels")
+    preds = [o.argmax(-1) for o in out["exits"]]
+    is_ft = [ft_labels(preds, labels, i) for i in range(model.num_exits - 1)]
+    ft_counts = [int(ft.sum()) for ft in is_ft]
+    print(f"[expert] FT examples (wrong at the expert's exit, right at a later one) per "
+          f"expert, of {len(labels)} held-out images: {ft_counts}")
+    for i, c in enumerate(ft_counts):
+        if c < MIN_FT_EXAMPLES:
+            print(f"warning: E{i + 1} has only {c} FT examples to learn from (fewer than "
+                  f"{MIN_FT_EXAMPLES}); its scores will be unreliable. Hold out more images "
+                  f"(--set val_size=..., or --val-dir)", file=sys.stderr)
+    return np.stack([class_weights(ft) for ft in is_ft]), ft_counts
+
+
+def _check_against_rule(model: Model, variables: Variables, data: dict,
+                        batch_size: int) -> list[dict]:
+    """The calibration split is held out of both stages: does E1 rank it better than O1's
+    max softmax, i.e. is the expert worth serving? Warns where it is not."""
+    calib_out = predict_all(model, variables, data["calib_images"], batch_size)
+    versus = diagnostics.expert_vs_max_softmax(calib_out, data["calib_labels"])
+    for row in versus:
+        warning = diagnostics.expert_warning(row)
+        if warning:
+            row["warning"] = warning
+            print(f"warning: {warning}", file=sys.stderr)
+    return versus
+
+
+def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict:
+    stage_dir = workdir / "expert"
+    done = begin_stage(cfg, workdir, "expert", retrain, data.get("class_names"))
+    if done is not None:
+        return done
+    t_start = time.time()
+    model, backbone = load_backbone(workdir, cfg)
+    check_data_lineage(workdir, data, "training the experts")
+    backbone_sha = lineage.variables_digest(backbone)
+    lineage.check_expert_start(stage_dir, backbone_sha, data.get("identity"))
+    if model.num_exits < 2:
+        raise TrainingError("the config has no branch point, so there is no expert to train")
+    class_w, ft_counts = ft_class_weights(model, backbone, data["val_images"],
+                                          data["val_labels"], cfg.eval_batch_size)
+    variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1), init_segments=False)
+    params, stats = split_collections(subset(variables, EXPERT_GROUPS))
+    n = len(data["val_images"])
+    bs = min(cfg.expert_batch_size, n)
+    tx = make_expert_optimizer(cfg, cfg.expert_epochs * (n // bs))
+    spec = StageSpec("expert", data["val_images"], data["val_labels"], bs, cfg.expert_epochs,
+                     ((0, make_expert_step(model, cfg, tx, backbone)),),
+                     step_args=(jnp.asarray(class_w),))
+    state, _ = run_stage(spec, workdir, cfg, train_state(tx, params, stats))
+    full = {**backbone, **merge_collections(state["params"], state["stats"])}
+    outputs = predict_all(model, full, data["test_images"], cfg.eval_batch_size, "test")
+    aucs = expert_aucs(outputs, data["test_labels"])
+    heldout_rate = [c / len(data["val_labels"]) for c in ft_counts]
+    _warn_leak(heldout_rate, [aucs[f"ft_rate_E{i + 1}"] for i in range(len(ft_counts))],
+               len(data["test_labels"]))
+    result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
+              "calib_expert_vs_max_softmax": _check_against_rule(model, full, data,
+                                                                 cfg.eval_batch_size),
+              "test_auc_other_vs_ft": aucs, "heldout_ft_examples": ft_counts,
+              "heldout_ft_rate": heldout_rate, "train_seconds": time.time() - t_start,
+              "steps": spec.epochs * spec.steps_per_epoch, "train_images": n,
+              "backbone_sha256": backbone_sha, "data": data.get("identity")}
+    ckpt.write_json(stage_dir / "result.json", result)
+    ckpt.log_metrics(workdir, {"stage": "expert", "event": "test", **result})
+    print("[expert] test AUC (Other vs FT): " +
+          ", ".join(f"{k} {v:.4f}" for k, v in result["test_auc_other_vs_ft"].items()))
+    return result

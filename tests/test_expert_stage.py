@@ -1,0 +1,137 @@
+"""The expert stage on a handful of real images: end to end, what the step updates, its
+warnings, experts on another workdir's backbone."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from cnneb_jax.backbone_stage import train_backbone
+from cnneb_jax.expert_stage import train_expert
+from cnneb_jax.workdir import TrainingError, load_backbone, load_trained
+
+from conftest import leaves_equal
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run):
+    return tiny_run
+
+
+def test_expert_stage_end_to_end(trained, tiny_cfg):
+    workdir, _, e = trained
+    assert {"experts_E1", "aux5b_E1", "max_softmax_O1"} <= set(e["test_auc_other_vs_ft"])
+    assert len(e["heldout_ft_examples"]) == 1 and e["heldout_ft_examples"][0] >= 0
+    model, full = load_trained(workdir)
+    assert set(full) == {"segments", "heads", "experts", "aux5b"}
+
+
+def test_expert_stage_warns_of_few_or_leaked_ft_examples(capsys):
+    from cnneb_jax.expert_stage import _warn_leak
+    _warn_leak([0.005], [0.023], 10_000)   # the leak seen on a split of video frames
+    assert "held-out images look leaked" in capsys.readouterr().err
+    _warn_leak([0.02], [0.023], 10_000)
+    _warn_leak([0.0], [0.02], 100)         # too few test FT examples to tell
+    assert capsys.readouterr().err == ""
+
+
+def test_expert_step_updates_only_the_experts(trained, tiny_cfg, tiny_data):
+    """One expert step at a real learning rate: every expert kind moves, while O1 and O2
+    (and the backbone's BatchNorm statistics) give bit-identical outputs afterwards."""
+    import optax
+    from cnneb_jax.model import (EXPERT_GROUPS, init_variables, merge_collections,
+                                 split_collections)
+    from cnneb_jax.expert_stage import make_expert_step
+    from cnneb_jax.evaluation import make_predict_fn
+
+    model, backbone = load_backbone(trained[0], tiny_cfg)
+    variables = init_variables(model, jax.random.PRNGKey(1))
+    params, stats = split_collections({g: variables[g] for g in EXPERT_GROUPS})
+    tx = optax.sgd(0.5)
+    step = make_expert_step(model, tiny_cfg, tx, backbone)
+    x, y = tiny_data["val_images"][:8], tiny_data["val_labels"][:8]
+    class_w = jax.numpy.ones((1, 2))
+    new, _ = step({"params": params, "stats": stats, "opt": tx.init(params)}, x, y,
+                  jax.random.PRNGKey(0), class_w)
+    # Only expert parameters and expert BatchNorm statistics come out of the step.
+    assert set(new["params"]) == set(new["stats"]) == set(EXPERT_GROUPS)
+    for g in EXPERT_GROUPS:
+        assert not leaves_equal(params[g], new["params"][g]), f"{g} did not move"
+    predict = make_predict_fn(model)
+    before = predict({**backbone, **{g: variables[g] for g in EXPERT_GROUPS}}, x)
+    after = predict({**backbone, **merge_collections(new["params"], new["stats"])}, x)
+    for a, b in zip(before["exits"], after["exits"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(before["experts"][0]), np.asarray(after["experts"][0]))
+
+
+def test_tiny_expert_learns_ft_vs_other(trained, tiny_cfg, tiny_data):
+    """The tiny expert stage really trains: on its own training data E1 ranks Other above FT
+    better than chance, and its class-balanced loss is below ln 2, what the best constant
+    answer gets. Its training data are augmented views of the held-out images, with FT
+    labels computed per view, so it is scored on 20 such views. (The logged per-step losses
+    are too noisy to compare: a tiny batch holds a handful of FT views, and how many
+    depends on float rounding, so on the JAX version.)"""
+    from cnneb_jax.augment import augment
+    from cnneb_jax.heads import OTHER
+    from cnneb_jax.metrics import ft_labels, roc_auc
+    from cnneb_jax.expert_stage import balanced_expert_loss, class_weights
+    from cnneb_jax.evaluation import make_predict_fn
+
+    workdir = trained[0]
+    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [l["loss"] for l in lines if l.get("stage") == "expert" and "loss" in l]
+    assert len(losses) >= 4 and np.all(np.isfinite(losses))
+    model, full = load_trained(workdir)
+    predict = make_predict_fn(model)
+    x, y = tiny_data["val_images"], tiny_data["val_labels"]
+    other, logits = [], []
+    for k in range(20):
+        out = predict(full, augment(jax.random.PRNGKey(100 + k), x, tiny_cfg.pad_crop))
+        preds = [np.asarray(o).argmax(-1) for o in out["exits"]]
+        other.append(ft_labels(preds, y, 0) == 0)
+        logits.append(np.asarray(out["experts"][0]))
+    other, logits = np.concatenate(other), np.concatenate(logits)
+    assert 10 <= (~other).sum() < len(other) - 10, "too few FT or Other examples to judge"
+    score = np.asarray(jax.nn.softmax(logits, axis=-1)[:, OTHER])
+    assert roc_auc(score, other) > 0.65
+    loss = balanced_expert_loss(logits, np.where(other, OTHER, 1 - OTHER),
+                                class_weights(~other))
+    assert float(loss) < np.log(2)
+
+
+def test_expert_needs_a_backbone(tiny_cfg, tiny_data, tmp_path):
+    with pytest.raises(TrainingError, match="no finished backbone"):
+        train_expert(tiny_cfg, tiny_data, tmp_path)
+
+
+def test_experts_train_on_the_backbone_of_another_workdir(trained, tiny_cfg, tiny_data,
+                                                           tiny_ablation, tmp_path):
+    from cnneb_jax.workdir import backbone_source
+    assert backbone_source(tiny_ablation) == trained[0].resolve()
+    assert not (tiny_ablation / "backbone").exists()  # nothing of its own
+    _, own = load_trained(trained[0])
+    _, linked = load_trained(tiny_ablation)
+    assert leaves_equal({g: own[g] for g in ("segments", "heads")},
+                         {g: linked[g] for g in ("segments", "heads")})
+    # Its experts are the ablation's: E1 takes fewer inputs, so it has fewer weights.
+    size = lambda v: sum(x.size for x in jax.tree_util.tree_leaves(v["experts"]))
+    assert size(linked) < size(own)
+    # The link survives a move of both folders together (it is stored relative).
+    moved = tmp_path / "moved"
+    shutil.copytree(trained[0], moved / trained[0].name)
+    shutil.copytree(tiny_ablation, moved / tiny_ablation.name)
+    _, again = load_trained(moved / tiny_ablation.name)
+    assert backbone_source(moved / tiny_ablation.name) == (moved / trained[0].name).resolve()
+    assert leaves_equal(again, linked)
+    # A linked workdir trains no backbone; a backbone field that differs is refused.
+    with pytest.raises(TrainingError, match="takes its backbone from"):
+        train_backbone(tiny_cfg.replace(expert_inputs="paper"), tiny_data, tiny_ablation)
+    with pytest.raises(TrainingError, match="width"):
+        train_expert(tiny_cfg.replace(width=0.125), tiny_data, tmp_path / "w",
+                     backbone_from=trained[0])
+    assert not (tmp_path / "w").exists()   # a refused link leaves nothing behind
+    with pytest.raises(TrainingError, match="own"):
+        train_expert(tiny_cfg, tiny_data, trained[0], backbone_from=tiny_ablation)
