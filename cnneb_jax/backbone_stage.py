@@ -237,6 +237,10 @@ def _train_backbone(cfg: Config, data: dict, workdir: Path, retrain: bool,
     tx = backbone_optimizer(cfg, n // cfg.batch_size)
     for line in augmentations_in_use(cfg):
         print(f"[backbone] augmentation {line}")
+    imbalanced = diagnostics.imbalance_warning(data["train_labels"], data["class_names"],
+                                               cfg.class_balance)
+    if imbalanced:
+        print(f"warning: {imbalanced}", file=sys.stderr)
     predict = make_predict_fn(model)
     spec = backbone_spec(cfg, model, tx, data, frozen, predict)
     state, last_heldout = run_stage(spec, workdir, cfg,

@@ -50,3 +50,13 @@ def test_an_expert_ranking_worse_than_max_softmax_is_named_with_the_rule_to_serv
     good = np.stack([-conf, conf], -1) * 10            # ranks as max softmax does
     rows = diagnostics.expert_vs_max_softmax({"exits": exits, "experts": [good]}, y)
     assert diagnostics.expert_warning(rows[0]) is None
+
+
+def test_imbalanced_training_classes_are_named_unless_the_loss_is_weighted():
+    from cnneb_jax.diagnostics import imbalance_warning
+    names = ["a", "b", "c"]
+    labels = np.array([0] * 30 + [1] * 12 + [2] * 9)
+    warning = imbalance_warning(labels, names, "none")
+    assert "a has 30 images, c 9 (3.3x)" in warning and "class_balance=loss" in warning
+    assert imbalance_warning(labels, names, "loss") is None
+    assert imbalance_warning(np.array([0] * 20 + [1] * 8 + [2] * 12), names, "none") is None

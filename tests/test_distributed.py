@@ -46,7 +46,8 @@ np.savez(out, devices=jax.device_count(), o1=preds["exits"][0], o2=preds["exits"
 
 def _start(n_devices, image_folder, cache, tmp_path):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                        + f" --xla_force_host_platform_device_count={n_devices}").strip()
     env["JAX_ENABLE_X64"] = "1"
     work, out = tmp_path / f"work{n_devices}", tmp_path / f"out{n_devices}.npz"
     log = open(tmp_path / f"log{n_devices}", "w")
