@@ -138,3 +138,15 @@ def leaves_equal(a, b) -> bool:
     """Whether two pytrees hold the same arrays, bit for bit."""
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules that use the shared tiny run first, the rest after (each module's tests
+    stay together and in order). pytest-xdist hands each worker a contiguous share of this
+    list: the first worker trains the tiny run while the second starts on tests that do
+    not need it, instead of waiting on the run's lock."""
+    needs = {}
+    for item in items:
+        needs[item.module] = needs.get(item.module, False) or "tiny_run" in item.fixturenames
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (not needs[item.module], order[id(item)]))
