@@ -37,6 +37,83 @@ class _Request:
     waiting: int          # samples not answered yet
 
 
+@dataclasses.dataclass
+class _Stream:
+    """The state of one `serve` call: requests not yet answered, a queue per segment of
+    the samples waiting for it, and device work dispatched but not read yet."""
+    c: Cascade
+    rule: str
+    threshold: float
+    max_wait_s: float
+    requests: dict = dataclasses.field(default_factory=dict)
+    queues: list = dataclasses.field(default_factory=list)   # [i]: waiting for segment i
+    pending: list = dataclasses.field(default_factory=list)  # (segment, output, owners)
+    next_out: int = 0
+    variant: str = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.queues = [DeviceQueue() for _ in range(self.c.model.num_exits)]
+        self.variant = RULE_VARIANT[self.rule]
+
+    def admit(self, r: int, x: np.ndarray) -> list:
+        """Request r's images: its answers' room, and each chunk's first program
+        dispatched (the device starts before the host reads the previous round)."""
+        c, top = self.c, self.c.max_batch
+        self.requests[r] = _Request(np.zeros((len(x), c.model.cfg.num_classes), np.float32),
+                                    np.full(len(x), c.model.num_exits - 1, np.int32), len(x))
+        chunks = [x[s:s + top] for s in range(0, len(x), top)]
+        return [(branch(c, 0, self.variant, pad_rows(chunk, bucket_for(c, len(chunk)))),
+                 [(r, j) for j in range(k * top, k * top + len(chunk))])
+                for k, chunk in enumerate(chunks)]
+
+    def finish(self, owners: list, logits: np.ndarray, exit_index: int) -> None:
+        for (r, row), o in zip(owners, logits):
+            req = self.requests[r]
+            req.logits[row], req.exits[row] = o, exit_index
+            req.waiting -= 1
+
+    def route(self, i: int, out, owners: list) -> None:
+        """Branch program i's output for `owners`: leavers answered, the rest queued, and a
+        full bucket dispatched as soon as one has gathered."""
+        c, n = self.c, len(owners)
+        if i == c.model.num_exits - 1:
+            self.finish(owners, np.asarray(out)[:n], i)
+            return
+        h, small = out
+        o, leave, keep = routing.decide(small, n, c.model.cfg.num_classes, self.rule,
+                                        self.threshold, OTHER)
+        self.finish([w for w, x in zip(owners, leave) if x], o[leave], i)
+        if len(keep) == 0:
+            return
+        q = self.queues[i + 1]
+        q.push(c, h, keep, [owners[j] for j in keep])
+        if q.count >= c.max_batch:
+            x, taken = q.pop(c, c.max_batch)
+            self.pending.append((i + 1, branch(c, i + 1, self.variant, x), taken))
+
+    def settle(self) -> None:
+        """Reads and routes everything dispatched so far."""
+        while self.pending:
+            self.route(*self.pending.pop(0))
+
+    def launch(self, flush: bool) -> None:
+        """Dispatches what waits, with `flush` or once past the wait bound."""
+        for i in range(1, self.c.model.num_exits):
+            q = self.queues[i]
+            late = q.since is not None and time.perf_counter() - q.since >= self.max_wait_s
+            if q.count and (flush or late):
+                x, owners = q.pop(self.c)
+                self.pending.append((i, branch(self.c, i, self.variant, x), owners))
+
+    def done(self) -> Iterator[dict]:
+        """The answers of the requests finished, in request order."""
+        while self.next_out in self.requests and self.requests[self.next_out].waiting == 0:
+            req = self.requests.pop(self.next_out)
+            self.next_out += 1
+            yield api.answer(self.c, {"logits": req.logits, "exit": req.exits,
+                                      "flops": path_flops(self.c, self.rule)[req.exits]})
+
+
 def serve(c: Cascade, batches: Iterable, rule: str | None = None,
           threshold: float | None = None, max_wait_s: float = 0.05) -> Iterator[dict]:
     """Routes a stream of batches with continuous batching of the deep segments. Yields,
@@ -44,79 +121,22 @@ def serve(c: Cascade, batches: Iterable, rule: str | None = None,
     waits for a full bucket at most about `max_wait_s` (checked as each batch arrives; the
     stream's end runs whatever waits). Device work is dispatched a round ahead: a batch's
     first segment is queued on the device before the host reads the deep results of the
-    previous round, so the device is not idle while the host routes. (Long, on purpose:
-    the closures share the stream's requests, queues and pending work.)"""
+    previous round, so the device is not idle while the host routes."""
     rule, threshold = api.resolve_point(c, rule, threshold)
     if rule == "oracle":
         raise ValueError("the oracle needs labels: it is a bound, not a router")
     if not (isinstance(max_wait_s, (int, float)) and not isinstance(max_wait_s, bool)
             and max_wait_s >= 0):
         raise ValueError(f"max_wait_s must be a number of seconds >= 0; got {max_wait_s!r}")
-    m, k, top = c.model.num_exits, c.model.cfg.num_classes, c.max_batch
-    variant = RULE_VARIANT[rule]
-    queues = [DeviceQueue() for _ in range(m)]   # queues[i]: waiting for segment i (i >= 1)
-    requests: dict[int, _Request] = {}
-    pending: list = []                        # (segment, device output, owners), not read yet
-
-    def finish(owners: list, logits: np.ndarray, exit_index: int) -> None:
-        for (r, row), o in zip(owners, logits):
-            req = requests[r]
-            req.logits[row], req.exits[row] = o, exit_index
-            req.waiting -= 1
-
-    def route(i: int, out, owners: list) -> None:
-        """Branch program i's output for `owners`: leavers answered, the rest queued."""
-        n = len(owners)
-        if i == m - 1:
-            finish(owners, np.asarray(out)[:n], i)
-            return
-        h, small = out
-        o, leave, keep = routing.decide(small, n, k, rule, threshold, OTHER)
-        finish([w for w, x in zip(owners, leave) if x], o[leave], i)
-        if len(keep) == 0:
-            return
-        q = queues[i + 1]
-        q.push(c, h, keep, [owners[j] for j in keep])
-        if q.count >= top:
-            x, taken = q.pop(c, top)
-            pending.append((i + 1, branch(c, i + 1, variant, x), taken))
-
-    def settle() -> None:
-        while pending:
-            route(*pending.pop(0))
-
-    def launch(flush: bool) -> None:
-        """Dispatches what waits, with `flush` or once past the wait bound (full buckets
-        are dispatched as they fill, in `route`)."""
-        for i in range(1, m):
-            q = queues[i]
-            late = q.since is not None and time.perf_counter() - q.since >= max_wait_s
-            if q.count and (flush or late):
-                x, owners = q.pop(c)
-                pending.append((i, branch(c, i, variant, x), owners))
-
-    def done() -> Iterator[dict]:
-        nonlocal next_out
-        while next_out in requests and requests[next_out].waiting == 0:
-            req = requests.pop(next_out)
-            next_out += 1
-            yield api.answer(c, {"logits": req.logits, "exit": req.exits,
-                                 "flops": path_flops(c, rule)[req.exits]})
-
-    next_out = 0
+    stream = _Stream(c, rule, threshold, max_wait_s)
     for r, images in enumerate(batches):
-        x = api.check_images(images, c.model.cfg.image_size)
-        requests[r] = _Request(np.zeros((len(x), k), np.float32),
-                               np.full(len(x), m - 1, np.int32), len(x))
-        firsts = [(branch(c, 0, variant, pad_rows(x[s:s + top], bucket_for(c, len(x[s:s + top])))),
-                   [(r, j) for j in range(s, min(s + top, len(x)))])
-                  for s in range(0, len(x), top)]
-        settle()
+        firsts = stream.admit(r, api.check_images(images, c.model.cfg.image_size))
+        stream.settle()
         for out, owners in firsts:
-            route(0, out, owners)
-        launch(flush=False)
-        yield from done()
-    while pending or any(q.count for q in queues):
-        settle()
-        launch(flush=True)
-    yield from done()
+            stream.route(0, out, owners)
+        stream.launch(flush=False)
+        yield from stream.done()
+    while stream.pending or any(q.count for q in stream.queues):
+        stream.settle()
+        stream.launch(flush=True)
+    yield from stream.done()
