@@ -83,7 +83,7 @@ def jax_call(task: str, precision: str, batch: int, config: str):
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 255, (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
     if task == "forward":
-        # as a loaded cascade holds them (controller.make_cascade)
+        # as a loaded cascade holds them (programs.make_cascade)
         v = jax.device_put(inference_variables(cfg, {g: variables[g]
                                                      for g in ("segments", "heads")}))
         first = jax.jit(branch_fn(model, 0, "seg"))

@@ -61,7 +61,7 @@ def test_serving_runs_without_the_model_code(exported, tiny_data, tmp_path):
     code = (f"import sys, numpy as np; from cnneb_jax import serving; "
             f"c = serving.load({str(out)!r}); "
             f"r = serving.predict(c, np.load({str(tmp_path / 'x.npy')!r})); "
-            f"bad = [m for m in ('flax', 'optax', 'cnneb_jax.model', 'cnneb_jax.stages', "
+            f"bad = [m for m in ('flax', 'optax', 'cnneb_jax.model', 'cnneb_jax.loop', "
             f"'cnneb_jax.segments') if m in sys.modules]; "
             f"assert not bad, bad; print(r['labels'].shape, r['exit'].shape)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
