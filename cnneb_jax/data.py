@@ -25,7 +25,8 @@ from cnneb_jax.configs import Config
 from cnneb_jax.pipeline import DataError, FileSplit
 from cnneb_jax.splits import split_dataset
 
-DEFAULT_CACHE = cache_root()   # where the programs' --cache-dir defaults to
+# load_dataset's default from Python, read at import (the programs pass cache_root() itself)
+DEFAULT_CACHE = cache_root()
 
 
 def _decode_split(ds) -> tuple[np.ndarray, np.ndarray]:
