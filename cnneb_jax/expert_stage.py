@@ -22,7 +22,7 @@ from cnneb_jax import diagnostics, lineage
 from cnneb_jax.augment import augment, normalize
 from cnneb_jax.configs import Config
 from cnneb_jax.diagnostics import expert_aucs
-from cnneb_jax.evaluation import exit_accuracies, predict_all
+from cnneb_jax.evaluation import exit_accuracies, make_predict_fn, predict_all
 from cnneb_jax.heads import FT, OTHER
 from cnneb_jax.loop import StageSpec, run_stage
 from cnneb_jax.metrics import ft_labels
@@ -135,10 +135,11 @@ def ft_class_weights(model: Model, backbone: Variables, images, labels: np.ndarr
 
 
 def _check_against_rule(model: Model, variables: Variables, data: dict,
-                        batch_size: int) -> list[dict]:
+                        batch_size: int, predict=None) -> list[dict]:
     """The calibration split is held out of both stages: does E1 rank it better than O1's
     max softmax, i.e. is the expert worth serving? Warns where it is not."""
-    calib_out = predict_all(model, variables, data["calib_images"], batch_size)
+    calib_out = predict_all(model, variables, data["calib_images"], batch_size,
+                            predict=predict)
     versus = diagnostics.expert_vs_max_softmax(calib_out, data["calib_labels"])
     for row in versus:
         warning = diagnostics.expert_warning(row)
@@ -172,14 +173,16 @@ def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict
                      step_args=(jnp.asarray(class_w),))
     state, _ = run_stage(spec, workdir, cfg, train_state(tx, params, stats))
     full = {**backbone, **merge_collections(state["params"], state["stats"])}
-    outputs = predict_all(model, full, data["test_images"], cfg.eval_batch_size, "test")
+    predict = make_predict_fn(model)   # traced once for the test and calibration splits
+    outputs = predict_all(model, full, data["test_images"], cfg.eval_batch_size, "test",
+                          predict=predict)
     aucs = expert_aucs(outputs, data["test_labels"])
     heldout_rate = [c / len(data["val_labels"]) for c in ft_counts]
     _warn_leak(heldout_rate, [aucs[f"ft_rate_E{i + 1}"] for i in range(len(ft_counts))],
                len(data["test_labels"]))
     result = {"test_accuracy": exit_accuracies(outputs, data["test_labels"]),
               "calib_expert_vs_max_softmax": _check_against_rule(model, full, data,
-                                                                 cfg.eval_batch_size),
+                                                                 cfg.eval_batch_size, predict),
               "test_auc_other_vs_ft": aucs, "heldout_ft_examples": ft_counts,
               "heldout_ft_rate": heldout_rate, "train_seconds": time.time() - t_start,
               "steps": spec.epochs * spec.steps_per_epoch, "train_images": n,

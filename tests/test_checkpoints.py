@@ -141,15 +141,41 @@ def test_workdir_refuses_data_with_other_classes(tmp_path):
         record_classes(tmp_path, ["cat", "emu"])
 
 
-def test_tensorboard_is_skipped_with_one_warning_without_tensorflow(tmp_path, monkeypatch,
-                                                                     capsys):
+def test_tensorboard_is_skipped_with_one_warning_without_tensorboard(tmp_path, monkeypatch,
+                                                                      capsys):
     import sys
-    monkeypatch.setitem(sys.modules, "tensorflow", None)   # `import tensorflow` raises
+    for name in ["tensorboard", *[m for m in sys.modules if m.startswith("tensorboard.")]]:
+        monkeypatch.setitem(sys.modules, name, None)   # `import tensorboard...` raises
     monkeypatch.setattr(ckpt, "_WARNED", set())
     for step in range(2):
         ckpt.write_scalars(tmp_path / "tb", "sweep", step, {"accuracy": 0.9})
     assert not (tmp_path / "tb").exists()
     assert capsys.readouterr().err.count("event files skipped") == 1
+
+
+def test_scalars_are_written_without_tensorflow_and_read_back_by_tensorboard(tmp_path):
+    """In a fresh process, writing the events imports no TensorFlow; TensorBoard then reads
+    each value at its step, as tensors under the scalars plugin (as tf.summary writes)."""
+    import subprocess
+    import sys
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+    script = ("import sys\nfrom pathlib import Path\nfrom cnneb_jax import checkpoints as c\n"
+              "for step in (3, 4):\n"
+              "    c.write_scalars(Path(sys.argv[1]), 'stage', step, {'loss': step / 8, 'acc': 0.5})\n"
+              "print('tensorflow' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "tb")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert set(acc.Tags()["tensors"]) == {"stage/loss", "stage/acc"}
+    events = acc.Tensors("stage/loss")
+    assert [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events] == [
+        (3, 0.375), (4, 0.5)]
+    assert acc.SummaryMetadata("stage/loss").plugin_data.plugin_name == "scalars"
+    assert len(list((tmp_path / "tb").iterdir())) == 1   # one event file per process
 
 
 def test_a_damaged_config_json_names_the_file(tmp_path):

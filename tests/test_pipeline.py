@@ -134,21 +134,20 @@ def test_auto_rule_streams_large_or_cropped_data(monkeypatch):
     assert data_lib.use_streaming(cfg.replace(pipeline="stream"), 10)
 
 
-def test_streamed_training_is_bit_identical_to_memory(image_folder, decode_cache, tmp_path):
+def test_streamed_training_is_bit_identical_to_memory(tiny_run, tiny_cfg, image_folder,
+                                                      tmp_path):
+    """The tiny config streamed from the files (no decode cache) ends with the same bits as
+    the session's tiny run, which trained on the decoded images in memory."""
     from cnneb_jax.workdir import load_backbone
     from cnneb_jax.backbone_stage import train_backbone
-    cfg = get_config("tiny", {"epochs": "2", "checkpoint_every_steps": "5"})
-    mem = load_dataset(cfg, str(image_folder), decode_cache)
-    st = load_dataset(cfg.replace(pipeline="stream"), str(image_folder))
+    cfg = tiny_cfg.replace(pipeline="stream")
+    st = load_dataset(cfg, str(image_folder))
     assert isinstance(st["train_images"], pipeline.FileSplit)
-    train_backbone(cfg, mem, tmp_path / "mem")
-    train_backbone(cfg.replace(pipeline="stream"), st, tmp_path / "stream")
-    a = load_backbone(tmp_path / "mem", cfg)[1]
+    streamed = train_backbone(cfg, st, tmp_path / "stream")
+    a = load_backbone(tiny_run[0], tiny_cfg)[1]
     b = load_backbone(tmp_path / "stream", cfg)[1]
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
-    res = [json.loads((tmp_path / w / "backbone" / "result.json").read_text())
-           for w in ("mem", "stream")]
-    assert res[0]["test_accuracy"] == res[1]["test_accuracy"]
+    assert streamed["test_accuracy"] == tiny_run[1]["test_accuracy"]
 
 
 def test_full_config_trains_a_few_steps_streamed_from_mixed_size_files(tmp_path):

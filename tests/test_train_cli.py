@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import jax
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,25 +24,11 @@ def test_help_explains_the_flags():
 
 
 def _common(image_folder, cache):
-    # The tiny config's own schedule, so that the session's compilations are reused, with
-    # checkpoints every 4 steps so that the SIGKILL test can stop a run between two saves.
+    # The tiny config as the session's tiny run trains it (so its compilations are reused and
+    # its parameters are the reference), with checkpoints every 4 steps instead of 8 so that
+    # the SIGKILL test can stop a run between two saves; the interval changes no parameter.
     return ["--stage", "all", "--config", "tiny", "--data-dir", str(image_folder),
             "--cache-dir", str(cache), "--set", "checkpoint_every_steps=4"]
-
-
-@pytest.fixture(scope="module")
-def cli_run(image_folder, decode_cache, tmp_path_factory):
-    """One uninterrupted CLI run of both stages: checked on its own, and the reference the
-    SIGKILLed runs must reproduce."""
-    work = tmp_path_factory.mktemp("cli") / "ref"
-    return work, _run(*_common(image_folder, decode_cache), "--workdir", str(work))
-
-
-def test_cli_runs_both_stages(cli_run):
-    work, r = cli_run
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "[backbone] test accuracy" in r.stdout and "[expert] test AUC" in r.stdout
-    assert (work / "backbone" / "result.json").exists() and (work / "expert" / "result.json").exists()
 
 
 def test_user_mistakes_give_a_message_not_a_traceback(tmp_path):
@@ -78,16 +63,17 @@ def _kill_when(cmd, ckpt_dir, at_least, log):
     return seen
 
 
-def test_sigkill_in_either_stage_then_rerun_ends_bit_identical(cli_run, image_folder,
-                                                               decode_cache, tmp_path):
-    """A real subprocess killed with SIGKILL mid-backbone, then mid-expert; each rerun of the
-    same command resumes from the last checkpoint (<= one interval lost) and the final
-    parameters equal those of an uninterrupted run bit for bit."""
+def test_cli_killed_in_either_stage_then_rerun_ends_as_the_library_run(
+        tiny_run, image_folder, decode_cache, tmp_path):
+    """`train.py --stage all` in a real subprocess, killed with SIGKILL mid-backbone, then
+    mid-expert: each rerun of the same command resumes from the last checkpoint (<= one
+    interval lost), both stages report and write their results, and the final parameters
+    equal, bit for bit, those of the session's uninterrupted in-process run (`tiny_run`):
+    the CLI trains what the library trains, across processes and resumes."""
     import numpy as np
     from cnneb_jax.workdir import load_trained
 
-    ref, r = cli_run
-    assert r.returncode == 0, r.stderr[-2000:]
+    ref = tiny_run[0]
     common = _common(image_folder, decode_cache)
     work = tmp_path / "killed"
     cmd = [sys.executable, "train.py", *common, "--workdir", str(work)]
@@ -97,8 +83,11 @@ def test_sigkill_in_either_stage_then_rerun_ends_bit_identical(cli_run, image_fo
     log2 = (tmp_path / "log2").read_text()
     resumed = int(re.search(r"\[backbone\] resuming from step (\d+)", log2).group(1))
     assert resumed >= 8 and resumed % 4 == 0
+    assert "[backbone] test accuracy" in log2
     final = _run(*common, "--workdir", str(work))
     assert final.returncode == 0, final.stderr[-2000:]
+    assert "[expert] test AUC" in final.stdout
+    assert (work / "backbone" / "result.json").exists() and (work / "expert" / "result.json").exists()
     resumed = int(re.search(r"\[expert\] resuming from step (\d+)", final.stdout).group(1))
     assert resumed >= seen  # at most one checkpoint interval lost
     _, a = load_trained(ref)
