@@ -49,12 +49,15 @@ def balanced_expert_loss(e_logits: jax.Array, target: jax.Array,
     return jnp.sum(w * ce) / jnp.sum(w)
 
 
-def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation,
-                     backbone: Variables):
+def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation):
+    """The jitted expert train step: (state, images, labels, rng, class_w, backbone). The
+    frozen backbone is an argument, not a constant of the program: the program stays
+    small, and compiles once for every backbone of a config (the persistent cache then
+    serves other workdirs, seeds and resumed runs)."""
     m = model.num_exits
-    b_params, b_stats = split_collections(backbone)
 
-    def loss_fn(params, stats, x, y, class_w):
+    def loss_fn(params, stats, x, y, class_w, backbone):
+        b_params, b_stats = split_collections(backbone)
         logits, feats, _ = backbone_forward(model, b_params, b_stats, x, train=False)
         preds = [l.argmax(-1) for l in logits]
         full_params = {**b_params, **params}
@@ -77,11 +80,11 @@ def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation
         return loss, (new_stats, metrics)
 
     @jax.jit
-    def step(state, images, labels, rng, class_w):
+    def step(state, images, labels, rng, class_w, backbone):
         x = normalize(augment(rng, images, cfg.pad_crop, flip=cfg.flip != "none",
                               pad_mode=cfg.pad_mode), cfg.input_norm)
         (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["stats"], x, labels, class_w)
+            state["params"], state["stats"], x, labels, class_w, backbone)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "stats": new_stats, "opt": opt}, {"loss": loss, **metrics}
@@ -169,8 +172,8 @@ def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict
     bs = min(cfg.expert_batch_size, n)
     tx = make_expert_optimizer(cfg, cfg.expert_epochs * (n // bs))
     spec = StageSpec("expert", data["val_images"], data["val_labels"], bs, cfg.expert_epochs,
-                     ((0, make_expert_step(model, cfg, tx, backbone)),),
-                     step_args=(jnp.asarray(class_w),))
+                     ((0, make_expert_step(model, cfg, tx)),),
+                     step_args=(jnp.asarray(class_w), backbone))
     state, _ = run_stage(spec, workdir, cfg, train_state(tx, params, stats))
     full = {**backbone, **merge_collections(state["params"], state["stats"])}
     predict = make_predict_fn(model)   # traced once for the test and calibration splits

@@ -100,7 +100,7 @@ def init_variables(model: Model, rng: jax.Array, init_segments: bool = True) -> 
     if cfg.compute_dtype == "float64":
         if not jax.config.jax_enable_x64:
             raise ValueError("compute_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
-        out = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), out)
+        out = jax.jit(lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), t))(out)
     return out
 
 

@@ -131,7 +131,9 @@ def train_state(tx: optax.GradientTransformation, params: Variables, stats: Vari
                 ema: bool = False) -> dict:
     """A stage's training state: parameters, BatchNorm statistics, optimizer state and,
     with `ema`, the weight average (`ema_decay` > 0)."""
-    state = {"params": params, "stats": stats, "opt": tx.init(params)}
+    # One program for the whole optimizer state: eagerly, each leaf's zeros would be an
+    # op of its own, compiled per shape on a cold start.
+    state = {"params": params, "stats": stats, "opt": jax.jit(tx.init)(params)}
     if ema:
         state["ema"] = init_ema(params, stats)
     return state

@@ -50,11 +50,11 @@ def test_expert_step_updates_only_the_experts(trained, tiny_cfg, tiny_data):
     variables = init_variables(model, jax.random.PRNGKey(1))
     params, stats = split_collections({g: variables[g] for g in EXPERT_GROUPS})
     tx = optax.sgd(0.5)
-    step = make_expert_step(model, tiny_cfg, tx, backbone)
+    step = make_expert_step(model, tiny_cfg, tx)
     x, y = tiny_data["val_images"][:8], tiny_data["val_labels"][:8]
     class_w = jax.numpy.ones((1, 2))
     new, _ = step({"params": params, "stats": stats, "opt": tx.init(params)}, x, y,
-                  jax.random.PRNGKey(0), class_w)
+                  jax.random.PRNGKey(0), class_w, backbone)
     # Only expert parameters and expert BatchNorm statistics come out of the step.
     assert set(new["params"]) == set(new["stats"]) == set(EXPERT_GROUPS)
     for g in EXPERT_GROUPS:
