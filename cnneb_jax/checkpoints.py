@@ -333,8 +333,9 @@ def write_scalars(logdir: Path, tag: str, step: int, values: dict[str, float]) -
     """TensorBoard scalars `tag/<name>` at `step`, flushed at once (a crash loses nothing).
     Written as `tf.summary.scalar` writes them (a float tensor under the scalars plugin),
     through TensorBoard's protos and record format alone: writing them never imports
-    TensorFlow (about 5 s per process here), so training from images in memory loads none. Skipped, with one warning, where TensorBoard
-    is not installed: metrics.jsonl and sweep.json hold the same numbers."""
+    TensorFlow (about 5 s per process here), so training from images in memory loads
+    none. Skipped, with one warning, where TensorBoard is not installed: metrics.jsonl
+    and sweep.json hold the same numbers."""
     if not values:
         return
     try:
