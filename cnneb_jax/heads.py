@@ -78,8 +78,10 @@ def _decision(h, hidden: int):
 class ExpertHead(nn.Module):
     """E1, the proposed expert: O1-like layers, concat with O1's output, dense, {FT, Other}.
 
-    `expert_inputs="paper"` (the default) concatenates O1's softmax output, as the paper
-    does. `"paper+confidence"` (the ablation, config `cifar_confidence`) adds O1's logits and
+    `expert_inputs="paper"` (the default) concatenates O1's softmax output. The paper's
+    Eq. (5) concatenates x̂_O1, the vector its Eq. (3) feeds to the softmax, so this
+    differs from it there, and in the hidden layer of `expert_hidden` units before the
+    decision (0 leaves it out). `"paper+confidence"` (the ablation, config `cifar_confidence`) adds O1's logits and
     three summaries of its softmax (max probability, top-2 margin, normalised entropy),
     which hands E1 the max-softmax score it is compared with. The backbone and O1 are
     frozen while E1 trains.
