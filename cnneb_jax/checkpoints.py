@@ -350,9 +350,9 @@ def write_scalars(logdir: Path, tag: str, step: int, values: dict[str, float]) -
     key = str(Path(logdir).absolute())
     if key not in _WRITERS:
         Path(key).mkdir(parents=True, exist_ok=True)
-        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                f"{os.getpid()}.{len(_WRITERS)}")
-        _WRITERS[key] = RecordWriter(open(Path(key) / name, "wb"))
+        filename = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                    f"{os.getpid()}.{len(_WRITERS)}")
+        _WRITERS[key] = RecordWriter(open(Path(key) / filename, "wb"))
         _WRITERS[key].write(event_pb2.Event(wall_time=time.time(),
                                             file_version="brain.Event:2").SerializeToString())
     scalars = summary_pb2.SummaryMetadata(

@@ -81,9 +81,10 @@ class ExpertHead(nn.Module):
     `expert_inputs="paper"` (the default) concatenates O1's softmax output. The paper's
     Eq. (5) concatenates x̂_O1, the vector its Eq. (3) feeds to the softmax, so this
     differs from it there, and in the hidden layer of `expert_hidden` units before the
-    decision (0 leaves it out). `"paper+confidence"` (the ablation, config `cifar_confidence`) adds O1's logits and
-    three summaries of its softmax (max probability, top-2 margin, normalised entropy),
-    which hands E1 the max-softmax score it is compared with. The backbone and O1 are
+    decision (0 leaves it out). `"paper+confidence"` (the ablation, config
+    `cifar_confidence`) adds O1's logits and three summaries of its softmax (max
+    probability, top-2 margin, normalised entropy), which hands E1 the max-softmax score
+    it is compared with. The backbone and O1 are
     frozen while E1 trains.
     """
     cfg: Config
