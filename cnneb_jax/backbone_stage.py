@@ -179,17 +179,20 @@ def train_backbone(cfg: Config, data: dict, workdir: str | Path, retrain: bool =
 def _start(cfg: Config, model: Model, data: dict, stage_dir: Path,
            init_from: str | Path | None) -> tuple[Variables, Variables, tuple, dict]:
     """(params, stats, frozen parts, import record) the stage starts from: random (with
-    the config's identity init or whitened stem) or imported (see `imported_start`)."""
+    the config's identity init or whitened stem) or imported (see `imported_start`). A
+    stage that resumes gets zeros of the same shapes instead of random values, which its
+    checkpoint then replaces (random init of the `full` trunk takes about 30 s here)."""
     importing = init_from is not None or (stage_dir / INIT_RECORD).exists()
+    fresh = not ckpt.has_steps(stage_dir)
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed),
-                               init_segments=not importing)
+                               init_segments=fresh and not importing)
     params, stats = split_collections(subset(variables, BACKBONE_GROUPS))
-    if cfg.identity_init and not importing:
+    if cfg.identity_init and fresh and not importing:
         params = identity_kernels(params)
     variables, frozen, init_record = imported_start(
         cfg, model, merge_collections(params, stats), stage_dir, init_from)
     params, stats = split_collections(variables)
-    if cfg.whiten_stem and not init_record:
+    if cfg.whiten_stem and fresh and not init_record:
         params = whiten_stem(cfg, params, pipeline.materialize(data["train_images"][:5000]))
     return params, stats, frozen, init_record
 

@@ -63,6 +63,18 @@ def manager(stage_dir: Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(stage_dir).absolute() / "ckpt", options=opts)
 
 
+def has_steps(stage_dir: Path) -> bool:
+    """Whether the stage has checkpoints to resume from. `restore_latest` then restores one
+    or raises: a stage that has steps never silently starts afresh."""
+    if not (Path(stage_dir) / "ckpt").is_dir():
+        return False
+    mngr = manager(stage_dir)
+    try:
+        return bool(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
 def _disk_full(e: BaseException) -> bool:
     # Orbax and TensorStore wrap the OS error: look through the chain and the message.
     while e is not None:

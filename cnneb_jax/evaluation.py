@@ -4,6 +4,7 @@ training and reports; the early-exit controller (controller.py) runs segments in
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -13,7 +14,8 @@ from tqdm.auto import tqdm
 from cnneb_jax import distributed as dist
 from cnneb_jax import pipeline
 from cnneb_jax.augment import normalize
-from cnneb_jax.model import (Model, Variables, backbone_forward, expert_forward,
+from cnneb_jax.configs import Config
+from cnneb_jax.model import (Model, Variables, backbone_forward, build_model, expert_forward,
                              split_collections)
 
 
@@ -21,8 +23,16 @@ def make_predict_fn(model: Model):
     """Eval-mode outputs of every exit and expert for a batch (one jit, for evaluation).
 
     The early-exit controller uses the per-segment functions instead; this one computes
-    everything and is only for measuring heads and experts.
+    everything and is only for measuring heads and experts. One function per config in a
+    process: a stage, the next stage and a load of the same config share its traces (a
+    trace of the tiny model costs about as much as running it on a split).
     """
+    return _predict_for(model.cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _predict_for(cfg: Config):
+    model = build_model(cfg)   # a Model is a pure function of its config
     m = model.num_exits
 
     @jax.jit

@@ -117,6 +117,40 @@ def tiny_workdir(tiny_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_variants_run(tiny_cfg, tiny_data, tmp_path_factory):
+    """(workdir, backbone result, expert result, train sizes): the tiny config with three
+    exits, an EMA and progressive resizing (the first epoch at 24x24), both stages trained
+    once for the session and shared like `tiny_run`; each feature's test reads it, instead
+    of each training a backbone of its own. `train sizes` are the image sizes the train
+    steps were traced at, in order."""
+    import json
+    from cnneb_jax import backbone_stage
+    from cnneb_jax.expert_stage import train_expert
+    cfg = tiny_cfg.replace(branch_points=("Mixed_5b", "Mixed_6e"), epochs=2, expert_epochs=4,
+                           eval_every_epochs=0, ema_decay=0.9, lowres_size=24,
+                           lowres_epochs=1.0)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    workdir, sizes_file = shared / "tiny-variants", shared / "tiny-variants-sizes.json"
+    with _exclusive(shared / "tiny-variants.lock"):
+        if not sizes_file.exists():
+            sizes, forward = [], backbone_stage.backbone_forward
+
+            def spy(model, params, stats, x, train, rng=None, frozen=()):
+                if train:
+                    sizes.append(x.shape[1])   # once per trace of a train step
+                return forward(model, params, stats, x, train, rng, frozen)
+
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(backbone_stage, "backbone_forward", spy)
+                backbone_stage.train_backbone(cfg, tiny_data, workdir)
+            sizes_file.write_text(json.dumps(sizes))
+        b = backbone_stage.train_backbone(cfg, tiny_data, workdir)  # the result, once trained
+        e = train_expert(cfg, tiny_data, workdir)
+    return workdir, b, e, json.loads(sizes_file.read_text())
+
+
+@pytest.fixture(scope="session")
 def tiny_ablation(tiny_run, tiny_cfg, tiny_data) -> Path:
     """A workdir whose experts take only O1's softmax (`expert_inputs="paper"`, where the
     tiny config adds the confidence features), trained on the tiny run's own backbone

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from cnneb_jax.backbone_stage import train_backbone
-from cnneb_jax.expert_stage import train_expert
 from cnneb_jax.workdir import TrainingError, load_backbone, load_trained
 
 from conftest import leaves_equal
@@ -118,12 +117,9 @@ def test_the_seed_sets_the_start_the_batch_order_and_every_step_key(tiny_cfg, ti
     assert len({tuple(k) for k in keys0}) == len(keys0)   # a new key at every step
 
 
-def test_two_exit_config_trains_both_stages(tiny_cfg, tiny_data, tmp_path):
+def test_three_exits_train_both_stages(tiny_variants_run):
     # Few epochs: this checks that three exits train end to end, not what they learn.
-    cfg = tiny_cfg.replace(branch_points=("Mixed_5b", "Mixed_6e"), epochs=2, expert_epochs=4,
-                           eval_every_epochs=0)
-    b = train_backbone(cfg, tiny_data, tmp_path)
-    e = train_expert(cfg, tiny_data, tmp_path)
+    _, b, e, _ = tiny_variants_run
     assert set(b["test_accuracy"]) == {"O1", "O2", "O3"}
     assert {"experts_E1", "experts_E2", "aux5b_E2"} <= set(e["test_auc_other_vs_ft"])
 
@@ -151,7 +147,7 @@ def test_the_cascade_is_deterministic_at_every_threshold_of_every_rule(trained, 
             np.testing.assert_array_equal(ra["exit"], rb["exit"])
 
 
-def test_ema_keeps_a_running_average_and_is_what_gets_evaluated(tiny_cfg, tiny_data, tmp_path):
+def test_ema_keeps_a_running_average_and_is_what_gets_evaluated(tiny_variants_run):
     """With `ema_decay`, the checkpoint holds an EMA of the weights and BatchNorm statistics
     beside the live ones, and the finished backbone loads (and is evaluated) as the EMA."""
     from cnneb_jax import checkpoints as ckpt
@@ -159,41 +155,29 @@ def test_ema_keeps_a_running_average_and_is_what_gets_evaluated(tiny_cfg, tiny_d
     from cnneb_jax.optim import backbone_optimizer, init_ema
     from cnneb_jax.workdir import subset
 
-    cfg = tiny_cfg.replace(ema_decay=0.9, epochs=2)
-    train_backbone(cfg, tiny_data, tmp_path)
-    model, loaded = load_backbone(tmp_path, cfg)
+    workdir, _, _, _ = tiny_variants_run
+    cfg = ckpt.load_config(workdir)
+    assert cfg.ema_decay == 0.9
+    model, loaded = load_backbone(workdir, cfg)
     params, stats = split_collections(subset(init_variables(model, jax.random.PRNGKey(0)),
                                               BACKBONE_GROUPS))
     like = {"params": params, "stats": stats, "ema": init_ema(params, stats),
             "opt": jax.eval_shape(backbone_optimizer(cfg, 10).init, params)}
-    mngr = ckpt.manager(tmp_path / "backbone")
+    mngr = ckpt.manager(workdir / "backbone")
     st = ckpt.restore_latest(mngr, like)[1]
     mngr.close()
     assert float(st["ema"]["count"]) == cfg.epochs * 6  # one update per step
     assert not leaves_equal(st["ema"]["params"], st["params"])
     assert leaves_equal(loaded["segments"]["stem->Mixed_5b"]["params"],
                          st["ema"]["params"]["segments"]["stem->Mixed_5b"])
-    assert ckpt.load_config(tmp_path).ema_decay == 0.9
 
 
-def test_progressive_resizing_trains_first_at_the_low_size(tiny_cfg, tiny_data, tmp_path,
-                                                            monkeypatch):
+def test_progressive_resizing_trains_first_at_the_low_size(tiny_variants_run):
     """With lowres_size/lowres_epochs the first epochs' steps see downscaled images and the
     rest full-size ones; evaluation stays at image_size."""
-    from cnneb_jax import backbone_stage
-    seen = []
-    forward = backbone_stage.backbone_forward
-
-    def spy(model, params, stats, x, train, rng=None, frozen=()):
-        if train:
-            seen.append(x.shape[1])   # once per trace of a train step
-        return forward(model, params, stats, x, train, rng, frozen)
-
-    monkeypatch.setattr(backbone_stage, "backbone_forward", spy)
-    cfg = tiny_cfg.replace(epochs=2, lowres_size=24, lowres_epochs=1.0, eval_every_epochs=0)
-    result = train_backbone(cfg, tiny_data, tmp_path)
-    assert seen == [24, 32]
-    assert set(result["test_accuracy"]) == {"O1", "O2"}
+    _, b, _, train_sizes = tiny_variants_run
+    assert train_sizes == [24, 32]     # one trace of each train step, low size first
+    assert set(b["test_accuracy"]) == {"O1", "O2", "O3"}
 
 
 def test_the_network_runs_below_image_size_with_its_trained_o1_kernel(tiny_cfg):

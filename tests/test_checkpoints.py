@@ -31,6 +31,19 @@ def test_latest_of_several_and_empty(tmp_path):
     assert len(mngr.all_steps()) == 3  # max_to_keep
 
 
+def test_has_steps_only_once_a_step_is_saved(tmp_path):
+    """What tells a stage it resumes (and so skips random init): no folder, an empty one
+    and a half-written step do not count."""
+    assert not ckpt.has_steps(tmp_path / "s")
+    assert not (tmp_path / "s").exists()            # asking creates nothing
+    mngr = ckpt.manager(tmp_path / "s")
+    assert not ckpt.has_steps(tmp_path / "s")
+    (tmp_path / "s" / "ckpt" / "2.orbax-checkpoint-tmp-1").mkdir()
+    assert not ckpt.has_steps(tmp_path / "s")
+    ckpt.save(mngr, 4, {"x": jnp.zeros(2)}, {"step": 4})
+    assert ckpt.has_steps(tmp_path / "s")
+
+
 def test_workdir_refuses_another_config(tmp_path):
     cfg = get_config("tiny")
     ckpt.check_config(tmp_path, cfg)

@@ -46,8 +46,15 @@ def test_resume_after_interruption_gives_identical_parameters(trained, tiny_cfg,
 def test_ctrl_c_saves_the_steps_done_and_resumes_bit_identical(trained, tiny_cfg, tiny_data,
                                                                tmp_path, monkeypatch):
     """Ctrl-C in the middle of the loop keeps every finished step (a checkpoint between the
-    regular ones), says how to resume, and the resumed run equals the uninterrupted one."""
+    regular ones), says how to resume, and the resumed run equals the uninterrupted one.
+    It starts from the session run's step-40 checkpoint (the steps before are the resume
+    test's and the CLI's), is interrupted after step 44 and finishes at 48."""
     from cnneb_jax import backbone_stage, loop
+    work = copy_workdir(trained[0], tmp_path / "w")
+    for p in (work / "backbone" / "ckpt").iterdir():
+        if p.name.isdigit() and int(p.name) > 40:
+            shutil.rmtree(p)
+    (work / "backbone" / "result.json").unlink()
     real = backbone_stage.make_backbone_step
     calls = []
 
@@ -62,13 +69,16 @@ def test_ctrl_c_saves_the_steps_done_and_resumes_bit_identical(trained, tiny_cfg
         return wrapped
 
     monkeypatch.setattr(backbone_stage, "make_backbone_step", interrupting)
-    with pytest.raises(loop.TrainingInterrupted, match="step 4/.*run the same command again"):
-        train_backbone(tiny_cfg, tiny_data, tmp_path)
-    assert (tmp_path / "backbone" / "ckpt" / "4").is_dir()  # not a multiple of 8: saved on Ctrl-C
+    with pytest.raises(loop.TrainingInterrupted, match="step 44/48.*run the same command again"):
+        train_backbone(tiny_cfg, tiny_data, work)
+    # 44 is not a multiple of checkpoint_every_steps (8): saved on Ctrl-C.
+    assert (work / "backbone" / "ckpt" / "44").is_dir()
     monkeypatch.setattr(backbone_stage, "make_backbone_step", real)
-    train_backbone(tiny_cfg, tiny_data, tmp_path)
+    train_backbone(tiny_cfg, tiny_data, work)
+    log = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+    assert log[-2]["step"] == 48 and log[-1]["event"] == "test"
     _, a = load_backbone(trained[0], tiny_cfg)
-    _, b = load_backbone(tmp_path, tiny_cfg)
+    _, b = load_backbone(work, tiny_cfg)
     assert leaves_equal(a, b)
 
 
