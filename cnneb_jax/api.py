@@ -205,8 +205,9 @@ def calibrate(cascade: Cascade, images, labels, rule: str = "expert",
     largest FLOPs saving with accuracy at most `max_drop` (a fraction in [0, 1): 0.01 = one
     point) below the last exit alone, or the best accuracy within `flops_budget` FLOPs per
     image. With `alpha` (and `max_drop`), the threshold is certified instead (Learn-then-
-    Test, `cnneb_jax.guarantee`): the drop on new images from the same distribution exceeds
-    `max_drop` with probability at most `alpha`; without it, the drop is met on these images
+    Test, `cnneb_jax.guarantee`): with probability at least 1 - `alpha` over the draw of
+    these images, the expected drop on new images from the same distribution is at most
+    `max_drop`; without it, the drop is met on these images
     only. The point becomes the cascade's default and, with `save`, is stored in its
     workdir for later loads. Returns it (rule, threshold, accuracy, flops, exit shares,
     the target) with the last exit's reference accuracy and FLOPs."""

@@ -49,9 +49,10 @@ class Config:
     aux_channels: int = 128        # O1 1x1 conv (scaled by width)
     aux_hidden: int = 768          # O1 kxk conv (scaled by width)
     expert_hidden: int = 64        # E1 dense layer after the concat; 0 = a single dense
-    # What E1 concatenates to its O1-like features: "paper" (O1's softmax output, the paper's
-    # E1) or "paper+confidence" (also O1's logits, max probability, margin, entropy: an
-    # ablation that hands E1 the max-softmax score; config "cifar_confidence").
+    # What E1 concatenates to its O1-like features: "paper" (O1's softmax output), "logits"
+    # (O1's pre-softmax output x̂_O1, as the paper's Eq. (5) writes it) or "paper+confidence"
+    # (also O1's logits, max probability, margin, entropy: an ablation that hands E1 the
+    # max-softmax score; config "cifar_confidence").
     expert_inputs: str = "paper"
     dropout: float = 0.0
     bn_momentum: float = 0.9
@@ -292,7 +293,7 @@ _RANGES: dict[str, tuple] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "padding": ("SAME", "VALID"), "compute_dtype": ("float32", "bfloat16", "float64"),
     "onednn": ("auto", "on", "off", "inference"),
-    "expert_inputs": ("paper", "paper+confidence"),
+    "expert_inputs": ("paper", "logits", "paper+confidence"),
     "flip": ("random", "alternate", "none"),
     "resize": ("none", "resize_crop", "random_resized_crop"),
     "pipeline": ("auto", "memory", "stream"), "pad_mode": ("zeros", "reflect"),

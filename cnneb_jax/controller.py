@@ -202,7 +202,9 @@ def _shift_rows(c: Cascade, size: int) -> np.ndarray:
 
 def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
     """Logits of the network without branches, up to one exit (segments 0..exit_index and
-    that exit), through the same kind of fused programs as the cascade: the reference."""
+    that exit), through the same kind of fused programs as the cascade: the reference.
+    Every chunk is dispatched before any result is read, so chunks overlap as the
+    cascade's do (a fair reference for its timing)."""
     out = []
     for s in range(0, len(images), c.max_batch):
         chunk = pixels(images[s:s + c.max_batch])
@@ -210,9 +212,8 @@ def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
         for i in range(exit_index):
             h = branch(c, i, "seg", h)
         o = branch(c, exit_index, "plain", h)
-        o = o if exit_index == c.model.num_exits - 1 else o[1]
-        out.append(np.asarray(o)[:len(chunk)])
-    return np.concatenate(out)
+        out.append((o if exit_index == c.model.num_exits - 1 else o[1], len(chunk)))
+    return np.concatenate([np.asarray(o)[:n] for o, n in out])
 
 
 def _oracle_all(c: Cascade, images: np.ndarray, labels: np.ndarray | None) -> list[np.ndarray]:

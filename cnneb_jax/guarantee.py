@@ -126,18 +126,31 @@ def exceedance_rates(cal: tuple[dict, np.ndarray], test: tuple[dict, np.ndarray]
                    "mean_flops": float(np.mean([f for _, f in v]))} for name, v in res.items()}
 
 
-def bootstrap_means(values: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
+def bootstrap_means(values: dict[str, np.ndarray], resamples: int, seed: int,
+                    groups: dict[str, str] | None = None) -> dict:
     """Means of every array over the same bootstrap resamples of the images. A 2-D array
-    holds one row per expert seed: each resample also draws one of its rows."""
+    holds one row per expert seed: each resample also draws one of its rows. Arrays of one
+    group (`groups` maps a key to its group, for example a rule's accuracy and its saving to
+    the rule) draw the same row in each resample, so they come from one seed; by default
+    each array is a group of its own."""
     n = next(iter(values.values())).shape[-1]
+    groups = {k: (groups or {}).get(k, k) for k in values}
+    seeds: dict[str, int] = {}
+    for k, v in values.items():
+        if v.ndim == 2 and seeds.setdefault(groups[k], len(v)) != len(v):
+            raise ValueError(f"the arrays of group {groups[k]!r} hold different numbers of "
+                             f"seeds ({seeds[groups[k]]} and {len(v)}, at {k!r})")
     rng = np.random.default_rng(seed)
     out = {k: np.empty(resamples) for k in values}
     for s in range(0, resamples, 100):
         idx = rng.integers(0, n, (min(100, resamples - s), n))
+        rows: dict[str, np.ndarray] = {}
         for k, v in values.items():
             if v.ndim == 2:
-                rows = rng.integers(0, len(v), len(idx))
-                out[k][s:s + len(idx)] = v[rows[:, None], idx].mean(1)
+                g = groups[k]
+                if g not in rows:
+                    rows[g] = rng.integers(0, len(v), len(idx))
+                out[k][s:s + len(idx)] = v[rows[g][:, None], idx].mean(1)
             else:
                 out[k][s:s + len(idx)] = v[idx].mean(1)
     return out

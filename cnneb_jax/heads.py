@@ -79,9 +79,10 @@ class ExpertHead(nn.Module):
     """E1, the proposed expert: O1-like layers, concat with O1's output, dense, {FT, Other}.
 
     `expert_inputs="paper"` (the default) concatenates O1's softmax output. The paper's
-    Eq. (5) concatenates x̂_O1, the vector its Eq. (3) feeds to the softmax, so this
-    differs from it there, and in the hidden layer of `expert_hidden` units before the
-    decision (0 leaves it out). `"paper+confidence"` (the ablation, config
+    Eq. (5) concatenates x̂_O1, the vector its Eq. (3) feeds to the softmax:
+    `expert_inputs="logits"` does that. Both add a hidden layer of `expert_hidden` units
+    before the decision (0 leaves it out; Eq. (5) leaves the layers after the concatenation
+    open). `"paper+confidence"` (the ablation, config
     `cifar_confidence`) adds O1's logits and three summaries of its softmax (max
     probability, top-2 margin, normalised entropy), which hands E1 the max-softmax score
     it is compared with. The backbone and O1 are
@@ -95,6 +96,8 @@ class ExpertHead(nn.Module):
         o1 = jax.lax.stop_gradient(o1_logits)
         if self.cfg.expert_inputs == "paper":
             h = jnp.concatenate([h, jax.nn.softmax(o1)], axis=-1)
+        elif self.cfg.expert_inputs == "logits":
+            h = jnp.concatenate([h, o1], axis=-1)
         else:
             h = jnp.concatenate([h, o1, confidence_features(o1)], axis=-1)
         return _decision(h, self.cfg.expert_hidden)

@@ -215,15 +215,19 @@ def pixels(images) -> np.ndarray:
 ROUTED_RULES = ("expert", "aux5b", "max_softmax", "entropy")
 
 
-def warm_up(c: Cascade, rules: tuple[str, ...] = ROUTED_RULES, workers: int | None = None) -> int:
+def warm_up(c: Cascade, rules: tuple[str, ...] = ROUTED_RULES, workers: int | None = None,
+            reference: bool = False) -> int:
     """Compiles, without running them, the programs `run_cascade` can reach for `rules`:
     every branch program at every bucket size, the cast of uint8 pixels, every gather
     routing can run (from a bucket to the same or a smaller one: the samples that go on are
-    never more than those that came in) and the queue's programs. Lowering runs here in
-    turn; compiling (or reading the persistent cache) in `workers` threads meanwhile.
-    Returns the number of programs."""
+    never more than those that came in) and the queue's programs; with `reference`, also
+    those of `run_plain` (each segment alone, each exit without its expert), so that a
+    timed reference starts as warm as the cascade. Lowering runs here in turn; compiling
+    (or reading the persistent cache) in `workers` threads meanwhile. Returns the number
+    of programs."""
     cfg, m = c.model.cfg, c.model.num_exits
-    variants = sorted({RULE_VARIANT[r] for r in rules})
+    variants = {RULE_VARIANT[r] for r in rules} | ({"seg", "plain"} if reference else set())
+    variants = sorted(variants)
     # Each segment's input (pixels, then features) for one image, traced once.
     inputs = [jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)]
     for i in range(m - 1):

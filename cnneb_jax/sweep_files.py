@@ -72,12 +72,14 @@ def write_table2(path: Path, base: dict, table: list[dict], m: int,
             f"{r['executed_flops_saving']:.1%} | {overhead} | {oracle} | {r['share_exit1']:.1%} | "
             f"{r['within_target']:.1%} |")
     how = (f"the cheapest threshold Learn-then-Test certifies on the calibration split at "
-           f"alpha {alpha} (the test drop exceeds the target with probability at most {alpha})"
+           f"alpha {alpha} (the calibration draw yields a threshold whose expected drop "
+           f"exceeds the target with probability at most {alpha})"
            if alpha else "the cheapest grid point whose calibration drop meets the target, "
            "no margin")
     notes = ["",
              f"Operating points: {how}. Within target: share of bootstrap resamples of the "
-             "test images whose realized drop stays within the target. "
+             "test images whose realized drop stays within the target at that threshold "
+             "(test-set noise, not the guarantee). "
              "Time saving: median over rounds of the paired ratio (point / O2 alone, timed in "
              "interleaved rounds), with its range. Single: one image at a time on test images "
              "drawn so that each exit occurs in its test share; the saving compares the means. "

@@ -1,6 +1,6 @@
 """Wall-clock timing for the sweep and the benchmarks: medians of repeats after a warm
-pass, interleaved rounds (A B C A B C ...) so that a machine whose speed drifts slows every
-variant alike, and single-image latency (mean, median, p95)."""
+pass, interleaved rounds (each variant once per round, in a random order) so that a machine
+whose speed drifts slows every variant alike, and single-image latency (mean, median, p95)."""
 
 from __future__ import annotations
 
@@ -46,16 +46,20 @@ def _seconds(run, x) -> float:
     return time.perf_counter() - t
 
 
-def paired_batch(images: np.ndarray, runs: dict, repeats: int) -> dict[str, np.ndarray]:
-    """Seconds per image of every run, timed in interleaved rounds (A B C A B C ...), so
-    that a machine whose speed drifts slows all of them alike; one array per run, one entry
-    per round. Each run is warmed once first."""
+def paired_batch(images: np.ndarray, runs: dict, repeats: int,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    """Seconds per image of every run, timed in interleaved rounds (A B C, C A B, ...), so
+    that a machine whose speed drifts slows all of them alike; the order within each round
+    is drawn at random (seeded), so no run always goes first or after the same one. One
+    array per run, one entry per round. Each run is warmed once first."""
     for run in runs.values():
         run(images[:len(images) // 4 or 1])
     out = {k: [] for k in runs}
+    rng = np.random.default_rng(seed)
+    names = list(runs)
     for _ in range(repeats):
-        for k, run in runs.items():
-            out[k].append(_seconds(run, images) / len(images))
+        for i in rng.permutation(len(names)):
+            out[names[i]].append(_seconds(runs[names[i]], images) / len(images))
     return {k: np.array(v) for k, v in out.items()}
 
 

@@ -12,7 +12,10 @@ on the same bootstrap resamples of the test images (paired): the difference in F
 and in accuracy, with 95% percentile intervals, and a verdict. By default each expert is the
 workdir's one trained copy, so the intervals cover test-set sampling only; with
 --expert-scores (and --aux5b-scores) the seeds of experiments/expert_seeds.py take its place and
-every resample also draws a seed, so the intervals cover both.
+every resample also draws a seed (one per rule, shared by its accuracy and saving), so the
+intervals cover both. With --resample-calibration each resample also redraws the
+calibration images and re-chooses every threshold on them, so the intervals cover the
+calibration draw too (the variability a user who calibrates on their own images sees).
 
     python experiments/compare_rules.py --workdir pretrained/cifar --data-dir ../shared/datasets/cifar10-jpeg \
         --expert-scores runs/es15/part1_scores.npz --aux5b-scores runs/es15/part2_scores.npz \
@@ -31,7 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnneb_jax import api, checkpoints, data as data_lib  # noqa: E402
-from cnneb_jax.guarantee import bootstrap_means, choose_threshold_guaranteed  # noqa: E402
+from cnneb_jax.guarantee import (binomial_lower, binomial_upper, bootstrap_means,  # noqa: E402
+                                  candidate_thresholds, choose_threshold_guaranteed,
+                                  loss_gain_counts)
 from cnneb_jax.controller import all_outputs, last_exit_flops, path_flops  # noqa: E402
 from cnneb_jax.pipeline import materialize  # noqa: E402
 from cnneb_jax.sweep import (EXPERT_RULES, branch_scores, choose_threshold, route,  # noqa: E402
@@ -60,6 +65,58 @@ def interval(x: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def quick_threshold(preds: np.ndarray, labels: np.ndarray, scores: list[np.ndarray],
+                    drop: float, alpha: float | None) -> float:
+    """The threshold `choose_threshold_guaranteed` (with alpha) or the naive rule (the
+    cheapest candidate whose drop on these images meets the target) picks, from counts
+    alone: fast enough to re-choose in every bootstrap resample."""
+    thresholds = candidate_thresholds(scores)
+    if not alpha:
+        thresholds = np.append(thresholds, 0.0)  # the naive rule may let every image leave
+    losses, gains = loss_gain_counts(preds, labels, scores, thresholds)
+    n = len(labels)
+    if alpha:
+        bound = binomial_upper(losses, n, alpha / 2) - binomial_lower(gains, n, alpha / 2)
+        bound[0] = 0.0
+        failed = np.nonzero(bound > drop)[0]
+        return float(thresholds[(failed[0] - 1) if len(failed) else len(thresholds) - 1])
+    ok = np.nonzero((losses - gains) / n <= drop + 1e-12)[0]
+    return float(thresholds[ok[-1]])  # t = 1 always passes: its drop is 0
+
+
+def resampled_calibration(seeded: dict, y_cal: np.ndarray, y_test: np.ndarray,
+                          ref_correct: np.ndarray, costs_of: dict, ref_flops: float,
+                          drop: float, alpha: float | None, resamples: int,
+                          seed: int) -> dict[str, np.ndarray]:
+    """Bootstrap means that cover the whole procedure: each resample draws the calibration
+    images and the test images (with replacement; the same draws for every rule, so rules
+    stay paired), one seed per rule (its accuracy and saving come from that seed),
+    re-chooses each rule's threshold on the resampled calibration images, and measures it
+    on the resampled test images. `seeded[rule]` lists (calibration outputs, test outputs)
+    per seed."""
+    rng = np.random.default_rng(seed)
+    prep = {}
+    for rule, pairs in seeded.items():
+        prep[rule] = []
+        for cal_o, test_o in pairs:
+            prep[rule].append((np.stack([o.argmax(-1) for o in cal_o["exits"]]),
+                               branch_scores(cal_o, rule, y_cal), test_o))
+    out = {"ref": np.empty(resamples)}
+    for rule in seeded:
+        out[f"{rule}:acc"], out[f"{rule}:saving"] = np.empty(resamples), np.empty(resamples)
+    for b in range(resamples):
+        ic = rng.integers(0, len(y_cal), len(y_cal))
+        it = rng.integers(0, len(y_test), len(y_test))
+        out["ref"][b] = ref_correct[it].mean()
+        for rule, per_seed in prep.items():
+            preds, scores, test_o = per_seed[rng.integers(len(per_seed))]
+            t = quick_threshold(preds[:, ic], y_cal[ic], [s[ic] for s in scores], drop, alpha)
+            ok, fl = per_image(test_o, y_test, rule, t, costs_of[rule])
+            out[f"{rule}:acc"][b] = ok[it].mean()
+            out[f"{rule}:saving"][b] = 1 - fl[it].mean() / ref_flops
+    return out
+
+
 def verdict(lo: float, hi: float, more: str, less: str) -> str:
     return more if lo > 0 else less if hi < 0 else "no difference the test set can show"
 
@@ -74,7 +131,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alpha", type=float, default=None,
                    help="certify each threshold instead (Learn-then-Test, api.calibrate's "
-                        "alpha): the drop exceeds the target with probability at most alpha")
+                        "alpha): the expected drop exceeds the target with probability at most "
+                        "alpha over the calibration draw")
     p.add_argument("--expert-scores", default=None,
                    help="scores of several expert seeds (experiments/expert_seeds.py --scores-out)")
     p.add_argument("--expert-name", default="E1 (paper)",
@@ -85,6 +143,10 @@ def main() -> None:
     p.add_argument("--aux5b-scores", default=None,
                    help="the seeds file --aux5b-name is read from (default: --expert-scores), "
                         "when the Aux+5b seeds were trained in another expert_seeds.py run")
+    p.add_argument("--resample-calibration", action="store_true",
+                   help="intervals that also resample the calibration images and re-choose "
+                        "every threshold in each resample (one seed per rule per resample), "
+                        "so they cover the calibration draw as well as the test set")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
     drops = [float(d) for d in args.drops.split(",")]
@@ -116,7 +178,7 @@ def main() -> None:
           f"{len(y_test)} test images (O{c.model.num_exits} {ref_correct.mean():.4f}); "
           f"{args.resamples} paired bootstrap resamples of the test images")
     result = {"workdir": args.workdir, "resamples": args.resamples, "alpha": args.alpha,
-              "targets": []}
+              "resample_calibration": args.resample_calibration, "targets": []}
     for drop in drops:
         values, points = {"ref": ref_correct}, {}
         for rule in EXPERT_RULES:
@@ -142,7 +204,15 @@ def main() -> None:
                 values[f"{rule}:acc"] = correct[0] if one else np.stack(correct)
                 values[f"{rule}:saving"] = 1 - (flops[0] if one else np.stack(flops)) / ref_flops
                 points[rule] = float(np.mean(thresholds))
-        boot = bootstrap_means(values, args.resamples, args.seed)
+        if args.resample_calibration:
+            boot = resampled_calibration(
+                {r: seeded.get(r, [(out_cal, out_test)]) for r in points}, y_cal, y_test,
+                ref_correct, {r: path_flops(c, r) for r in points}, ref_flops, drop,
+                args.alpha, args.resamples, args.seed)
+        else:
+            # A rule's accuracy and saving come from one seed in each resample.
+            boot = bootstrap_means(values, args.resamples, args.seed,
+                                   groups={k: k.split(":")[0] for k in values})
         target = {"target_drop": drop, "rules": {}, "expert_vs": {}}
         how = f"certified, alpha {args.alpha}" if args.alpha else "largest saving within it"
         print(f"\ntarget drop {drop * 100:.1f} pt (thresholds chosen on calibration: {how})")

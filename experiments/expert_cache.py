@@ -30,6 +30,40 @@ from cnneb_jax.optim import make_optimizer
 KINDS = ("experts", "aux5b")
 
 
+def add_source_flags(p, experts: dict) -> None:
+    """The flags every expert experiment shares: the trained workdir, its images and which
+    of `experts` to train."""
+    p.add_argument("--workdir", default="pretrained/cifar")
+    p.add_argument("--data-dir", required=True, help="the image folder the workdir was trained on")
+    p.add_argument("--experts", default=",".join(experts),
+                   help=f"comma-separated, from: {', '.join(experts)}")
+
+
+def load_source(workdir: str, data_dir: str) -> tuple:
+    """(config, dataset, model, frozen backbone variables, held-out images, their labels):
+    what an expert experiment reads from a trained workdir and its image folder."""
+    from pathlib import Path
+
+    from cnneb_jax import checkpoints, data as data_lib
+    from cnneb_jax.pipeline import materialize
+    from cnneb_jax.workdir import load_trained
+    cfg = checkpoints.load_config(Path(workdir))
+    d = data_lib.load_dataset(cfg, data_dir)
+    model, full = load_trained(workdir)
+    backbone = {k: full[k] for k in ("segments", "heads")}
+    return (cfg, d, model, backbone, np.asarray(materialize(d["val_images"])),
+            np.asarray(d["val_labels"]))
+
+
+def chosen_experts(p, names: str, experts: dict) -> list[str]:
+    """--experts as a list, or a usage error naming the choices."""
+    chosen = [n.strip() for n in names.split(",")]
+    unknown = [n for n in chosen if n not in experts]
+    if unknown:
+        p.error(f"unknown experts {unknown}; choose from {list(experts)}")
+    return chosen
+
+
 def _forward_fn(model: Model):
     @functools.partial(jax.jit, static_argnames="pad")
     def forward(variables, images, rng, pad):
@@ -159,16 +193,20 @@ def _step_fn(model: Model, kind: str, index: int, tx: optax.GradientTransformati
 def train_expert(model: Model, cache: dict, kind: str, index: int, lr: float, epochs: int,
                  batch_size: int, seed: int, weight_decay: float,
                  class_w: np.ndarray | None = None,
-                 init: Variables | None = None) -> Variables:
+                 init: Variables | None = None,
+                 images: np.ndarray | None = None) -> Variables:
     """One expert trained on a `cache_views` cache: epoch e reads view e mod views, in an
     order drawn from (seed, epoch). Returns its eval variables {"params"[, "batch_stats"]}.
-    `class_w` defaults to balanced weights from the cache's FT rate."""
+    `class_w` defaults to balanced weights from the cache's FT rate. `images` (indices of
+    the cached images) trains on those images' views alone: a cross-validation fold."""
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0 "
                          f"(got {epochs}, {batch_size}, {lr})")
     feats, logits, is_ft = cache["feats"][index], cache["logits"][index], cache["is_ft"][index]
     views = cache["views"]
-    n = len(is_ft) // views
+    n_all = len(is_ft) // views
+    images = np.arange(n_all) if images is None else np.asarray(images)
+    n = len(images)
     bs = min(batch_size, n)
     steps_per_epoch = n // bs
     total = epochs * steps_per_epoch
@@ -180,9 +218,9 @@ def train_expert(model: Model, cache: dict, kind: str, index: int, lr: float, ep
     w = jnp.asarray(class_weights(is_ft) if class_w is None else class_w)
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(n)[:steps_per_epoch * bs]
-        base = (epoch % views) * n
+        base = (epoch % views) * n_all
         for rows in order.reshape(steps_per_epoch, bs):
-            r = base + rows
+            r = base + images[rows]
             state, _ = step(state, feats[r], logits[r], is_ft[r], w)
     out = {"params": state["params"]}
     if state["stats"]:

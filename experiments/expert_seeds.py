@@ -33,11 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cnneb_jax import checkpoints, data as data_lib  # noqa: E402
 import expert_cache as ec  # noqa: E402  (beside this script)
 from cnneb_jax.model import build_model  # noqa: E402
 from cnneb_jax.pipeline import materialize  # noqa: E402
-from cnneb_jax.workdir import load_trained  # noqa: E402
 
 # name -> (model kind, expert_inputs, warm start of the Aux+5b block)
 EXPERTS = {
@@ -57,10 +55,7 @@ def mean_std(x) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="pretrained/cifar")
-    p.add_argument("--data-dir", required=True, help="the image folder the workdir was trained on")
-    p.add_argument("--experts", default=",".join(EXPERTS),
-                   help=f"comma-separated, from: {', '.join(EXPERTS)}")
+    ec.add_source_flags(p, EXPERTS)
     p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1",
                    help="Adam peak learning rates tried for every expert")
     p.add_argument("--aux5b-lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2",
@@ -76,10 +71,7 @@ def main() -> None:
     p.add_argument("--scores-out", default=None,
                    help="write every final seed's calibration and test scores here (.npz)")
     args = p.parse_args()
-    names = [n.strip() for n in args.experts.split(",")]
-    unknown = [n for n in names if n not in EXPERTS]
-    if unknown:
-        p.error(f"unknown experts {unknown}; choose from {list(EXPERTS)}")
+    names = ec.chosen_experts(p, args.experts, EXPERTS)
     grids = {"experts": [float(x) for x in args.lrs.split(",")],
              "aux5b": [float(x) for x in args.aux5b_lrs.split(",")]}
     if args.seeds < args.select_seeds:
@@ -94,13 +86,9 @@ def main() -> None:
                                 calib_is_ft=plain["calib"]["is_ft"][0],
                                 test_is_ft=plain["test"]["is_ft"][0])
 
-    cfg = checkpoints.load_config(Path(args.workdir))
-    epochs = args.epochs or cfg.expert_epochs
-    d = data_lib.load_dataset(cfg, args.data_dir)
-    model, full = load_trained(args.workdir)
-    backbone = {k: full[k] for k in ("segments", "heads")}
     t0 = time.perf_counter()
-    x_ft, y_ft = np.asarray(materialize(d["val_images"])), np.asarray(d["val_labels"])
+    cfg, d, model, backbone, x_ft, y_ft = ec.load_source(args.workdir, args.data_dir)
+    epochs = args.epochs or cfg.expert_epochs
     if args.ft_images:
         if not 0 < args.ft_images <= len(y_ft):
             p.error(f"--ft-images must be in 1..{len(y_ft)}")

@@ -6,7 +6,7 @@ import pytest
 from jax import monitoring
 
 from cnneb_jax.configs import get_config
-from cnneb_jax.controller import all_outputs, path_flops, run_cascade
+from cnneb_jax.controller import all_outputs, path_flops, run_cascade, run_plain
 from cnneb_jax.programs import bucket_for, bucket_sizes, make_cascade, warm_up
 from cnneb_jax.model import build_model, init_variables
 
@@ -109,8 +109,10 @@ def test_oracle_needs_labels_and_sends_ft_deep(cascade, images):
 
 
 def test_no_compilation_during_a_sweep_after_warm_up(images):
+    """With `reference`, warm_up also compiles the plain networks the sweep times the
+    cascade against, so no timed round pays a compile."""
     c = _cascade(get_config("tiny"), max_batch=8)
-    warm_up(c)
+    warm_up(c, reference=True)
     compiles = []
     monitoring.register_event_duration_secs_listener(
         lambda name, d, **kw: compiles.append(name)
@@ -120,7 +122,15 @@ def test_no_compilation_during_a_sweep_after_warm_up(images):
         for t in np.linspace(0, 1, 11):
             run_cascade(c, x, rule, float(t))
             run_cascade(c, x[:1], rule, float(t))
+    plain = {i: run_plain(c, x, i) for i in (0, 1)}
+    for exit_index in (0, 1):
+        for n in (5, 1):
+            run_plain(c, x[:n], exit_index)
     assert compiles == []
+    # The reference is each plain network's own logits (chunks of 8, 8, 6 read at the end).
+    exits = all_outputs(c, x)["exits"]
+    for i in (0, 1):
+        np.testing.assert_allclose(plain[i], exits[i], rtol=1e-4, atol=1e-4)
 
 
 def test_branch_programs_are_traced_once_per_config(images, tmp_path, monkeypatch):

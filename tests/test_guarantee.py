@@ -112,3 +112,15 @@ def test_bootstrap_means_pairs_resamples_and_draws_seed_rows():
     # A 2-D array: each resample draws one seed's row, so both rows' means occur.
     two = bootstrap_means({"s": np.stack([np.zeros(500), np.ones(500)])}, 200, 2)["s"]
     assert set(np.unique(two)) == {0.0, 1.0}
+
+
+def test_bootstrap_means_draws_one_seed_per_group():
+    """A rule's accuracy and saving must come from the same expert seed in each resample."""
+    from cnneb_jax.guarantee import bootstrap_means
+    seeds = np.stack([np.zeros(300), np.ones(300), np.full(300, 2.0)])
+    values = {"r:acc": seeds, "r:saving": seeds.copy(), "q:acc": seeds.copy()}
+    out = bootstrap_means(values, 300, 3, groups={"r:acc": "r", "r:saving": "r"})
+    np.testing.assert_array_equal(out["r:acc"], out["r:saving"])
+    assert not np.array_equal(out["r:acc"], out["q:acc"])  # another group, its own draw
+    with pytest.raises(ValueError, match="different numbers of seeds"):
+        bootstrap_means({"a": seeds, "b": seeds[:2]}, 10, 0, groups={"a": "g", "b": "g"})

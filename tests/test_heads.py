@@ -40,17 +40,25 @@ def test_expert_sees_o1_output(tiny_cfg):
     assert OTHER == 1
 
 
-def test_expert_inputs_paper_and_ablation(tiny_cfg):
-    """The paper's E1 concatenates O1's softmax output (10 values); the ablation adds O1's
-    logits and 3 confidence summaries (10 + 10 + 3 values) to the same O1-like features."""
+def test_expert_inputs_paper_eq5_and_ablation(tiny_cfg):
+    """"paper" concatenates O1's softmax output (10 values), "logits" its pre-softmax output
+    as Eq. (5) writes it (10 values, the raw logits), the ablation O1's softmax, logits and 3
+    confidence summaries (10 + 10 + 3 values), all to the same O1-like features."""
     feat = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 16))
     o1 = jax.random.normal(jax.random.PRNGKey(2), (2, 10))
     widths = {}
-    for inputs in ("paper", "paper+confidence"):
+    for inputs in ("paper", "logits", "paper+confidence"):
         head = ExpertHead(tiny_cfg.replace(expert_inputs=inputs))
         v = head.init(jax.random.PRNGKey(0), feat, o1)
         widths[inputs] = v["params"]["Hidden"]["kernel"].shape[0]
         # Logits that give the same softmax give the same decision in the paper's E1 only.
         a, b = head.apply(v, feat, o1), head.apply(v, feat, o1 + 3.0)
         assert jnp.allclose(a, b, atol=1e-5) == (inputs == "paper")
+        if inputs == "logits":
+            # O1's output enters only through the last 10 rows of the first dense layer:
+            # with them zeroed, the decision no longer depends on it.
+            cut = jax.tree_util.tree_map(lambda x: x, v)
+            cut["params"]["Hidden"]["kernel"] = v["params"]["Hidden"]["kernel"].at[-10:].set(0)
+            assert jnp.allclose(head.apply(cut, feat, o1), head.apply(cut, feat, 5 * o1))
     assert widths["paper+confidence"] - widths["paper"] == 13
+    assert widths["logits"] == widths["paper"]

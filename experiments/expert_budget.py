@@ -1,0 +1,240 @@
+"""The learned experts given a fair budget (issue 35): epochs and learning rate chosen by
+cross-validation on the expert split, then several seeds at the chosen setting.
+
+    python experiments/expert_budget.py --workdir pretrained/cifar \
+        --data-dir ../shared/datasets/cifar10-jpeg \
+        --out docs/results/expert-budget.json --scores-out docs/results/expert-budget-scores.npz
+
+The expert stage trains on the held-out images (the split the backbone never trained on;
+its FT labels say where O1 is wrong and O2 right). This script caches what every expert
+reads for `--views` augmented views of each of those images (`expert_cache.py`: the
+backbone is frozen), then, for every expert:
+
+1. cuts the images into `--folds` folds; each (learning rate, epochs) candidate trains on
+   the views of all folds but one and is scored by ROC AUC (Other against FT) on the
+   un-augmented images of the fold left out; the mean over folds chooses. The calibration
+   split, which later certifies the thresholds, is never read here.
+2. A grid whose best value lies on its edge grows one step past it (learning rate x3 or /3,
+   epochs x2 or /2) until the best lies inside, so no choice is a grid's edge (up to
+   `--max-extensions` steps per side).
+3. At the chosen setting, `--seeds` seeds train on all the held-out images; their
+   calibration and test scores go to `--scores-out` (`compare_rules.py --expert-scores`
+   reads them) and their test AUC, beside O1's max softmax, to `--out`.
+
+Epoch e reads view e mod --views (more epochs than views re-read views, as in
+`expert_cache.train_expert`). Progress is saved after every candidate and a rerun with the
+same --out resumes from it. Not a timing: seconds are recorded only to plan runs.
+
+Experts: E1 as the shipped config builds it (O1-like layers + O1's softmax), E1 with O1's
+pre-softmax output as the paper's Eq. (5) writes it (`expert_inputs=logits`), and the
+Auxiliary+5b expert (an Inception-A block before the O1-like layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cnneb_jax.metrics import roc_auc  # noqa: E402
+from cnneb_jax.model import build_model  # noqa: E402
+from cnneb_jax.pipeline import materialize  # noqa: E402
+import expert_cache as ec  # noqa: E402  (beside this script)
+
+# name -> (model kind, expert_inputs)
+EXPERTS = {"E1 (softmax)": ("experts", "paper"),
+           "E1 (Eq. 5 logits)": ("experts", "logits"),
+           "Aux+5b": ("aux5b", None)}
+
+
+def folds_of(is_ft: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Image indices cut into k folds, FT and Other images dealt out separately so that
+    every fold holds about the same share of FT images."""
+    rng = np.random.default_rng(seed)
+    out: list[list[int]] = [[] for _ in range(k)]
+    for cls in (True, False):
+        idx = rng.permutation(np.nonzero(is_ft == cls)[0])
+        for f in range(k):
+            out[f] += list(idx[f::k])
+    return [np.sort(np.asarray(f)) for f in out]
+
+
+def grow(values: list, best, step, low=None) -> list:
+    """The grid with one more value past `best` when `best` is on an edge (`step` maps a
+    value and a direction, -1 or +1, to the next); unchanged when `best` is inside."""
+    values = sorted(values)
+    if best == values[-1]:
+        return values + [step(best, +1)]
+    if best == values[0]:
+        nxt = step(best, -1)
+        if low is None or nxt >= low:
+            return [nxt] + values
+    return values
+
+
+def choose(cells: dict) -> tuple[float, int]:
+    """The (lr, epochs) with the best mean fold AUC."""
+    return max(cells, key=lambda c: np.mean(cells[c]["fold_auc"]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ec.add_source_flags(p, EXPERTS)
+    p.add_argument("--lrs", default="3e-3,1e-2,3e-2",
+                   help="E1's starting lr grid (Adam peak; it grows past an edge that wins)")
+    p.add_argument("--aux5b-lrs", default="1e-3,3e-3,1e-2", help="Aux+5b's starting lr grid")
+    p.add_argument("--epochs", default="8,16,32", help="starting epochs grid")
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--views", type=int, default=16, help="augmented views cached per image")
+    p.add_argument("--seeds", type=int, default=5, help="seeds at the chosen setting")
+    p.add_argument("--max-extensions", type=int, default=2,
+                   help="grid steps added past an edge, per side and axis")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use only this many held-out images (a quick check)")
+    p.add_argument("--out", required=True, help="JSON of every candidate, the choices and AUCs")
+    p.add_argument("--scores-out", default=None,
+                   help=".npz of every final seed's calibration and test scores")
+    args = p.parse_args(argv)
+    names = ec.chosen_experts(p, args.experts, EXPERTS)
+    if args.folds < 2 or args.seeds < 1:
+        p.error("--folds must be at least 2 and --seeds at least 1")
+    grids = {"experts": [float(x) for x in args.lrs.split(",")],
+             "aux5b": [float(x) for x in args.aux5b_lrs.split(",")]}
+    epochs0 = [int(x) for x in args.epochs.split(",")]
+
+    out_path = Path(args.out)
+    result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    t0 = time.perf_counter()
+    cfg, d, model, backbone, x_ft, y_ft = ec.load_source(args.workdir, args.data_dir)
+    if args.max_images:
+        x_ft, y_ft = x_ft[:args.max_images], y_ft[:args.max_images]
+    train = ec.cache_views(model, backbone, x_ft, y_ft, views=args.views, pad=cfg.pad_crop,
+                           seed=cfg.seed + 2, dtype=np.float16)
+    plain = {s: ec.cache_views(model, backbone, np.asarray(materialize(d[f"{s}_images"])),
+                               np.asarray(d[f"{s}_labels"])) for s in ("calib", "test")}
+    plain["val"] = ec.cache_views(model, backbone, x_ft, y_ft)
+    is_ft = plain["val"]["is_ft"][0]
+    folds = folds_of(is_ft, args.folds, cfg.seed)
+    print(f"features cached in {time.perf_counter() - t0:.0f} s: {len(y_ft)} held-out images "
+          f"(FT {is_ft.mean():.2%}) x {args.views} views, {args.folds} folds; calibration "
+          f"{len(plain['calib']['is_ft'][0])}, test {len(plain['test']['is_ft'][0])}", flush=True)
+    result.update({"workdir": args.workdir, "heldout_images": len(y_ft),
+                   "heldout_ft_rate": float(is_ft.mean()), "folds": args.folds,
+                   "views": args.views, "seeds": args.seeds,
+                   "batch_size": cfg.expert_batch_size,
+                   "weight_decay": cfg.expert_weight_decay,
+                   "max_softmax_O1": {s: ec.auc(ec.max_softmax(plain[s], 0), plain[s], 0)
+                                      for s in ("calib", "test", "val")}})
+    result.setdefault("experts", {})
+    scores = {}
+    if args.scores_out and Path(args.scores_out).exists():
+        scores = {k: v for k, v in np.load(args.scores_out).items() if "|" in k}
+
+    def save() -> None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1))
+        if args.scores_out and scores:
+            np.savez_compressed(args.scores_out, **scores,
+                                calib_is_ft=plain["calib"]["is_ft"][0],
+                                test_is_ft=plain["test"]["is_ft"][0])
+
+    for name in names:
+        kind, inputs = EXPERTS[name]
+        m = model if inputs is None else build_model(dataclasses.replace(cfg, expert_inputs=inputs))
+        r = result["experts"].setdefault(name, {"kind": kind, "expert_inputs": inputs,
+                                                "cells": {}})
+        cells = {tuple(json.loads(k)): v for k, v in r["cells"].items()}
+
+        def fit(lr: float, epochs: int, seed: int, images=None):
+            init = ec.init_expert(m, kind, 0, seed, train["feats"][0].shape)
+            w = ec.class_weights(is_ft if images is None else is_ft[images])
+            return ec.train_expert(m, train, kind, 0, lr, epochs, cfg.expert_batch_size, seed,
+                                   cfg.expert_weight_decay, class_w=w, init=init, images=images)
+
+        def evaluate(lr: float, epochs: int) -> None:
+            if (lr, epochs) in cells:
+                return
+            t, aucs = time.perf_counter(), []
+            for f, held in enumerate(folds):
+                rest = np.sort(np.concatenate([folds[g] for g in range(len(folds)) if g != f]))
+                v = fit(lr, epochs, f, rest)
+                s = ec.expert_scores(m, v, plain["val"], kind, 0)[held]
+                aucs.append(roc_auc(s, ~is_ft[held]))
+            cells[(lr, epochs)] = {"fold_auc": aucs, "seconds": time.perf_counter() - t}
+            r["cells"][json.dumps([lr, epochs])] = cells[(lr, epochs)]
+            print(f"{name}: lr {lr:g}, {epochs} epochs: fold AUC "
+                  f"{' '.join(f'{a:.4f}' for a in aucs)} (mean {np.mean(aucs):.4f}, "
+                  f"{time.perf_counter() - t:.0f} s)", flush=True)
+            save()
+
+        lrs, eps = list(grids[kind]), list(epochs0)
+        added = {"lr": [0, 0], "epochs": [0, 0]}
+        while True:
+            for lr in lrs:
+                for e in eps:
+                    evaluate(lr, e)
+            best_lr, best_ep = choose({c: cells[c] for c in cells if c[0] in lrs and c[1] in eps})
+            new_lrs = grow(lrs, best_lr, lambda x, s: x * 3.0 ** s)
+            new_eps = grow(eps, best_ep, lambda x, s: int(x * 2.0 ** s), low=1)
+            grown = False
+            for axis, old, new in (("lr", lrs, new_lrs), ("epochs", eps, new_eps)):
+                if len(new) > len(old):
+                    side = int(new[0] != old[0]) ^ 1  # 0: grew at the low end, 1: high end
+                    if added[axis][side] < args.max_extensions:
+                        added[axis][side] += 1
+                        grown = True
+                        if axis == "lr":
+                            lrs = new
+                        else:
+                            eps = new
+            if not grown:
+                break
+        r["lr_grid"], r["epochs_grid"] = sorted(lrs), sorted(eps)
+        r["chosen"] = {"lr": best_lr, "epochs": best_ep,
+                       "fold_auc_mean": float(np.mean(cells[(best_lr, best_ep)]["fold_auc"])),
+                       "on_edge": {"lr": best_lr in (min(lrs), max(lrs)),
+                                   "epochs": best_ep in (min(eps), max(eps))}}
+        print(f"{name}: chosen lr {best_lr:g}, {best_ep} epochs (edge: {r['chosen']['on_edge']})",
+              flush=True)
+        if len(r.get("test_auc", [])) < args.seeds:
+            finals = [fit(best_lr, best_ep, seed) for seed in range(args.seeds)]
+            s = {sp: np.stack([ec.expert_scores(m, v, plain[sp], kind, 0) for v in finals])
+                 for sp in ("calib", "test")}
+            for sp in ("calib", "test"):
+                scores[f"{name}|{sp}"] = s[sp]
+                r[f"{sp}_auc"] = [ec.auc(row, plain[sp], 0) for row in s[sp]]
+            save()
+        t = np.asarray(r["test_auc"])
+        sd = t.std(ddof=1) if len(t) > 1 else 0.0
+        print(f"{name}: {args.seeds} seeds, test AUC {t.mean():.4f} +- {sd:.4f} "
+              f"(O1 max softmax {result['max_softmax_O1']['test']:.4f})", flush=True)
+
+    print("\n| expert | lr grid | epochs grid | chosen lr, epochs | CV AUC | "
+          f"test AUC, mean +- std over {args.seeds} seeds |")
+    print("|---|---|---|---|---:|---:|")
+    for name, r in result["experts"].items():
+        if "chosen" not in r or "test_auc" not in r:
+            continue
+        t = np.asarray(r["test_auc"])
+        c = r["chosen"]
+        print(f"| {name} | {min(r['lr_grid']):g} .. {max(r['lr_grid']):g} | "
+              f"{min(r['epochs_grid'])} .. {max(r['epochs_grid'])} | {c['lr']:g}, {c['epochs']} | "
+              f"{c['fold_auc_mean']:.4f} | {t.mean():.4f} +- "
+              f"{t.std(ddof=1) if len(t) > 1 else 0.0:.4f} |")
+    ms = result["max_softmax_O1"]
+    print(f"| O1 max softmax (no training) | - | - | - | {ms['val']:.4f} (held-out) | "
+          f"{ms['test']:.4f} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
