@@ -271,6 +271,9 @@ def _paired_times(run: _Run, route, exits_sub: np.ndarray, rule: str, t: float,
         s1 = float((exits_sub == 0).mean())
         pred = s1 * sec["all_leave"] + (1 - s1) * sec["none_leave"]
         out["routing_overhead"] = float(np.median(sec["point"] / pred) - 1)
+        # Fixed overhead: the cascade where nothing leaves early (O1's head, the rule and
+        # the host read run for nothing) against the last exit alone, same rounds.
+        out["fixed_overhead"] = float(np.median(sec["none_leave"] / sec["ref"]) - 1)
     return out
 
 

@@ -14,9 +14,11 @@ backbone is frozen), then, for every expert:
    the views of all folds but one and is scored by ROC AUC (Other against FT) on the
    un-augmented images of the fold left out; the mean over folds chooses. The calibration
    split, which later certifies the thresholds, is never read here.
-2. A grid whose best value lies on its edge grows one step past it (learning rate x3 or /3,
-   epochs x2 or /2) until the best lies inside, so no choice is a grid's edge (up to
-   `--max-extensions` steps per side).
+2. While the best candidate lies on an edge of the grid, the grid grows one step past it
+   (learning rate x3 or /3, epochs x2 or /2); the new value is tried beside the best value
+   of the other axis and its neighbours there (not across the whole grid), until the best
+   lies inside on both axes (at most `--max-extensions` steps per side and axis; the JSON
+   says if a choice stayed on an edge).
 3. At the chosen setting, `--seeds` seeds train on all the held-out images; their
    calibration and test scores go to `--scores-out` (`compare_rules.py --expert-scores`
    reads them) and their test AUC, beside O1's max softmax, to `--out`.
@@ -80,6 +82,13 @@ def grow(values: list, best, step, low=None) -> list:
     return values
 
 
+def neighbours(values: list, v) -> list:
+    """`v` and the values beside it in the sorted grid."""
+    values = sorted(values)
+    i = values.index(v)
+    return values[max(0, i - 1):i + 2]
+
+
 def choose(cells: dict) -> tuple[float, int]:
     """The (lr, epochs) with the best mean fold AUC."""
     return max(cells, key=lambda c: np.mean(cells[c]["fold_auc"]))
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--views", type=int, default=16, help="augmented views cached per image")
     p.add_argument("--seeds", type=int, default=5, help="seeds at the chosen setting")
-    p.add_argument("--max-extensions", type=int, default=2,
+    p.add_argument("--max-extensions", type=int, default=4,
                    help="grid steps added past an edge, per side and axis")
     p.add_argument("--max-images", type=int, default=None,
                    help="use only this many held-out images (a quick check)")
@@ -176,26 +185,36 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{time.perf_counter() - t:.0f} s)", flush=True)
             save()
 
-        lrs, eps = list(grids[kind]), list(epochs0)
+        lrs, eps = sorted(grids[kind]), sorted(epochs0)
+        for lr in lrs:  # the starting grid, in full
+            for e in eps:
+                evaluate(lr, e)
         added = {"lr": [0, 0], "epochs": [0, 0]}
         while True:
-            for lr in lrs:
-                for e in eps:
-                    evaluate(lr, e)
             best_lr, best_ep = choose({c: cells[c] for c in cells if c[0] in lrs and c[1] in eps})
-            new_lrs = grow(lrs, best_lr, lambda x, s: x * 3.0 ** s)
-            new_eps = grow(eps, best_ep, lambda x, s: int(x * 2.0 ** s), low=1)
             grown = False
-            for axis, old, new in (("lr", lrs, new_lrs), ("epochs", eps, new_eps)):
-                if len(new) > len(old):
-                    side = int(new[0] != old[0]) ^ 1  # 0: grew at the low end, 1: high end
-                    if added[axis][side] < args.max_extensions:
-                        added[axis][side] += 1
-                        grown = True
-                        if axis == "lr":
-                            lrs = new
-                        else:
-                            eps = new
+            for axis in ("lr", "epochs"):
+                values, best = (lrs, best_lr) if axis == "lr" else (eps, best_ep)
+                new = (grow(values, best, lambda x, s: x * 3.0 ** s) if axis == "lr" else
+                       grow(values, best, lambda x, s: int(x * 2.0 ** s), low=1))
+                if len(new) == len(values):
+                    continue
+                side = int(new[-1] != values[-1])  # 1: grew at the high end
+                if added[axis][side] >= args.max_extensions:
+                    continue
+                added[axis][side] += 1
+                grown = True
+                value = new[-1] if side else new[0]
+                # The new value is tried beside the best of the other axis and its
+                # neighbours there, not across the whole grid.
+                if axis == "lr":
+                    for e in neighbours(eps, best_ep):
+                        evaluate(value, e)
+                    lrs = new
+                else:
+                    for lr in neighbours(lrs, best_lr):
+                        evaluate(lr, value)
+                    eps = new
             if not grown:
                 break
         r["lr_grid"], r["epochs_grid"] = sorted(lrs), sorted(eps)
@@ -205,13 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
                                    "epochs": best_ep in (min(eps), max(eps))}}
         print(f"{name}: chosen lr {best_lr:g}, {best_ep} epochs (edge: {r['chosen']['on_edge']})",
               flush=True)
-        if len(r.get("test_auc", [])) < args.seeds:
+        if r.get("final") != [best_lr, best_ep] or len(r.get("test_auc", [])) < args.seeds:
             finals = [fit(best_lr, best_ep, seed) for seed in range(args.seeds)]
             s = {sp: np.stack([ec.expert_scores(m, v, plain[sp], kind, 0) for v in finals])
                  for sp in ("calib", "test")}
             for sp in ("calib", "test"):
                 scores[f"{name}|{sp}"] = s[sp]
                 r[f"{sp}_auc"] = [ec.auc(row, plain[sp], 0) for row in s[sp]]
+            r["final"] = [best_lr, best_ep]
             save()
         t = np.asarray(r["test_auc"])
         sd = t.std(ddof=1) if len(t) > 1 else 0.0

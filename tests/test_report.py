@@ -44,7 +44,7 @@ def test_sweep_writes_table_figures_and_points(tiny_workdir, tiny_ablation, imag
         assert row["ms_single_p50"] <= row["ms_single_p95"]
         assert row["time_saving_min"] <= row["time_saving"] <= row["time_saving_max"]
         assert row["executed_flops"] >= row["flops"] - 1e-6  # padding only adds
-        assert "routing_overhead" in row
+        assert "routing_overhead" in row and "fixed_overhead" in row
         # Certified by default (alpha 0.1): the bound met the target on the calibration split.
         assert row["alpha"] == 0.1 and row["drop_ucb"] <= row["target_drop"] + 1e-12
         assert 0.0 <= row["within_target"] <= 1.0
