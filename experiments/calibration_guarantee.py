@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--resamples", type=int, default=200)
     p.add_argument("--drops", default="0.005,0.01,0.02")
     p.add_argument("--rules", default="expert,max_softmax,entropy")
+    p.add_argument("--out", default=None, help="write every rate as JSON here")
     args = p.parse_args()
 
     from cnneb_jax import api
@@ -45,6 +46,7 @@ def main() -> None:
     print("| rule | target drop | naive: share over target | naive: FLOPs saved | "
           "certified: share over target | certified: FLOPs saved |")
     print("|---|---:|---:|---:|---:|---:|")
+    rows = []
     for rule in args.rules.split(","):
         for drop in (float(d) for d in args.drops.split(",")):
             r = exceedance_rates(cal, test, rule, path_flops(cascade, rule), drop, args.alpha,
@@ -53,6 +55,16 @@ def main() -> None:
             print(f"| {rule} | {drop:.3f} | {n['exceed_rate']:.3f} | "
                   f"{1 - n['mean_flops'] / full:.1%} | {g['exceed_rate']:.3f} | "
                   f"{1 - g['mean_flops'] / full:.1%} |")
+            rows.append({"rule": rule, "target_drop": drop,
+                         **{f"{k}_{q}": v for k, d in r.items() for q, v in d.items()},
+                         "naive_flops_saving": 1 - n["mean_flops"] / full,
+                         "guaranteed_flops_saving": 1 - g["mean_flops"] / full})
+    if args.out:
+        import json
+        Path(args.out).write_text(json.dumps(
+            {"workdir": args.workdir, "alpha": args.alpha, "resamples": args.resamples,
+             "calibration_images": len(cal[1]), "test_images": len(test[1]), "rows": rows},
+            indent=1))
 
 
 if __name__ == "__main__":
