@@ -104,3 +104,17 @@ def test_evaluate_refuses_an_alpha_outside_0_1(capsys):
     import evaluate
     assert evaluate.main(["--workdir", "nowhere", "--sweep", "--alpha", "1.5"]) == 1
     assert "--alpha must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_evaluate_without_sweep_prints_accuracies_and_the_self_report(
+        tiny_workdir, tiny_cfg, image_folder, decode_cache, capsys):
+    """`evaluate.py --workdir W --data-dir D`: every exit's test accuracy, then the backbone's
+    self-report on the held-out images the experts train on (never the calibration ones)."""
+    sys.path.insert(0, str(ROOT))
+    import evaluate
+    assert evaluate.main(["--workdir", str(tiny_workdir), "--data-dir", str(image_folder),
+                          "--cache-dir", str(decode_cache), "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "O1 test accuracy" in out and "O2 test accuracy" in out
+    n = tiny_cfg.val_size - tiny_cfg.calib_size
+    assert f"({n} images)" in out and "held-out O1" in out
