@@ -77,6 +77,17 @@ def choose_threshold_guaranteed(outputs: dict, labels: np.ndarray, rule: str,
                          f"{alpha}")
     scores = branch_scores(outputs, rule, labels)
     preds = np.stack([o.argmax(-1) for o in outputs["exits"]])
+    t, ucb, passed, candidates = certified_threshold(preds, labels, scores, max_drop, alpha)
+    point = evaluate_point(outputs, labels, scores, t, costs)
+    return {"rule": rule, **point, "drop_ucb": ucb, "alpha": alpha,
+            "candidates_passed": passed, "candidates": candidates}
+
+
+def certified_threshold(preds: np.ndarray, labels: np.ndarray, scores: list[np.ndarray],
+                        max_drop: float, alpha: float) -> tuple[float, float, int, int]:
+    """The fixed-sequence walk of the module docstring from counts alone (preds is (m, n),
+    every exit's prediction): (threshold, its drop bound, candidates passed, candidates).
+    Cheap enough to run once per bootstrap resample."""
     n = len(labels)
     thresholds = candidate_thresholds(scores)
     losses, gains = loss_gain_counts(preds, labels, scores, thresholds)
@@ -84,9 +95,7 @@ def choose_threshold_guaranteed(outputs: dict, labels: np.ndarray, rule: str,
     ucb[0] = 0.0  # t = 1: nothing leaves, the drop is exactly zero
     failed = np.nonzero(ucb > max_drop)[0]
     last = (failed[0] - 1) if len(failed) else len(thresholds) - 1
-    point = evaluate_point(outputs, labels, scores, float(thresholds[last]), costs)
-    return {"rule": rule, **point, "drop_ucb": float(ucb[last]), "alpha": alpha,
-            "candidates_passed": int(last + 1), "candidates": int(len(thresholds))}
+    return float(thresholds[last]), float(ucb[last]), int(last + 1), int(len(thresholds))
 
 
 def realized_drop(outputs: dict, labels: np.ndarray, rule: str, threshold: float) -> float:

@@ -34,8 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnneb_jax import api, checkpoints, data as data_lib  # noqa: E402
-from cnneb_jax.guarantee import (binomial_lower, binomial_upper, bootstrap_means,  # noqa: E402
-                                  candidate_thresholds, choose_threshold_guaranteed,
+from cnneb_jax.guarantee import (bootstrap_means, candidate_thresholds,  # noqa: E402
+                                  certified_threshold, choose_threshold_guaranteed,
                                   loss_gain_counts)
 from cnneb_jax.controller import all_outputs, last_exit_flops, path_flops  # noqa: E402
 from cnneb_jax.pipeline import materialize  # noqa: E402
@@ -70,17 +70,12 @@ def quick_threshold(preds: np.ndarray, labels: np.ndarray, scores: list[np.ndarr
     """The threshold `choose_threshold_guaranteed` (with alpha) or the naive rule (the
     cheapest candidate whose drop on these images meets the target) picks, from counts
     alone: fast enough to re-choose in every bootstrap resample."""
-    thresholds = candidate_thresholds(scores)
-    if not alpha:
-        thresholds = np.append(thresholds, 0.0)  # the naive rule may let every image leave
-    losses, gains = loss_gain_counts(preds, labels, scores, thresholds)
-    n = len(labels)
     if alpha:
-        bound = binomial_upper(losses, n, alpha / 2) - binomial_lower(gains, n, alpha / 2)
-        bound[0] = 0.0
-        failed = np.nonzero(bound > drop)[0]
-        return float(thresholds[(failed[0] - 1) if len(failed) else len(thresholds) - 1])
-    ok = np.nonzero((losses - gains) / n <= drop + 1e-12)[0]
+        return certified_threshold(preds, labels, scores, drop, alpha)[0]
+    # the naive rule may let every image leave
+    thresholds = np.append(candidate_thresholds(scores), 0.0)
+    losses, gains = loss_gain_counts(preds, labels, scores, thresholds)
+    ok = np.nonzero((losses - gains) / len(labels) <= drop + 1e-12)[0]
     return float(thresholds[ok[-1]])  # t = 1 always passes: its drop is 0
 
 
