@@ -12,6 +12,7 @@ calibration split and several seeds per expert cheap.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cnneb_jax import checkpoints, data as data_lib
 from cnneb_jax.augment import augment, normalize
 from cnneb_jax.heads import FT, OTHER
 from cnneb_jax.metrics import ft_labels, roc_auc
@@ -26,6 +28,8 @@ from cnneb_jax.model import (Model, Variables, backbone_forward, expert_forward,
                              split_collections)
 from cnneb_jax.expert_stage import balanced_expert_loss, class_weights
 from cnneb_jax.optim import make_optimizer
+from cnneb_jax.pipeline import materialize
+from cnneb_jax.workdir import load_trained
 
 KINDS = ("experts", "aux5b")
 
@@ -42,11 +46,6 @@ def add_source_flags(p, experts: dict) -> None:
 def load_source(workdir: str, data_dir: str) -> tuple:
     """(config, dataset, model, frozen backbone variables, held-out images, their labels):
     what an expert experiment reads from a trained workdir and its image folder."""
-    from pathlib import Path
-
-    from cnneb_jax import checkpoints, data as data_lib
-    from cnneb_jax.pipeline import materialize
-    from cnneb_jax.workdir import load_trained
     cfg = checkpoints.load_config(Path(workdir))
     d = data_lib.load_dataset(cfg, data_dir)
     model, full = load_trained(workdir)
