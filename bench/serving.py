@@ -6,7 +6,7 @@
 - the exported cascade (`serving`) against the live one, for uint8 and float input.
 
 (Session 12's comparison with the session-7 controller, and its byte counts, came from
-this script up to commit e885ef4; docs/RESULTS.md keeps the figures.)
+this script up to commit e885ef4; docs/experiments.md §12 keeps the figures.)
 
     python bench/serving.py --workdir pretrained/cifar --data-dir ../shared/datasets/cifar10-jpeg
     python bench/serving.py --save-npz split.npz ...   # the splits, to measure on a machine

@@ -38,7 +38,7 @@ class Config:
     whiten_stem: bool = False
     # Backbone convs start with their first min(in, out) output channels at the identity
     # (airbench's Dirac init): each plain conv begins as an implicit residual. On `cifar`,
-    # +1.9 points of test O2 in the same 48 min (RESULTS.md §1, session 12).
+    # +1.9 points of test O2 in the same 48 min (experiments.md §1, session 12).
     identity_init: bool = True
     use_pool_5a: bool = False      # MaxPool_5a_3x3 (stride 2) before Mixed_5b
     branch_points: tuple[str, ...] = ("Mixed_5b",)
@@ -61,7 +61,7 @@ class Config:
     # "float64" keeps everything in float64 (needs JAX_ENABLE_X64=1): exact comparisons in tests.
     compute_dtype: str = "float32"
     # oneDNN's convolution and pooling kernels on the CPU (cnneb_jax/onednn.py, built by
-    # setup.sh; docs/RESULTS.md §15): "on", "off" (XLA's), "auto" = on where they are built
+    # setup.sh; docs/experiments.md §15): "on", "off" (XLA's), "auto" = on where they are built
     # and the backend is the CPU, "inference" = auto for inference, XLA's for training.
     onednn: str = "auto"
     # --- data ---
@@ -93,7 +93,7 @@ class Config:
     # Progressive resizing: the first `lowres_epochs` epochs of the backbone stage train on
     # the augmented images downscaled to `lowres_size`; the rest, and every evaluation, at
     # image_size. A 24x24 step runs 1.9x faster here (bench/train_throughput.py), so 18
-    # epochs (14 of them at 24x24) take 50 min where 12 at 32x32 took 58 (RESULTS.md §1).
+    # epochs (14 of them at 24x24) take 50 min where 12 at 32x32 took 58 (experiments.md §1).
     # 20 and 16 run too (the O1 head pads its map), 2.6x and 3.3x faster per step.
     lowres_size: int = 24          # 0 = off
     lowres_epochs: float = 14.0
@@ -106,10 +106,10 @@ class Config:
     class_balance: str = "none"
     # --- backbone stage ---
     # Batch 128 is not measurably faster than 256 here (bench/train_throughput.py, docs/
-    # RESULTS.md §1) and ended level at equal epochs; it is the measured run's. lr scaled
+    # experiments.md §1) and ended level at equal epochs; it is the measured run's. lr scaled
     # linearly from 0.2 at 256.
     batch_size: int = 128
-    epochs: int = 18               # 48 min on 2 CPU cores at width 0.25 (RESULTS.md §1)
+    epochs: int = 18               # 48 min on 2 CPU cores at width 0.25 (experiments.md §1)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -136,7 +136,7 @@ class Config:
     finetune: str = "heads"
     # --- expert stage ---
     # Adam peak lrs chosen on the calibration split (best mean ROC AUC of 2 seeds over
-    # 1e-4..1e-1, experiments/expert_seeds.py, docs/RESULTS.md §3): the paper's E1 3e-3 (it
+    # 1e-4..1e-1, experiments/expert_seeds.py, docs/experiments.md §3): the paper's E1 3e-3 (it
     # collapses to a constant at 0.1); E1 with the confidence inputs 0.03.
     expert_epochs: int = 16
     expert_batch_size: int = 256
@@ -175,7 +175,7 @@ CONFIGS: dict[str, Config] = {
     # Imagenette (ImageNet photos of 10 classes) from its image folder, 3,000 training photos,
     # 600 held out (200 of them for calibration). Random resized crops (25-100% of a photo)
     # at 128x128 for 30 epochs, a stride-2 first conv: grids of 32 / 16 / 8 after the stem.
-    # Chosen on the held-out photos (RESULTS.md §18): centre crops at 64x64 for 20 epochs
+    # Chosen on the held-out photos (experiments.md §18): centre crops at 64x64 for 20 epochs
     # ended with O2 level with O1 (57.5% / 57.2%), random crops at 64 too (58.7% / 59.2%);
     # at 96 O2 led by 4.7, 1.3 and 2.3 points (seeds 0-2), at 128 by 4.0 and 4.5 (seeds 0-1).
     "imagenette": _DEFAULT.replace(

@@ -41,7 +41,7 @@ def exit_gap_warning(gap: dict) -> str | None:
 
 
 # Above this ratio of the largest class's training images to the smallest's, a backbone
-# trained without class weights favours the large classes (RESULTS.md §18: 10x on CIFAR-10,
+# trained without class weights favours the large classes (experiments.md §18: 10x on CIFAR-10,
 # held-out balanced accuracy 44% without weights, 51% with them).
 IMBALANCE_RATIO = 3.0
 
@@ -61,7 +61,7 @@ def imbalance_warning(labels: np.ndarray, class_names, class_balance: str) -> st
             f"{class_names[small]} {counts[small]} ({counts[big] / counts[small]:.1f}x); "
             "--set class_balance=loss weights every class the same in total, which raised "
             "held-out balanced accuracy by about 7 points on a 10x imbalanced CIFAR-10 "
-            "(docs/RESULTS.md §18)")
+            "(docs/experiments.md §18)")
 
 
 def class_report(logits: np.ndarray, labels: np.ndarray, class_names, worst: int = 5,

@@ -26,7 +26,7 @@ def split_cpu(n: int) -> None:
 
     On a 2-core host, isolated backbone steps of the cifar config ran 1.2-1.26x faster on
     2 devices than on 1 (experiments/data_parallel.py), though a real training run did not
-    (docs/RESULTS.md §1). It must run before JAX starts its backends; GPUs/TPUs are not
+    (docs/experiments.md §1). It must run before JAX starts its backends; GPUs/TPUs are not
     affected.
     """
     if n < 1:

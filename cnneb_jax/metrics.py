@@ -41,7 +41,7 @@ def xla_flops(fn: Callable, *args: Any) -> float:
     """FLOPs of one call of `fn(*args)` as counted by XLA's cost analysis of its CPU
     compilation, whatever the default backend: XLA:GPU hands convolutions to cuDNN as custom
     calls, which its cost analysis counts as no FLOPs (on an H100 the deep segment counted
-    36.7 of its 103.1 MFLOPs, docs/RESULTS.md section 7)."""
+    36.7 of its 103.1 MFLOPs, docs/experiments.md section 7)."""
     try:
         cpu = jax.devices("cpu")[0]
     except RuntimeError:   # JAX_PLATFORMS without cpu: count on the default backend

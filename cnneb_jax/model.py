@@ -225,7 +225,7 @@ def to_compute_dtype(cfg: Config, tree: Any) -> Any:
 
 def inference_variables(cfg: Config, variables: Variables) -> Variables:
     """The parameters cast to the compute dtype once, at load, rather than in every call
-    (at bfloat16 the casts took 30 ms of a 300 ms `full` forward at batch 8; docs/RESULTS.md
+    (at bfloat16 the casts took 30 ms of a 300 ms `full` forward at batch 8; docs/experiments.md
     §15). BatchNorm statistics stay float32; the numbers are the calls' own casts."""
     if cfg.compute_dtype == "float32":
         return variables

@@ -1,7 +1,7 @@
 """oneDNN's CPU convolutions inside jitted JAX code, through XLA's FFI.
 
 XLA:CPU's convolutions run 1.2-3.9x slower than oneDNN's in float32 and 2.5-5.5x in
-bfloat16 on this project's machines (docs/RESULTS.md §14), and they take over 90% of an
+bfloat16 on this project's machines (docs/experiments.md §14), and they take over 90% of an
 Inception v3 forward. `native/onednn_conv.cc` wraps oneDNN's forward (with BatchNorm's
 scale and offset and a ReLU fused in), backward-data and backward-weights convolutions, and
 its pooling, as FFI handlers; this module builds it once, loads it, and offers `conv`

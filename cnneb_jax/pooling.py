@@ -4,14 +4,14 @@
 XLA:CPU than the same reduction written as k strided slices per axis, rows first, then
 columns; and its gradients are worse still (max pooling's `select_and_scatter`): the `full`
 config's pools take 74 ms forward and 577 ms for their gradients at batch 8 as
-reduce_window, 19 and 187 ms as slices (`experiments/conv_lowering.py --pools`, docs/RESULTS.md
+reduce_window, 19 and 187 ms as slices (`experiments/conv_lowering.py --pools`, docs/experiments.md
 §14). The slices give the same maxima exactly and the same averages up to float rounding;
 their gradients are elementwise. Padding follows
 `lax.padtype_to_pads` ("SAME": the extra pixel goes after), as Flax's and TF's do
 (`onednn.axis_pads`, shared with the convs).
 
 With oneDNN (cnneb_jax/onednn.py) inference runs its pooling kernels instead (faster still,
-docs/RESULTS.md §15); training keeps the slices, forward and backward.
+docs/experiments.md §15); training keeps the slices, forward and backward.
 """
 
 from __future__ import annotations

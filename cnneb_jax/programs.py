@@ -153,7 +153,7 @@ def _lower(c: Cascade, key: tuple, x):
 def _compile(lowered):
     # On XLA:CPU, LLVM's backend optimisation level 1 compiles our programs about 30%
     # faster than the default (2) and runs them no slower (measured on the cifar cascade,
-    # docs/RESULTS.md section 10): convolutions and matmuls are library calls either way.
+    # docs/experiments.md section 10): convolutions and matmuls are library calls either way.
     if jax.default_backend() == "cpu":
         return lowered.compile(compiler_options={"xla_backend_optimization_level": 1})
     return lowered.compile()

@@ -39,7 +39,7 @@ class Conv(nn.Module):
     With oneDNN (`onednn_mode`, cnneb_jax/onednn.py) every conv but a 1x1 runs oneDNN's
     kernels, forward and backward. 1x1 convs run as XLA matmuls (same numbers as lax.conv
     up to float rounding; faster on XLA:CPU than its conv, experiments/conv_lowering.py; as fast
-    as oneDNN's here, docs/RESULTS.md §15). The matmul-per-tap weight gradient that once
+    as oneDNN's here, docs/experiments.md §15). The matmul-per-tap weight gradient that once
     trained 1.5-2x faster made the cifar step 16-21% slower on JAX 0.12 (§14): dropped.
 
     `bn` = (scale, offset) turns it into relu(conv(x, w) * scale + offset) in one oneDNN

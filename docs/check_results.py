@@ -10,10 +10,19 @@ The comment names a file under `docs/` (JSON, or CSV), a path into it and a Pyth
 spec. The path's steps are keys, list indices or `column=value` (the one record of a list
 or CSV with that value); two paths joined by `--` give a difference, the second replacing
 as many of the first's last steps as it has (`test.O2--test.O1`). A spec ending in `pt`
-shows a fraction in points (`+.1fpt` writes 0.012 as "+1.2 pt"). The script compares the
+shows a fraction in points (`+.1fpt` writes 0.012 as "+1.2 pt"), one ending in `min`
+seconds in minutes. The script compares the
 formatted value with the last number written before the comment (after any earlier check
 on the line; a number written without its unit is compared without it). A mismatch, a
 missing file or key, or a page with no checks fails, naming the line.
+
+A text output (any other suffix: a benchmark's printed table, a test run's log) is read by
+line: the step `~words_of_the_line` takes the first line containing those words (`_` for a
+space), and an index then picks one of the numbers on it (`peer.txt#~forward,_batch_8.1`:
+the second number on the first line that contains "forward, batch 8"; ranges like 544-595
+read as two numbers; a number inside a word, like the 1 of "O1", is not one). A step
+`mean` averages a list, and a step may be percent-encoded (`E1%20(softmax)`, `%2E` for a
+dot inside a key).
 """
 
 from __future__ import annotations
@@ -23,16 +32,27 @@ import json
 import re
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 DOCS = Path(__file__).resolve().parent
 CHECK = re.compile(r"<!--\s*check:\s*(?P<file>[^#\s]+)#(?P<path>\S+)\s+(?P<spec>\S+)\s*-->")
+LINE_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")  # not the 1 of "O1"
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?\s?(?:%|pt)?|[-+]?\.\d+")
 
 
 def lookup(data, path: str):
-    """`a.b.0.c` into nested dicts and lists; a CSV's first step may be `key=value`."""
-    for step in path.split("."):
-        if isinstance(data, list) and "=" in step:
+    """`a.b.0.c` into nested dicts and lists; a CSV's first step may be `key=value`, a text
+    file's `~words` (the numbers on the first line containing them)."""
+    for step in map(unquote, _steps(path)):
+        if isinstance(data, list) and step == "mean":
+            data = sum(data) / len(data)
+        elif isinstance(data, str) and step.startswith("~"):
+            words = step[1:].replace("_", " ")
+            line = next((ln for ln in data.splitlines() if words in ln), None)
+            if line is None:
+                raise KeyError(f"no line contains {words!r}")
+            data = [float(x.replace(",", "")) for x in LINE_NUMBER.findall(line)]
+        elif isinstance(data, list) and "=" in step:
             key, value = step.split("=", 1)
             rows = [r for r in data if str(r.get(key)) == value]
             if len(rows) != 1:
@@ -47,10 +67,22 @@ def lookup(data, path: str):
     return data
 
 
+def _steps(path: str) -> list[str]:
+    """Dot-separated steps; a `~words` step may hold dots and ends at the next `.N` index."""
+    if "~" not in path:
+        return path.split(".")
+    head, _, rest = path.partition("~")
+    words, _, tail = re.match(r"(.*?)(\.(\d+(?:\..*)?))?$", rest).group(1, 2, 3)
+    return ([*head.rstrip(".").split(".")] if head.strip(".") else []) + ["~" + words] + (
+        tail.split(".") if tail else [])
+
+
 def render(value, spec: str) -> str:
     """`value` in a format spec (`.2%`, `.3f`, `,d`); `...pt` shows a fraction in points."""
     if spec.endswith("pt"):
         return format(100 * float(value), spec[:-2]) + " pt"
+    if spec.endswith("min"):  # seconds shown as minutes
+        return format(float(value) / 60, spec[:-3])
     return format(value if isinstance(value, int) else float(value), spec)
 
 
@@ -60,8 +92,10 @@ def load(file: str, cache: dict):
         if path.suffix == ".csv":
             with open(path, newline="") as f:
                 cache[file] = list(csv.DictReader(f))
-        else:
+        elif path.suffix == ".json":
             cache[file] = json.loads(path.read_text())
+        else:
+            cache[file] = path.read_text()
     return cache[file]
 
 
@@ -85,9 +119,11 @@ def check(page: Path) -> list[str]:
                 first, *rest = m.group("path").split("--")
                 value = lookup(data, first)
                 for other in rest:
-                    steps = first.split(".")
-                    tail = other.split(".")
-                    value = value - lookup(data, ".".join(steps[:len(steps) - len(tail)] + tail))
+                    steps = _steps(first)
+                    tail = _steps(other)
+                    # a second path as long as the first, or longer, stands alone
+                    keep = steps[:max(0, len(steps) - len(tail))]
+                    value = value - lookup(data, ".".join(keep + tail))
                 expected = render(value, m.group("spec"))
             except (OSError, KeyError, IndexError, ValueError, TypeError) as e:
                 problems.append(f"{where}: {type(e).__name__}: {e}")
@@ -95,6 +131,8 @@ def check(page: Path) -> list[str]:
             got, want = written[-1].replace(" ", ""), expected.replace(" ", "")
             if not got.endswith(("%", "pt")):  # "+4.00 ± 1.69 pt": the unit comes later
                 want = want.removesuffix("pt")
+            if not want.endswith(("%", "pt")):  # a bare number read from a text output
+                got = got.removesuffix("%").removesuffix("pt")
             if got != want:
                 problems.append(f"{where}: the page says {written[-1]!r}, the output gives "
                                 f"{expected!r}")

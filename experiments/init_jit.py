@@ -1,6 +1,6 @@
 """Seconds to initialise a config's variables from an empty compilation cache: eagerly, as
 `model.init_variables` does (op by op), or as one jitted program. Session 23 kept eager
-(docs/RESULTS.md §19): the jitted program, mostly random-number code, compiled slower.
+(docs/experiments.md §19): the jitted program, mostly random-number code, compiled slower.
 
     XLA_FLAGS=--xla_backend_optimization_level=0 python experiments/init_jit.py tiny eager
     XLA_FLAGS=--xla_backend_optimization_level=0 python experiments/init_jit.py tiny jit

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="largest batch the controller runs at once, O2 alone included "
                         "(default 128 on a CPU, where every path runs faster per image at "
-                        "128 than at 256, docs/RESULTS.md §4; 256 on a GPU, where 128 runs "
+                        "128 than at 256, docs/experiments.md §4; 256 on a GPU, where 128 runs "
                         "18-24%% slower per image, §7)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed repeats per point; the median is reported (default 3)")
