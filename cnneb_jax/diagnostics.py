@@ -117,8 +117,8 @@ def expert_aucs(outputs: dict, labels: np.ndarray) -> dict[str, float]:
 
 def expert_vs_max_softmax(outputs: dict, labels: np.ndarray, kind: str = "experts") -> list[dict]:
     """Per expert E_i: ROC AUC (Other vs FT) of the expert's score and of O_i's max softmax
-    on these images (the calibration split: held out of both stages), when they hold at
-    least MIN_FT_FOR_AUC FT examples and some Other ones."""
+    on these images (the expert stage passes its held-out split), when they hold at least
+    MIN_FT_FOR_AUC FT examples and some Other ones."""
     aucs = expert_aucs({"exits": outputs["exits"], kind: outputs[kind]}, labels)
     out = []
     for i in range(len(outputs["exits"]) - 1):
@@ -133,11 +133,13 @@ def expert_vs_max_softmax(outputs: dict, labels: np.ndarray, kind: str = "expert
 
 def expert_warning(row: dict) -> str | None:
     """A warning when an expert ranks the held-out images worse than O_i's max softmax,
-    naming the rule to serve with."""
+    naming the rule to serve with. The expert trained on those images, so the comparison
+    favours it."""
     if "expert_auc" not in row or row["expert_auc"] >= row["max_softmax_auc"]:
         return None
     i = row["expert"][1:]
-    return (f"{row['expert']} ranks the {row['ft_examples']} FT examples of the calibration "
-            f"split worse than O{i}'s max softmax (ROC AUC {row['expert_auc']:.3f} vs "
+    return (f"{row['expert']} ranks the {row['ft_examples']} FT examples of the held-out "
+            f"images it trained on worse than O{i}'s max softmax (ROC AUC "
+            f"{row['expert_auc']:.3f} vs "
             f"{row['max_softmax_auc']:.3f}): serve with rule max_softmax "
             "(api.calibrate(..., rule='max_softmax'), export.py --rule max_softmax)")

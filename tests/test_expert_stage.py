@@ -24,6 +24,8 @@ def test_expert_stage_end_to_end(trained, tiny_cfg):
     workdir, _, e = trained
     assert {"experts_E1", "aux5b_E1", "max_softmax_O1"} <= set(e["test_auc_other_vs_ft"])
     assert len(e["heldout_ft_examples"]) == 1 and e["heldout_ft_examples"][0] >= 0
+    [versus] = e["heldout_expert_vs_max_softmax"]
+    assert versus["ft_examples"] == e["heldout_ft_examples"][0]
     model, full = load_trained(workdir)
     assert set(full) == {"segments", "heads", "experts", "aux5b"}
 
@@ -35,6 +37,24 @@ def test_expert_stage_warns_of_few_or_leaked_ft_examples(capsys):
     _warn_leak([0.02], [0.023], 10_000)
     _warn_leak([0.0], [0.02], 100)         # too few test FT examples to tell
     assert capsys.readouterr().err == ""
+
+
+def test_e1_is_judged_against_max_softmax_on_the_heldout_split_not_calibration(monkeypatch):
+    # The calibration split certifies the operating point; choosing the rule on it too would
+    # break Learn-then-Test's assumption of a model fixed independently of it.
+    from cnneb_jax import expert_stage
+    seen = []
+
+    def fake_predict_all(model, variables, images, batch_size, predict=None):
+        seen.append(images)
+        n = len(images)
+        return {"exits": [np.zeros((n, 3)), np.zeros((n, 3))], "experts": [np.zeros((n, 2))]}
+
+    monkeypatch.setattr(expert_stage, "predict_all", fake_predict_all)
+    data = {"val_images": np.zeros((5, 4, 4, 3)), "val_labels": np.zeros(5, int),
+            "calib_images": np.ones((7, 4, 4, 3)), "calib_labels": np.zeros(7, int)}
+    expert_stage._check_against_rule(None, None, data, 8)
+    assert len(seen) == 1 and seen[0] is data["val_images"]
 
 
 def test_expert_step_updates_only_the_experts(trained, tiny_cfg, tiny_data):
