@@ -143,6 +143,12 @@ class Config:
     expert_lr: float = 3e-3
     aux5b_lr: float = 1e-3         # the Auxiliary+5b expert's own Adam lr
     expert_weight_decay: float = 1e-4
+    # 0: every epoch augments the held-out images afresh and runs the frozen backbone on
+    # them. N > 0: N augmented views of each image go through the backbone once, before
+    # training, and the epochs read them (epochs / N passes over all N views, shuffled
+    # together): many epochs then cost little more than N (expert_epochs must be a multiple
+    # of N). experiments/expert_budget.py chose its settings this way, with 16 views.
+    expert_views: int = 0
     # --- bookkeeping ---
     seed: int = 0
     checkpoint_every_steps: int = 200
@@ -287,6 +293,7 @@ _RANGES: dict[str, tuple] = {
     "expert_epochs": (1, None, True, True), "expert_batch_size": (1, None, True, True),
     "expert_lr": (0.0, None, False, True), "aux5b_lr": (0.0, None, False, True),
     "expert_weight_decay": (0.0, None, True, True), "seed": (0, None, True, True),
+    "expert_views": (0, None, True, True),
     "checkpoint_every_steps": (1, None, True, True), "eval_batch_size": (1, None, True, True),
     "max_train_examples": (0, None, True, True), "max_test_examples": (0, None, True, True),
 }
@@ -342,6 +349,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config field calib_size ({cfg.calib_size}) must be smaller than "
                          f"val_size ({cfg.val_size}): the calibration images are the last "
                          f"calib_size of the held-out ones, and the experts train on the rest")
+    if cfg.expert_views and cfg.expert_epochs % cfg.expert_views:
+        raise ValueError(f"config field expert_epochs ({cfg.expert_epochs}) must be a multiple "
+                         f"of expert_views ({cfg.expert_views}): every cached view is read "
+                         f"equally often")
     if cfg.pad_crop >= cfg.image_size:
         raise ValueError(f"config field pad_crop must be < image_size ({cfg.image_size}), "
                          f"got {cfg.pad_crop}")

@@ -49,45 +49,111 @@ def balanced_expert_loss(e_logits: jax.Array, target: jax.Array,
     return jnp.sum(w * ce) / jnp.sum(w)
 
 
+def ft_targets(logits: list, labels: jax.Array) -> list[jax.Array]:
+    """Per branch point i: FT (O_i wrong, a later exit right) or Other, from exit logits."""
+    preds = [l.argmax(-1) for l in logits]
+    targets = []
+    for i in range(len(logits) - 1):
+        right_later = jnp.zeros_like(labels, dtype=bool)
+        for p in preds[i + 1:]:
+            right_later |= p == labels
+        targets.append(jnp.where((preds[i] != labels) & right_later, FT, OTHER))
+    return targets
+
+
+def _experts_loss(model: Model, params, stats, backbone, feats, logits, targets, class_w):
+    """Every expert's balanced loss at every branch point, from the frozen backbone's
+    features and exit logits there; returns (loss, (new expert statistics, metrics))."""
+    b_params, b_stats = split_collections(backbone)
+    full_params, full_stats = {**b_params, **params}, {**b_stats, **stats}
+    new_stats = {g: {} for g in EXPERT_GROUPS}
+    loss, metrics = 0.0, {}
+    for i, target in enumerate(targets):
+        for kind in EXPERT_GROUPS:
+            e_logits, upd = expert_forward(model, full_params, full_stats, kind, i,
+                                           feats[i], logits[i], train=True)
+            new_stats[kind][f"E{i + 1}"] = upd
+            loss = loss + balanced_expert_loss(e_logits, target, class_w[i])
+            metrics[f"acc_{kind}_E{i + 1}"] = jnp.mean(e_logits.argmax(-1) == target)
+        metrics[f"ft_rate_E{i + 1}"] = jnp.mean(target == FT)
+    return loss, (new_stats, metrics)
+
+
+def _apply_step(tx, state, loss_fn, *args):
+    (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["stats"], *args)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "stats": new_stats, "opt": opt}, {"loss": loss, **metrics}
+
+
+def _augmented(cfg: Config, rng: jax.Array, images: jax.Array) -> jax.Array:
+    return normalize(augment(rng, images, cfg.pad_crop, flip=cfg.flip != "none",
+                             pad_mode=cfg.pad_mode), cfg.input_norm)
+
+
 def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation):
     """The jitted expert train step: (state, images, labels, rng, class_w, backbone). The
     frozen backbone is an argument, not a constant of the program: the program stays
     small, and compiles once for every backbone of a config (the persistent cache then
     serves other workdirs, seeds and resumed runs)."""
-    m = model.num_exits
 
     def loss_fn(params, stats, x, y, class_w, backbone):
         b_params, b_stats = split_collections(backbone)
         logits, feats, _ = backbone_forward(model, b_params, b_stats, x, train=False)
-        preds = [l.argmax(-1) for l in logits]
-        full_params = {**b_params, **params}
-        full_stats = {**b_stats, **stats}
-        new_stats = {g: {} for g in EXPERT_GROUPS}
-        loss, metrics = 0.0, {}
-        for i in range(m - 1):
-            right_later = jnp.zeros_like(y, dtype=bool)
-            for p in preds[i + 1:]:
-                right_later |= p == y
-            is_ft = (preds[i] != y) & right_later
-            target = jnp.where(is_ft, FT, OTHER)
-            for kind in EXPERT_GROUPS:
-                e_logits, upd = expert_forward(model, full_params, full_stats, kind, i,
-                                               feats[i], logits[i], train=True)
-                new_stats[kind][f"E{i + 1}"] = upd
-                loss = loss + balanced_expert_loss(e_logits, target, class_w[i])
-                metrics[f"acc_{kind}_E{i + 1}"] = jnp.mean(e_logits.argmax(-1) == target)
-            metrics[f"ft_rate_E{i + 1}"] = jnp.mean(is_ft)
-        return loss, (new_stats, metrics)
+        return _experts_loss(model, params, stats, backbone, feats, logits,
+                             ft_targets(logits, y), class_w)
 
     @jax.jit
     def step(state, images, labels, rng, class_w, backbone):
-        x = normalize(augment(rng, images, cfg.pad_crop, flip=cfg.flip != "none",
-                              pad_mode=cfg.pad_mode), cfg.input_norm)
-        (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["stats"], x, labels, class_w, backbone)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "stats": new_stats, "opt": opt}, {"loss": loss, **metrics}
+        return _apply_step(tx, state, loss_fn, _augmented(cfg, rng, images), labels,
+                           class_w, backbone)
+
+    return step
+
+
+def cache_views(model: Model, cfg: Config, backbone: Variables, images: np.ndarray,
+                labels: np.ndarray, views: int, batch_size: int) -> dict:
+    """`views` augmented views of `images` through the frozen backbone, once: the
+    branch-point features (float16, to halve their memory), every exit's logits and the FT
+    targets, as numpy arrays whose row v * N + j is view v of image j. Seeded by the
+    config's seed alone, so a resumed run rebuilds the same views."""
+    m = model.num_exits
+
+    @jax.jit
+    def forward(backbone, x, rng):
+        b_params, b_stats = split_collections(backbone)
+        logits, feats, _ = backbone_forward(model, b_params, b_stats,
+                                            _augmented(cfg, rng, x), train=False)
+        return [f.astype(jnp.float16) for f in feats[:m - 1]], logits
+
+    key = jax.random.PRNGKey(cfg.seed + 3)
+    parts = []
+    for v in range(views):
+        for b, start in enumerate(range(0, len(images), batch_size)):
+            rng = jax.random.fold_in(jax.random.fold_in(key, v), b)
+            parts.append(jax.device_get(forward(backbone, images[start:start + batch_size],
+                                                rng)))
+    feats = [np.concatenate([p[0][i] for p in parts]) for i in range(m - 1)]
+    logits = [np.concatenate([p[1][i] for p in parts]) for i in range(m)]
+    targets = [np.asarray(t) for t in ft_targets(logits, np.tile(labels, views))]
+    return {"feats": feats, "logits": logits, "targets": targets}
+
+
+def make_cached_expert_step(model: Model, tx: optax.GradientTransformation):
+    """The jitted expert train step on cached views (`cache_views`): (state, rows, labels,
+    rng, class_w, backbone, cache); `rows` index the cache, `labels` and `rng` go unused
+    (the views are augmented already, their FT targets computed)."""
+
+    def loss_fn(params, stats, feats, logits, targets, class_w, backbone):
+        return _experts_loss(model, params, stats, backbone, feats, logits, targets, class_w)
+
+    @jax.jit
+    def step(state, rows, labels, rng, class_w, backbone, cache):
+        take = lambda xs, dtype=None: [x[rows] if dtype is None else x[rows].astype(dtype)
+                                       for x in xs]
+        return _apply_step(tx, state, loss_fn, take(cache["feats"], jnp.float32),
+                           take(cache["logits"]), take(cache["targets"]), class_w, backbone)
 
     return step
 
@@ -173,10 +239,22 @@ def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict
     params, stats = split_collections(subset(variables, EXPERT_GROUPS))
     n = len(data["val_images"])
     bs = min(cfg.expert_batch_size, n)
-    tx = make_expert_optimizer(cfg, cfg.expert_epochs * (n // bs))
-    spec = StageSpec("expert", data["val_images"], data["val_labels"], bs, cfg.expert_epochs,
-                     ((0, make_expert_step(model, cfg, tx)),),
-                     step_args=(jnp.asarray(class_w), backbone))
+    views = cfg.expert_views
+    # With cached views one loop epoch reads every view once: expert_epochs / views of them.
+    tx = make_expert_optimizer(cfg, (cfg.expert_epochs // views) * (views * n // bs)
+                               if views else cfg.expert_epochs * (n // bs))
+    if views:
+        print(f"[expert] {views} augmented views of {n} held-out images through the backbone")
+        cache = cache_views(model, cfg, backbone, data["val_images"], data["val_labels"],
+                            views, cfg.eval_batch_size)
+        spec = StageSpec("expert", np.arange(views * n), np.tile(data["val_labels"], views),
+                         bs, cfg.expert_epochs // views,
+                         ((0, make_cached_expert_step(model, tx)),),
+                         step_args=(jnp.asarray(class_w), backbone, cache))
+    else:
+        spec = StageSpec("expert", data["val_images"], data["val_labels"], bs,
+                         cfg.expert_epochs, ((0, make_expert_step(model, cfg, tx)),),
+                         step_args=(jnp.asarray(class_w), backbone))
     state, _ = run_stage(spec, workdir, cfg, train_state(tx, params, stats))
     full = {**backbone, **merge_collections(state["params"], state["stats"])}
     predict = make_predict_fn(model)   # traced once for the test and held-out splits

@@ -155,3 +155,54 @@ def test_experts_train_on_the_backbone_of_another_workdir(trained, tiny_cfg, tin
     assert not (tmp_path / "w").exists()   # a refused link leaves nothing behind
     with pytest.raises(TrainingError, match="own"):
         train_expert(tiny_cfg, tiny_data, trained[0], backbone_from=tiny_ablation)
+
+
+def test_cached_views_are_reproducible_augmented_and_give_the_fresh_step(trained, tiny_cfg,
+                                                                          tiny_data):
+    """`expert_views`: the views are the same on every call (a resumed run rebuilds them),
+    differ from view to view, and without augmentation one cached step equals one fresh
+    step on the same images (up to the float16 the features are stored in)."""
+    import optax
+    from cnneb_jax.model import EXPERT_GROUPS, init_variables, split_collections
+    from cnneb_jax.expert_stage import (cache_views, make_cached_expert_step,
+                                        make_expert_step)
+
+    model, backbone = load_backbone(trained[0], tiny_cfg)
+    x, y = tiny_data["val_images"][:8], tiny_data["val_labels"][:8]
+    a = cache_views(model, tiny_cfg, backbone, x, y, views=2, batch_size=5)
+    b = cache_views(model, tiny_cfg, backbone, x, y, views=2, batch_size=5)
+    assert a["feats"][0].shape[0] == a["logits"][0].shape[0] == len(a["targets"][0]) == 16
+    assert a["feats"][0].dtype == np.float16
+    assert leaves_equal(a, b)
+    assert not np.array_equal(a["logits"][0][:8], a["logits"][0][8:])
+
+    plain = tiny_cfg.replace(pad_crop=0, flip="none")
+    cache = cache_views(model, plain, backbone, x, y, views=1, batch_size=8)
+    variables = init_variables(model, jax.random.PRNGKey(1))
+    params, stats = split_collections({g: variables[g] for g in EXPERT_GROUPS})
+    tx = optax.sgd(0.5)
+    state = {"params": params, "stats": stats, "opt": tx.init(params)}
+    class_w = jax.numpy.ones((1, 2))
+    fresh, m1 = make_expert_step(model, plain, tx)(state, x, y, jax.random.PRNGKey(0),
+                                                   class_w, backbone)
+    cached, m2 = make_cached_expert_step(model, tx)(state, np.arange(8), y,
+                                                    jax.random.PRNGKey(0), class_w,
+                                                    backbone, cache)
+    assert float(m1["ft_rate_E1"]) == float(m2["ft_rate_E1"])
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-2)
+    for f, c in zip(jax.tree_util.tree_leaves(fresh["params"]),
+                    jax.tree_util.tree_leaves(cached["params"])):
+        np.testing.assert_allclose(np.asarray(f), np.asarray(c), rtol=1e-2, atol=1e-3)
+
+
+def test_expert_stage_trains_from_cached_views(trained, tiny_cfg, tiny_data, tmp_path):
+    cfg = tiny_cfg.replace(expert_views=3)
+    result = train_expert(cfg, tiny_data, tmp_path / "views", backbone_from=trained[0])
+    n, bs = len(tiny_data["val_labels"]), min(cfg.expert_batch_size, len(tiny_data["val_labels"]))
+    # expert_epochs passes over the held-out images, read as epochs / views passes over
+    # all the views
+    assert result["steps"] == (cfg.expert_epochs // 3) * (3 * n // bs)
+    assert {"experts_E1", "aux5b_E1"} <= set(result["test_auc_other_vs_ft"])
+    with pytest.raises(ValueError, match="multiple of expert_views"):
+        from cnneb_jax.configs import validate
+        validate(tiny_cfg.replace(expert_views=4))
