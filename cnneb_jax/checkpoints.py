@@ -238,7 +238,10 @@ def config_diff(workdir: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> str
     """The fields where the config recorded in `workdir` differs from `cfg`, as "field: A
     there vs B here, ...", leaving out the fields that only change how a run goes and those
     in `ignore`; "" when none."""
-    theirs = _with_added_fields(read_config_json(Path(workdir) / "config.json"))
+    # A field the workdir's config.json predates compares as the value it loads with
+    # (load_config): _ADDED_FIELDS' where it changes behaviour, else today's default.
+    theirs = {**dataclasses.asdict(Config()),
+              **_with_added_fields(read_config_json(Path(workdir) / "config.json"))}
     mine = dataclasses.asdict(cfg)
     diff = [k for k in mine if k not in _RUN_FIELDS and k not in ignore
             and json.dumps(theirs.get(k)) != json.dumps(mine[k])]

@@ -78,6 +78,15 @@ def test_workdir_from_before_a_field_existed_keeps_its_behaviour(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="ema_decay: 0.0 there vs 0.99 here"):
         ckpt.check_config(tmp_path, cfg)
     ckpt.check_config(tmp_path, loaded)
+    # a field added later without a past value (it changes nothing a workdir holds, like
+    # the kernel library or the expert stage's view cache) compares as its default
+    fresh = {k: v for k, v in json.loads(json.dumps(cfg.__dict__)).items()
+             if k not in ("onednn", "expert_views")}
+    (tmp_path / "config.json").write_text(json.dumps(fresh))
+    assert ckpt.config_diff(tmp_path, ckpt.load_config(tmp_path)) == ""
+    ckpt.check_config(tmp_path, cfg)
+    with pytest.raises(ckpt.CheckpointError, match="expert_views: 0 there vs 16 here"):
+        ckpt.check_config(tmp_path, cfg.replace(expert_views=16))
 
 
 def _three_steps(tmp_path):
