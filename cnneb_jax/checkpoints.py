@@ -34,7 +34,7 @@ from cnneb_jax.configs import Config, validate
 # Fields that only change how a run goes, not the shapes or meaning of what it trains
 # (compute_dtype: a float32-trained model may be evaluated in bf16 and vice versa).
 _RUN_FIELDS = {"checkpoint_every_steps", "eval_batch_size", "name", "compute_dtype",
-               "eval_every_epochs", "pipeline"}
+               "eval_every_epochs", "pipeline", "onednn_min_batch"}
 
 
 # Config fields added after workdirs existed, with the value that reproduces a workdir

@@ -64,6 +64,9 @@ class Config:
     # setup.sh; docs/experiments.md §15): "on", "off" (XLA's), "auto" = on where they are built
     # and the backend is the CPU, "inference" = auto for inference, XLA's for training.
     onednn: str = "auto"
+    # Inference buckets of fewer images run XLA's kernels even where oneDNN's are on: per
+    # call oneDNN's cost more there (2x slower at one image, docs/experiments.md §20).
+    onednn_min_batch: int = 8
     # --- data ---
     dataset: str = "cifar10"
     # Pixels -> network inputs: "cifar" standardises each channel with CIFAR-10's mean and
@@ -293,7 +296,7 @@ _RANGES: dict[str, tuple] = {
     "expert_epochs": (1, None, True, True), "expert_batch_size": (1, None, True, True),
     "expert_lr": (0.0, None, False, True), "aux5b_lr": (0.0, None, False, True),
     "expert_weight_decay": (0.0, None, True, True), "seed": (0, None, True, True),
-    "expert_views": (0, None, True, True),
+    "expert_views": (0, None, True, True), "onednn_min_batch": (1, None, True, True),
     "checkpoint_every_steps": (1, None, True, True), "eval_batch_size": (1, None, True, True),
     "max_train_examples": (0, None, True, True), "max_test_examples": (0, None, True, True),
 }

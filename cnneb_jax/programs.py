@@ -23,7 +23,8 @@ import numpy as np
 from cnneb_jax import onednn, routing
 from cnneb_jax.compile_cache import memo, memo_json
 from cnneb_jax.metrics import segment_flops
-from cnneb_jax.model import Model, Variables, branch_fn, inference_variables, segment_fns
+from cnneb_jax.model import (Model, Variables, branch_fn, build_model, inference_variables,
+                             segment_fns)
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -113,21 +114,35 @@ def _branch_variables(c: Cascade, i: int, variant: str) -> Variables:
     return v
 
 
+def _kernel_model(c: Cascade, batch: int) -> Model:
+    """The model whose kernels run a bucket of `batch`: the cascade's own, or below
+    `onednn_min_batch` the same network on XLA's kernels (faster there than oneDNN's).
+    Both read the same variables."""
+    cfg = c.model.cfg
+    if cfg.onednn == "off" or batch >= cfg.onednn_min_batch:
+        return c.model
+    model = c.programs.get(("model", "xla"))
+    if model is None:
+        model = c.programs[("model", "xla")] = build_model(cfg.replace(onednn="off"))
+    return model
+
+
 def _exported(c: Cascade, i: int, variant: str, x) -> jax.export.Exported:
     """Branch program (i, variant) traced once for any batch size (a symbolic batch axis):
     lowering it for each bucket then costs a fraction of tracing the Flax model again."""
-    key = ("export", i, variant, _signature(x)[0][1:], _signature(x)[1])
+    model = _kernel_model(c, x.shape[0])
+    # Per kernel library: with oneDNN's the program calls them (FFI custom calls,
+    # registered by onednn.use before they are compiled).
+    kernels = "onednn" if onednn.use(model.cfg.onednn, jnp.float32) else "xla"
+    key = ("export", i, variant, _signature(x)[0][1:], _signature(x)[1], kernels)
     exp = c.programs.get(key)
     if exp is None:
         batch, = jax.export.symbolic_shape("b")
         spec = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), x.dtype)
-        fn = jax.jit(branch_fn(c.model, i, variant))
+        fn = jax.jit(branch_fn(model, i, variant))
         specs = jax.tree_util.tree_map(_spec, _branch_variables(c, i, variant))
-        # Traced once per config on this machine (memoised with the compilation cache),
-        # and per kernel library: with oneDNN's the program calls them (FFI custom calls,
-        # registered by onednn.use before they are compiled).
-        kernels = "onednn" if onednn.use(c.model.cfg.onednn, jnp.float32) else "xla"
-        memo_key = json.dumps([dataclasses.asdict(c.model.cfg), key[1:4], str(key[4]),
+        # Traced once per config on this machine (memoised with the compilation cache).
+        memo_key = json.dumps([dataclasses.asdict(model.cfg), key[1:4], str(key[4]),
                                jax.default_backend(), kernels], sort_keys=True, default=str)
         checks = onednn.export_checks() if kernels == "onednn" else ()
         exp = c.programs[key] = memo(

@@ -19,7 +19,8 @@ missing file or key, or a page with no checks fails, naming the line.
 A text output (any other suffix: a benchmark's printed table, a test run's log) is read by
 line: the step `~words_of_the_line` takes the first line containing those words (`_` for a
 space), and an index then picks one of the numbers on it (`peer.txt#~forward,_batch_8.1`:
-the second number on the first line that contains "forward, batch 8"; ranges like 544-595
+the second number on the first line that contains "forward, batch 8"; `~~words` takes the
+last such line instead; ranges like 544-595
 read as two numbers; a number inside a word, like the 1 of "O1", is not one). A step
 `mean` averages a list, and a step may be percent-encoded (`E1%20(softmax)`, `%2E` for a
 dot inside a key).
@@ -47,8 +48,10 @@ def lookup(data, path: str):
         if isinstance(data, list) and step == "mean":
             data = sum(data) / len(data)
         elif isinstance(data, str) and step.startswith("~"):
-            words = step[1:].replace("_", " ")
-            line = next((ln for ln in data.splitlines() if words in ln), None)
+            last = step.startswith("~~")
+            words = step.lstrip("~").replace("_", " ")
+            lines = data.splitlines()
+            line = next((ln for ln in (lines[::-1] if last else lines) if words in ln), None)
             if line is None:
                 raise KeyError(f"no line contains {words!r}")
             data = [float(x.replace(",", "")) for x in LINE_NUMBER.findall(line)]

@@ -214,7 +214,10 @@ def test_predict_files_gives_a_row_per_file_and_errors_instead_of_crashing(
     ref = api.predict(cascade, images, "max_softmax", 0.5)
     assert [r["label"] for r in good] == list(ref["labels"])
     assert [r["exit"] for r in good] == [f"O{e + 1}" for e in ref["exit"]]
-    np.testing.assert_allclose([r["probability"] for r in good], ref["probs"].max(-1))
+    # equal up to float rounding: files go through in other bucket sizes than the batch of
+    # five, and the smallest buckets run XLA's kernels instead of oneDNN's
+    np.testing.assert_allclose([r["probability"] for r in good], ref["probs"].max(-1),
+                               rtol=1e-5)
     assert [r["class_name"] for r in good] == list(ref["names"])
     summary = predictions.summarize(rows, 2.0, 2, 10.0, cascade.class_names)
     assert summary["files"] == 7 and summary["errors"] == 2

@@ -150,3 +150,28 @@ def test_branch_programs_are_traced_once_per_config(images, tmp_path, monkeypatc
     assert len(exports) == 2
     np.testing.assert_array_equal(first["exit"], second["exit"])
     np.testing.assert_allclose(first["logits"], second["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_smallest_buckets_run_xlas_kernels(cascade, images):
+    """Below `onednn_min_batch` a bucket's program is lowered from the same network on
+    XLA's kernels (oneDNN's are slower there, docs/experiments.md §20), and it routes the
+    same images to the same exits with the same outputs, up to float rounding."""
+    from cnneb_jax import onednn
+    from cnneb_jax.programs import _exported, _kernel_model
+    c, cfg = cascade, cascade.model.cfg
+    assert _kernel_model(c, cfg.onednn_min_batch) is c.model
+    small = _kernel_model(c, 1)
+    assert small.cfg == cfg.replace(onednn="off") and _kernel_model(c, 4) is small
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    x8 = np.zeros((8, 32, 32, 3), np.float32)
+    one, eight = (_exported(c, 0, "plain", a).mlir_module() for a in (x, x8))
+    assert "cnneb_onednn" not in one
+    if onednn.use(cfg.onednn, np.float32):
+        assert "cnneb_onednn" in eight
+    off = _cascade(cfg.replace(onednn="off"))
+    assert _kernel_model(off, 1) is off.model
+    for n in (1, 3, 11):   # buckets 1, 4 (XLA's kernels) and 16 (oneDNN's where built)
+        a = run_cascade(c, images[:n], "max_softmax", 0.5)
+        b = run_cascade(off, images[:n], "max_softmax", 0.5)
+        np.testing.assert_array_equal(a["exit"], b["exit"])
+        np.testing.assert_allclose(a["logits"], b["logits"], **TOL)

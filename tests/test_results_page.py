@@ -53,6 +53,10 @@ def test_a_text_output_is_read_by_line(tmp_path, monkeypatch):
                     "<!-- check: bench.txt#~passed_in.0 .0f -->, a range of 51"
                     "<!-- check: bench.txt#~forward,_batch_8.3--~forward,_batch_8.2 .0f -->\n")
     assert check_results.check(page) == []
+    (tmp_path / "two.txt").write_text("| 1 | 5 |\n| 1 | 7 |\n")
+    page.write_text("first 5<!-- check: two.txt#~|_1_|.1 .0f -->, last 7"
+                    "<!-- check: two.txt#~~|_1_|.1 .0f -->\n")
+    assert check_results.check(page) == []
     page.write_text("548 ms<!-- check: bench.txt#~forward,_batch_8.1 ,.0f -->\n")
     assert "548" in check_results.check(page)[0]
     page.write_text("1 s<!-- check: bench.txt#~backward.0 .0f -->\n")
