@@ -25,7 +25,8 @@ backbone is frozen), then, for every expert:
 
 Epoch e reads view e mod --views (more epochs than views re-read views, as in
 `expert_cache.train_expert`). Progress is saved after every candidate and a rerun with the
-same --out resumes from it. Not a timing: seconds are recorded only to plan runs.
+same --out resumes from it, as do the final seeds, saved one by one. Not a timing: seconds
+are recorded only to plan runs.
 
 Experts: E1 as the shipped config builds it (O1-like layers + O1's softmax), E1 with O1's
 pre-softmax output as the paper's Eq. (5) writes it (`expert_inputs=logits`), and the
@@ -224,14 +225,26 @@ def main(argv: list[str] | None = None) -> dict:
                                    "epochs": best_ep in (min(eps), max(eps))}}
         print(f"{name}: chosen lr {best_lr:g}, {best_ep} epochs (edge: {r['chosen']['on_edge']})",
               flush=True)
-        if r.get("final") != [best_lr, best_ep] or len(r.get("test_auc", [])) < args.seeds:
-            finals = [fit(best_lr, best_ep, seed) for seed in range(args.seeds)]
-            s = {sp: np.stack([ec.expert_scores(m, v, plain[sp], kind, 0) for v in finals])
-                 for sp in ("calib", "test")}
-            for sp in ("calib", "test"):
-                scores[f"{name}|{sp}"] = s[sp]
-                r[f"{sp}_auc"] = [ec.auc(row, plain[sp], 0) for row in s[sp]]
-            r["final"] = [best_lr, best_ep]
+        # The seeds at the chosen setting, saved one by one: a rerun goes on from the last.
+        keys = [f"{name}|{sp}" for sp in ("calib", "test")]
+        done = min([len(r.get("test_auc", []))] + [len(scores.get(k, ())) for k in keys])
+        if r.get("final") != [best_lr, best_ep]:
+            done = 0
+        r["final"] = [best_lr, best_ep]
+        for sp, k in zip(("calib", "test"), keys):
+            r[f"{sp}_auc"] = r.get(f"{sp}_auc", [])[:done]
+            if done:
+                scores[k] = scores[k][:done]
+            else:
+                scores.pop(k, None)
+        for seed in range(done, args.seeds):
+            v = fit(best_lr, best_ep, seed)
+            for sp, k in zip(("calib", "test"), keys):
+                row = ec.expert_scores(m, v, plain[sp], kind, 0)[None]
+                scores[k] = row if k not in scores else np.concatenate([scores[k], row])
+                r[f"{sp}_auc"].append(ec.auc(row[0], plain[sp], 0))
+            print(f"{name}: seed {seed} at lr {best_lr:g}, {best_ep} epochs: test AUC "
+                  f"{r['test_auc'][-1]:.4f}", flush=True)
             save()
         t = np.asarray(r["test_auc"])
         sd = t.std(ddof=1) if len(t) > 1 else 0.0
