@@ -52,13 +52,8 @@ def balanced_expert_loss(e_logits: jax.Array, target: jax.Array,
 def ft_targets(logits: list, labels: jax.Array) -> list[jax.Array]:
     """Per branch point i: FT (O_i wrong, a later exit right) or Other, from exit logits."""
     preds = [l.argmax(-1) for l in logits]
-    targets = []
-    for i in range(len(logits) - 1):
-        right_later = jnp.zeros_like(labels, dtype=bool)
-        for p in preds[i + 1:]:
-            right_later |= p == labels
-        targets.append(jnp.where((preds[i] != labels) & right_later, FT, OTHER))
-    return targets
+    return [jnp.where(ft_labels(preds, labels, i) == 1, FT, OTHER)
+            for i in range(len(logits) - 1)]
 
 
 def _experts_loss(model: Model, params, stats, backbone, feats, logits, targets, class_w):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any, Callable
 
 import jax
@@ -12,11 +14,9 @@ import numpy as np
 
 def ft_labels(exit_preds: list[np.ndarray], labels: np.ndarray, i: int) -> np.ndarray:
     """FT at exit i: O_i is wrong AND a later exit gets it right (the paper's "false here,
-    true higher up"). Returns 1 for FT, 0 for Other."""
+    true higher up"). Returns 1 for FT, 0 for Other. numpy or jax arrays (a jitted step's)."""
     wrong_here = exit_preds[i] != labels
-    right_later = np.zeros_like(wrong_here)
-    for p in exit_preds[i + 1:]:
-        right_later |= p == labels
+    right_later = functools.reduce(operator.or_, [p == labels for p in exit_preds[i + 1:]])
     return (wrong_here & right_later).astype(np.int32)
 
 
