@@ -25,7 +25,8 @@ backbone is frozen), then, for every expert:
 
 Epoch e reads view e mod --views (more epochs than views re-read views, as in
 `expert_cache.train_expert`). Progress is saved after every candidate and a rerun with the
-same --out resumes from it, as do the final seeds, saved one by one. Not a timing: seconds
+same --out resumes from it (and from the folds done of a cell it stopped in), as do the
+final seeds, saved one by one. Not a timing: seconds
 are recorded only to plan runs.
 
 Experts: E1 as the shipped config builds it (O1-like layers + O1's softmax), E1 with O1's
@@ -173,17 +174,26 @@ def main(argv: list[str] | None = None) -> dict:
         def evaluate(lr: float, epochs: int) -> None:
             if (lr, epochs) in cells:
                 return
-            t, aucs = time.perf_counter(), []
+            # Folds are saved as they finish (under "partial"): a stop loses one fold at
+            # most, not a whole cell (a cell of 2,048 epochs takes over half an hour).
+            key, partial = json.dumps([lr, epochs]), r.setdefault("partial", {})
+            done = partial.get(key, {"fold_auc": [], "seconds": 0.0})
+            t, aucs = time.perf_counter(), list(done["fold_auc"])
             for f, held in enumerate(folds):
+                if f < len(aucs):
+                    continue
                 rest = np.sort(np.concatenate([folds[g] for g in range(len(folds)) if g != f]))
                 v = fit(lr, epochs, f, rest)
                 s = ec.expert_scores(m, v, plain["val"], kind, 0)[held]
                 aucs.append(roc_auc(s, ~is_ft[held]))
-            cells[(lr, epochs)] = {"fold_auc": aucs, "seconds": time.perf_counter() - t}
-            r["cells"][json.dumps([lr, epochs])] = cells[(lr, epochs)]
+                partial[key] = {"fold_auc": aucs, "seconds": done["seconds"]
+                                + time.perf_counter() - t}
+                save()
+            cells[(lr, epochs)] = partial.pop(key)
+            r["cells"][key] = cells[(lr, epochs)]
             print(f"{name}: lr {lr:g}, {epochs} epochs: fold AUC "
                   f"{' '.join(f'{a:.4f}' for a in aucs)} (mean {np.mean(aucs):.4f}, "
-                  f"{time.perf_counter() - t:.0f} s)", flush=True)
+                  f"{cells[(lr, epochs)]['seconds']:.0f} s)", flush=True)
             save()
 
         lrs, eps = sorted(grids[kind]), sorted(epochs0)
