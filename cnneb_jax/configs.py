@@ -15,6 +15,9 @@ BLOCKS: tuple[str, ...] = (
     "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
     "Mixed_7a", "Mixed_7b", "Mixed_7c",
 )
+# The blocks that keep their input's grid (config `skip_blocks` may leave them out).
+SKIPPABLE: tuple[str, ...] = ("Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                              "Mixed_6e", "Mixed_7b", "Mixed_7c")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,10 @@ class Config:
     identity_init: bool = True
     use_pool_5a: bool = False      # MaxPool_5a_3x3 (stride 2) before Mixed_5b
     branch_points: tuple[str, ...] = ("Mixed_5b",)
+    # Inception blocks left out (Mixed_5c/5d, Mixed_6b-6e, Mixed_7b/7c: each keeps its
+    # input's grid, so the next block takes its input instead): a shallower network with
+    # every block kind, e.g. for quick experiments.
+    skip_blocks: tuple[str, ...] = ()
     # O1 avg-pool (original aux head: 5x5, stride 3). On a 16x16 CIFAR grid 3x3/2 keeps a
     # 7x7 map for the head's 5x5 conv instead of a 4x4 one.
     aux_pool: int = 3
@@ -373,5 +380,9 @@ def validate(cfg: Config) -> None:
     for bp in cfg.branch_points:
         if bp not in BLOCKS or not bp.startswith("Mixed"):
             raise ValueError(f"branch point {bp!r} must be one of the Mixed_* blocks")
+    for b in cfg.skip_blocks:
+        if b not in SKIPPABLE or b in cfg.branch_points:
+            raise ValueError(f"config field skip_blocks: {b!r} cannot be left out; choose from "
+                             f"{', '.join(SKIPPABLE)}, not a branch point")
     if list(cfg.branch_points) != sorted(cfg.branch_points, key=BLOCKS.index):
         raise ValueError("branch_points must be in network order")

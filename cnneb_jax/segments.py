@@ -277,6 +277,8 @@ class Segment(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         for name in segment_blocks(self.start, self.end):
+            if name in self.cfg.skip_blocks:
+                continue
             if name == "MaxPool_3a_3x3":
                 x = max_pool(x, 3, 2, self.cfg.padding, self.cfg.onednn)
             elif name == "MaxPool_5a_3x3":

@@ -120,3 +120,23 @@ def test_stage_widths_widen_only_their_blocks():
     assert wide6["Mixed_5d"] == base["Mixed_5d"] and wide6["Mixed_6e"][-1] > base["Mixed_6e"][-1]
     with pytest.raises(ValueError, match="width_7"):
         get_config("tiny", {"width_7": "-1"})
+
+
+def test_skipped_blocks_have_no_parameters_and_branch_points_cannot_be_skipped():
+    """`skip_blocks`: the skipped blocks hold no parameters, the others are all there, and
+    a branch point or a grid-changing block cannot be skipped."""
+    skip = ("Mixed_5c", "Mixed_5d", "Mixed_6c", "Mixed_6d")
+    cfg = get_config("tiny", {"skip_blocks": ",".join(skip)})
+    assert cfg.skip_blocks == skip and get_config("tiny").skip_blocks == ()
+
+    def blocks(c):
+        return set(jax.eval_shape(Segment(c, None, None).init, jax.random.PRNGKey(0),
+                                  jnp.zeros((1, 32, 32, 3)))["params"])
+    names = blocks(cfg)
+    assert not names & set(skip)
+    assert {"Mixed_5b", "Mixed_6a", "Mixed_6b", "Mixed_6e", "Mixed_7a", "Mixed_7c"} <= names
+    assert blocks(get_config("tiny")) - names == set(skip)
+    with pytest.raises(ValueError, match="cannot be left out"):
+        get_config("tiny", {"skip_blocks": "Mixed_6a"})
+    with pytest.raises(ValueError, match="cannot be left out"):
+        get_config("tiny", {"skip_blocks": "Mixed_5b"})
