@@ -27,6 +27,20 @@ def _batches(sizes=(5, 11, 3, 16, 20, 7, 1, 9), seed=0):
     return [rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8) for n in sizes]
 
 
+def _varied_batches(sizes=(5, 11, 3, 16, 20, 7, 1, 9), seed=1):
+    """Images with a colour and a gradient of their own: an untrained network's deeper
+    features hardly vary over uniform noise, and then no threshold splits E2's samples."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32][..., None] / 31.0
+    out = []
+    for n in sizes:
+        base = rng.uniform(0, 255, (n, 1, 1, 3))
+        dy, dx = rng.uniform(-128, 128, (2, n, 1, 1, 3))
+        img = base + dy * yy + dx * xx + rng.normal(0, 8, (n, 32, 32, 3))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
 @pytest.fixture(scope="module")
 def cascade():
     return _cascade()
@@ -70,7 +84,7 @@ def test_answers_equal_predict_in_request_order(cascade, rule, wait):
 
 def test_three_exits():
     c = _cascade("Mixed_5b,Mixed_6e", expert_scale=10.0)
-    batches = _batches(seed=1)
+    batches = _varied_batches()
     t = _mixed_threshold(c, np.concatenate(batches), "expert")
     outs = list(throughput.serve(c, batches, "expert", t, max_wait_s=1e3))
     exits = np.concatenate([o["exit"] for o in outs])
