@@ -16,7 +16,9 @@ def ft_labels(exit_preds: list[np.ndarray], labels: np.ndarray, i: int) -> np.nd
     """FT at exit i: O_i is wrong AND a later exit gets it right (the paper's "false here,
     true higher up"). Returns 1 for FT, 0 for Other. numpy or jax arrays (a jitted step's)."""
     wrong_here = exit_preds[i] != labels
-    right_later = functools.reduce(operator.or_, [p == labels for p in exit_preds[i + 1:]])
+    # `False` to start from: the last exit has no later one (all Other), as before.
+    right_later = functools.reduce(operator.or_, [p == labels for p in exit_preds[i + 1:]],
+                                   False)
     return (wrong_here & right_later).astype(np.int32)
 
 

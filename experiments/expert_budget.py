@@ -26,8 +26,7 @@ backbone is frozen), then, for every expert:
 Epoch e reads view e mod --views (more epochs than views re-read views, as in
 `expert_cache.train_expert`). Progress is saved after every candidate and a rerun with the
 same --out resumes from it (and from the folds done of a cell it stopped in), as do the
-final seeds, saved one by one. Not a timing: seconds
-are recorded only to plan runs.
+final seeds, saved one by one. Not a timing: seconds are recorded only to plan runs.
 
 Experts: E1 as the shipped config builds it (O1-like layers + O1's softmax), E1 with O1's
 pre-softmax output as the paper's Eq. (5) writes it (`expert_inputs=logits`), and the
