@@ -152,6 +152,10 @@ class Config:
     expert_batch_size: int = 256
     expert_lr: float = 3e-3
     aux5b_lr: float = 1e-3         # the Auxiliary+5b expert's own Adam lr
+    # The Auxiliary+5b expert's own epochs (0: expert_epochs). When the two differ, both
+    # train together until the shorter budget ends, then only the other: each has the
+    # schedule of its own budget, as experiments/expert_budget.py trains them apart.
+    aux5b_epochs: int = 0
     expert_weight_decay: float = 1e-4
     # 0: every epoch augments the held-out images afresh and runs the frozen backbone on
     # them. N > 0: N augmented views of each image go through the backbone once, before
@@ -305,6 +309,7 @@ _RANGES: dict[str, tuple] = {
     "bn_bias_lr_mult": (0.0, None, False, True), "eval_every_epochs": (0, None, True, True),
     "expert_epochs": (1, None, True, True), "expert_batch_size": (1, None, True, True),
     "expert_lr": (0.0, None, False, True), "aux5b_lr": (0.0, None, False, True),
+    "aux5b_epochs": (0, None, True, True),
     "expert_weight_decay": (0.0, None, True, True), "seed": (0, None, True, True),
     "expert_views": (0, None, True, True), "onednn_min_batch": (1, None, True, True),
     "checkpoint_every_steps": (1, None, True, True), "eval_batch_size": (1, None, True, True),
@@ -362,8 +367,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config field calib_size ({cfg.calib_size}) must be smaller than "
                          f"val_size ({cfg.val_size}): the calibration images are the last "
                          f"calib_size of the held-out ones, and the experts train on the rest")
-    if cfg.expert_views and cfg.expert_epochs % cfg.expert_views:
-        raise ValueError(f"config field expert_epochs ({cfg.expert_epochs}) must be a multiple "
+    longest = max(cfg.expert_epochs, cfg.aux5b_epochs)
+    if cfg.expert_views and longest % cfg.expert_views:
+        field = "expert_epochs" if longest == cfg.expert_epochs else "aux5b_epochs"
+        raise ValueError(f"config field {field} ({longest}) must be a multiple "
                          f"of expert_views ({cfg.expert_views}): every cached view is read "
                          f"equally often")
     if cfg.pad_crop >= cfg.image_size:

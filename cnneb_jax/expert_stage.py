@@ -56,15 +56,17 @@ def ft_targets(logits: list, labels: jax.Array) -> list[jax.Array]:
             for i in range(len(logits) - 1)]
 
 
-def _experts_loss(model: Model, params, stats, backbone, feats, logits, targets, class_w):
-    """Every expert's balanced loss at every branch point, from the frozen backbone's
-    features and exit logits there; returns (loss, (new expert statistics, metrics))."""
+def _experts_loss(model: Model, params, stats, backbone, feats, logits, targets, class_w,
+                  kinds: tuple[str, ...] = EXPERT_GROUPS):
+    """The balanced loss of every expert of `kinds` at every branch point, from the frozen
+    backbone's features and exit logits there; returns (loss, (their new statistics,
+    metrics)). The other kinds' statistics are returned unchanged."""
     b_params, b_stats = split_collections(backbone)
     full_params, full_stats = {**b_params, **params}, {**b_stats, **stats}
-    new_stats = {g: {} for g in EXPERT_GROUPS}
+    new_stats = {g: dict(stats.get(g, {})) for g in EXPERT_GROUPS}
     loss, metrics = 0.0, {}
     for i, target in enumerate(targets):
-        for kind in EXPERT_GROUPS:
+        for kind in kinds:
             e_logits, upd = expert_forward(model, full_params, full_stats, kind, i,
                                            feats[i], logits[i], train=True)
             new_stats[kind][f"E{i + 1}"] = upd
@@ -87,17 +89,18 @@ def _augmented(cfg: Config, rng: jax.Array, images: jax.Array) -> jax.Array:
                              pad_mode=cfg.pad_mode), cfg.input_norm)
 
 
-def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation):
-    """The jitted expert train step: (state, images, labels, rng, class_w, backbone). The
-    frozen backbone is an argument, not a constant of the program: the program stays
-    small, and compiles once for every backbone of a config (the persistent cache then
-    serves other workdirs, seeds and resumed runs)."""
+def make_expert_step(model: Model, cfg: Config, tx: optax.GradientTransformation,
+                     kinds: tuple[str, ...] = EXPERT_GROUPS):
+    """The jitted expert train step of the experts of `kinds`: (state, images, labels, rng,
+    class_w, backbone). The frozen backbone is an argument, not a constant of the program:
+    the program stays small, and compiles once for every backbone of a config (the
+    persistent cache then serves other workdirs, seeds and resumed runs)."""
 
     def loss_fn(params, stats, x, y, class_w, backbone):
         b_params, b_stats = split_collections(backbone)
         logits, feats, _ = backbone_forward(model, b_params, b_stats, x, train=False)
         return _experts_loss(model, params, stats, backbone, feats, logits,
-                             ft_targets(logits, y), class_w)
+                             ft_targets(logits, y), class_w, kinds)
 
     @jax.jit
     def step(state, images, labels, rng, class_w, backbone):
@@ -135,13 +138,15 @@ def cache_views(model: Model, cfg: Config, backbone: Variables, images: np.ndarr
     return {"feats": feats, "logits": logits, "targets": targets}
 
 
-def make_cached_expert_step(model: Model, tx: optax.GradientTransformation):
-    """The jitted expert train step on cached views (`cache_views`): (state, rows, labels,
-    rng, class_w, backbone, cache); `rows` index the cache, `labels` and `rng` go unused
-    (the views are augmented already, their FT targets computed)."""
+def make_cached_expert_step(model: Model, tx: optax.GradientTransformation,
+                            kinds: tuple[str, ...] = EXPERT_GROUPS):
+    """The jitted train step of the experts of `kinds` on cached views (`cache_views`):
+    (state, rows, labels, rng, class_w, backbone, cache); `rows` index the cache, `labels`
+    and `rng` go unused (the views are augmented already, their FT targets computed)."""
 
     def loss_fn(params, stats, feats, logits, targets, class_w, backbone):
-        return _experts_loss(model, params, stats, backbone, feats, logits, targets, class_w)
+        return _experts_loss(model, params, stats, backbone, feats, logits, targets, class_w,
+                             kinds)
 
     @jax.jit
     def step(state, rows, labels, rng, class_w, backbone, cache):
@@ -216,6 +221,12 @@ def _check_against_rule(model: Model, variables: Variables, data: dict,
     return versus
 
 
+def expert_epochs(cfg: Config) -> dict[str, int]:
+    """Each expert kind's epochs: E1's `expert_epochs`, Aux+5b's `aux5b_epochs` (0: the
+    same)."""
+    return {"experts": cfg.expert_epochs, "aux5b": cfg.aux5b_epochs or cfg.expert_epochs}
+
+
 def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict:
     stage_dir = workdir / "expert"
     done = begin_stage(cfg, workdir, "expert", retrain, data.get("class_names"))
@@ -235,21 +246,29 @@ def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict
     n = len(data["val_images"])
     bs = min(cfg.expert_batch_size, n)
     views = cfg.expert_views
-    # With cached views one loop epoch reads every view once: expert_epochs / views of them.
-    tx = make_expert_optimizer(cfg, (cfg.expert_epochs // views) * (views * n // bs)
-                               if views else cfg.expert_epochs * (n // bs))
+    epochs = expert_epochs(cfg)
+    # With cached views one loop epoch reads every view once: an expert epoch is 1/views
+    # of it.
+    total = {kind: e * (views * n // bs) // views if views else e * (n // bs)
+             for kind, e in epochs.items()}
+    tx = make_expert_optimizer(cfg, total)
+    step_args: tuple = (jnp.asarray(class_w), backbone)
     if views:
         print(f"[expert] {views} augmented views of {n} held-out images through the backbone")
         cache = cache_views(model, cfg, backbone, data["val_images"], data["val_labels"],
                             views, cfg.eval_batch_size)
-        spec = StageSpec("expert", np.arange(views * n), np.tile(data["val_labels"], views),
-                         bs, cfg.expert_epochs // views,
-                         ((0, make_cached_expert_step(model, tx)),),
-                         step_args=(jnp.asarray(class_w), backbone, cache))
+        make_step = lambda kinds: make_cached_expert_step(model, tx, kinds)
+        images, labels = np.arange(views * n), np.tile(data["val_labels"], views)
+        loop_epochs, step_args = max(epochs.values()) // views, step_args + (cache,)
     else:
-        spec = StageSpec("expert", data["val_images"], data["val_labels"], bs,
-                         cfg.expert_epochs, ((0, make_expert_step(model, cfg, tx)),),
-                         step_args=(jnp.asarray(class_w), backbone))
+        make_step = lambda kinds: make_expert_step(model, cfg, tx, kinds)
+        images, labels = data["val_images"], data["val_labels"]
+        loop_epochs = max(epochs.values())
+    steps = ((0, make_step(EXPERT_GROUPS)),)
+    if len(set(total.values())) > 1:  # the longer budget goes on alone
+        longer = max(total, key=total.get)
+        steps += ((min(total.values()), make_step((longer,))),)
+    spec = StageSpec("expert", images, labels, bs, loop_epochs, steps, step_args=step_args)
     state, _ = run_stage(spec, workdir, cfg, train_state(tx, params, stats))
     full = {**backbone, **merge_collections(state["params"], state["stats"])}
     predict = make_predict_fn(model)   # traced once for the test and held-out splits

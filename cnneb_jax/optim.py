@@ -62,14 +62,16 @@ def backbone_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTrans
                                   "frozen": optax.set_to_zero()}, labels)
 
 
-def make_expert_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
-    """Adam for both expert kinds, each at its own peak lr: E1 takes a high one (few FT
-    examples, see configs.py), the deeper Aux+5b expert collapses to "always FT" at it."""
-    def tx(lr):
-        return make_optimizer(lr, total_steps, total_steps // 20, cfg.expert_weight_decay, None)
+def make_expert_optimizer(cfg: Config, total_steps: dict[str, int]) -> optax.GradientTransformation:
+    """Adam for both expert kinds, each at its own peak lr and over its own number of steps
+    (`total_steps`, by kind): E1 takes a high lr (few FT examples, see configs.py), the
+    deeper Aux+5b expert collapses to "always FT" at it. After its last step a kind's lr
+    is 0, so it stays where its budget ended."""
+    def tx(lr, total):
+        return make_optimizer(lr, total, total // 20, cfg.expert_weight_decay, None)
     labels = lambda params: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in params.items()}
-    return optax.multi_transform({"experts": tx(cfg.expert_lr), "aux5b": tx(cfg.aux5b_lr)},
-                                 labels)
+    return optax.multi_transform({"experts": tx(cfg.expert_lr, total_steps["experts"]),
+                                  "aux5b": tx(cfg.aux5b_lr, total_steps["aux5b"])}, labels)
 
 
 def freeze_updates(updates: Variables, frozen: Collection[str]) -> Variables:

@@ -93,8 +93,8 @@ def restore_eval(stage_dir: Path, params: Variables, stats: Variables,
 # The fields only the expert stage reads: a workdir whose backbone comes from another
 # (`link_backbone`) may differ from that one in these alone.
 EXPERT_STAGE_FIELDS = ("name", "seed", "expert_hidden", "expert_inputs", "expert_epochs",
-                       "expert_batch_size", "expert_lr", "aux5b_lr", "expert_weight_decay",
-                       "expert_views")
+                       "expert_batch_size", "expert_lr", "aux5b_lr", "aux5b_epochs",
+                       "expert_weight_decay", "expert_views")
 BACKBONE_LINK = "backbone_from.json"
 
 

@@ -195,9 +195,19 @@ def test_cached_views_are_reproducible_augmented_and_give_the_fresh_step(trained
         np.testing.assert_allclose(np.asarray(f), np.asarray(c), rtol=1e-2, atol=1e-3)
 
 
-def test_expert_stage_trains_from_cached_views(trained, tiny_cfg, tiny_data, tmp_path):
-    cfg = tiny_cfg.replace(expert_views=3)
+def test_expert_stage_trains_from_cached_views(trained, tiny_cfg, tiny_data, tmp_path,
+                                               monkeypatch):
+    """With cached views, and with Aux+5b on a shorter budget (`aux5b_epochs`): both kinds
+    train until its budget ends, then E1 alone; the loop runs E1's epochs."""
+    from cnneb_jax import expert_stage
+    from cnneb_jax.model import EXPERT_GROUPS
+    made = []
+    real = expert_stage.make_cached_expert_step
+    monkeypatch.setattr(expert_stage, "make_cached_expert_step",
+                        lambda model, tx, kinds: made.append(kinds) or real(model, tx, kinds))
+    cfg = tiny_cfg.replace(expert_views=3, aux5b_epochs=7)
     result = train_expert(cfg, tiny_data, tmp_path / "views", backbone_from=trained[0])
+    assert made == [EXPERT_GROUPS, ("experts",)]
     n, bs = len(tiny_data["val_labels"]), min(cfg.expert_batch_size, len(tiny_data["val_labels"]))
     # expert_epochs passes over the held-out images, read as epochs / views passes over
     # all the views
@@ -206,3 +216,27 @@ def test_expert_stage_trains_from_cached_views(trained, tiny_cfg, tiny_data, tmp
     with pytest.raises(ValueError, match="multiple of expert_views"):
         from cnneb_jax.configs import validate
         validate(tiny_cfg.replace(expert_views=4))
+    with pytest.raises(ValueError, match="aux5b_epochs .31. must be a multiple"):
+        validate(cfg.replace(aux5b_epochs=31))   # the longer budget reads every view
+
+
+def test_a_step_for_one_kind_leaves_the_other_as_it_was(trained, tiny_cfg, tiny_data):
+    """The step that trains E1 alone (after Aux+5b's budget ended) returns Aux+5b's
+    parameters and BatchNorm statistics untouched."""
+    import optax
+    from cnneb_jax.model import EXPERT_GROUPS, init_variables, split_collections
+    from cnneb_jax.expert_stage import make_expert_step
+
+    model, backbone = load_backbone(trained[0], tiny_cfg)
+    variables = init_variables(model, jax.random.PRNGKey(1))
+    params, stats = split_collections({g: variables[g] for g in EXPERT_GROUPS})
+    tx = optax.sgd(0.5)
+    x, y = tiny_data["val_images"][:8], tiny_data["val_labels"][:8]
+    new, metrics = make_expert_step(model, tiny_cfg, tx, ("experts",))(
+        {"params": params, "stats": stats, "opt": tx.init(params)}, x, y,
+        jax.random.PRNGKey(0), jax.numpy.ones((1, 2)), backbone)
+    assert leaves_equal(params["aux5b"], new["params"]["aux5b"])
+    assert leaves_equal(stats["aux5b"], new["stats"]["aux5b"])
+    assert not leaves_equal(params["experts"], new["params"]["experts"])
+    assert not leaves_equal(stats["experts"], new["stats"]["experts"])
+    assert "acc_aux5b_E1" not in metrics and "acc_experts_E1" in metrics

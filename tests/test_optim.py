@@ -68,3 +68,28 @@ def test_bn_bias_lr_mult_scales_only_batchnorm_offsets(tiny_cfg):
     assert moves[8.0]["seg"]["bn"]["bias"] > 7.9 * moves[1.0]["seg"]["bn"]["bias"] > 0
     assert moves[8.0]["seg"]["conv"]["kernel"] == moves[1.0]["seg"]["conv"]["kernel"]
     assert moves[8.0]["head"]["Logits"]["bias"] == moves[1.0]["head"]["Logits"]["bias"]
+
+
+def test_expert_optimizer_stops_each_kind_after_its_own_steps(tiny_cfg):
+    """Each expert kind follows the schedule of its own budget: after its last step its
+    lr is 0 and its parameters stay put (weight decay too), while the other kind, with
+    more steps, keeps moving."""
+    import jax.numpy as jnp
+    import optax
+    from cnneb_jax.optim import make_expert_optimizer
+
+    tx = make_expert_optimizer(tiny_cfg, {"experts": 6, "aux5b": 3})
+    params = {"experts": {"E1": {"kernel": jnp.ones((2, 2))}},
+              "aux5b": {"E1": {"kernel": jnp.ones((2, 2))}}}
+    opt = tx.init(params)
+    history = []
+    for i in range(6):
+        grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.1 * (i + 1)), params)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        history.append(params)
+    aux = [np.asarray(h["aux5b"]["E1"]["kernel"]) for h in history]
+    e1 = [np.asarray(h["experts"]["E1"]["kernel"]) for h in history]
+    assert not np.array_equal(aux[0], aux[1])          # moving inside its budget
+    np.testing.assert_array_equal(aux[2], aux[5])      # still after its 3 steps
+    assert not np.array_equal(e1[3], e1[4])            # the longer budget goes on
