@@ -367,12 +367,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config field calib_size ({cfg.calib_size}) must be smaller than "
                          f"val_size ({cfg.val_size}): the calibration images are the last "
                          f"calib_size of the held-out ones, and the experts train on the rest")
-    longest = max(cfg.expert_epochs, cfg.aux5b_epochs)
-    if cfg.expert_views and longest % cfg.expert_views:
-        field = "expert_epochs" if longest == cfg.expert_epochs else "aux5b_epochs"
-        raise ValueError(f"config field {field} ({longest}) must be a multiple "
-                         f"of expert_views ({cfg.expert_views}): every cached view is read "
-                         f"equally often")
+    longest = max((cfg.expert_epochs, "expert_epochs"), (cfg.aux5b_epochs, "aux5b_epochs"))
+    if cfg.expert_views and longest[0] % cfg.expert_views:
+        raise ValueError(f"config field {longest[1]} ({longest[0]}) must be a multiple of "
+                         f"expert_views ({cfg.expert_views}): every cached view is read equally")
     if cfg.pad_crop >= cfg.image_size:
         raise ValueError(f"config field pad_crop must be < image_size ({cfg.image_size}), "
                          f"got {cfg.pad_crop}")

@@ -227,22 +227,10 @@ def expert_epochs(cfg: Config) -> dict[str, int]:
     return {"experts": cfg.expert_epochs, "aux5b": cfg.aux5b_epochs or cfg.expert_epochs}
 
 
-def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict:
-    stage_dir = workdir / "expert"
-    done = begin_stage(cfg, workdir, "expert", retrain, data.get("class_names"))
-    if done is not None:
-        return done
-    t_start = time.time()
-    model, backbone = load_backbone(workdir, cfg)
-    check_data_lineage(workdir, data, "training the experts")
-    backbone_sha = lineage.variables_digest(backbone)
-    lineage.check_expert_start(stage_dir, backbone_sha, data.get("identity"))
-    if model.num_exits < 2:
-        raise TrainingError("the config has no branch point, so there is no expert to train")
-    class_w, ft_counts = ft_class_weights(model, backbone, data["val_images"],
-                                          data["val_labels"], cfg.eval_batch_size)
-    variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1), init_segments=False)
-    params, stats = split_collections(subset(variables, EXPERT_GROUPS))
+def _stage_spec(cfg: Config, model: Model, backbone: Variables, data: dict,
+                class_w: np.ndarray) -> tuple[StageSpec, optax.GradientTransformation]:
+    """What the expert stage trains on (fresh augmentations of the held-out images, or
+    `expert_views` cached views of them) and with (each kind's budget and schedule)."""
     n = len(data["val_images"])
     bs = min(cfg.expert_batch_size, n)
     views = cfg.expert_views
@@ -268,7 +256,26 @@ def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict
     if len(set(total.values())) > 1:  # the longer budget goes on alone
         longer = max(total, key=total.get)
         steps += ((min(total.values()), make_step((longer,))),)
-    spec = StageSpec("expert", images, labels, bs, loop_epochs, steps, step_args=step_args)
+    return StageSpec("expert", images, labels, bs, loop_epochs, steps, step_args=step_args), tx
+
+
+def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict:
+    stage_dir = workdir / "expert"
+    done = begin_stage(cfg, workdir, "expert", retrain, data.get("class_names"))
+    if done is not None:
+        return done
+    t_start = time.time()
+    model, backbone = load_backbone(workdir, cfg)
+    check_data_lineage(workdir, data, "training the experts")
+    backbone_sha = lineage.variables_digest(backbone)
+    lineage.check_expert_start(stage_dir, backbone_sha, data.get("identity"))
+    if model.num_exits < 2:
+        raise TrainingError("the config has no branch point, so there is no expert to train")
+    class_w, ft_counts = ft_class_weights(model, backbone, data["val_images"],
+                                          data["val_labels"], cfg.eval_batch_size)
+    variables = init_variables(model, jax.random.PRNGKey(cfg.seed + 1), init_segments=False)
+    params, stats = split_collections(subset(variables, EXPERT_GROUPS))
+    spec, tx = _stage_spec(cfg, model, backbone, data, class_w)
     state, _ = run_stage(spec, workdir, cfg, train_state(tx, params, stats))
     full = {**backbone, **merge_collections(state["params"], state["stats"])}
     predict = make_predict_fn(model)   # traced once for the test and held-out splits
@@ -283,7 +290,7 @@ def _train_expert(cfg: Config, data: dict, workdir: Path, retrain: bool) -> dict
                                                                  cfg.eval_batch_size, predict),
               "test_auc_other_vs_ft": aucs, "heldout_ft_examples": ft_counts,
               "heldout_ft_rate": heldout_rate, "train_seconds": time.time() - t_start,
-              "steps": spec.epochs * spec.steps_per_epoch, "train_images": n,
+              "steps": spec.epochs * spec.steps_per_epoch, "train_images": len(data["val_images"]),
               "backbone_sha256": backbone_sha, "data": data.get("identity")}
     ckpt.write_json(stage_dir / "result.json", result)
     ckpt.log_metrics(workdir, {"stage": "expert", "event": "test", **result})
