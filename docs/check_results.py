@@ -22,7 +22,7 @@ space), and an index then picks one of the numbers on it (`peer.txt#~forward,_ba
 the second number on the first line that contains "forward, batch 8"; `~~words` takes the
 last such line instead; ranges like 544-595
 read as two numbers; a number inside a word, like the 1 of "O1", is not one). A step
-`mean` averages a list, and a step may be percent-encoded (`E1%20(softmax)`, `%2E` for a
+`mean` averages a list, `std` gives its sample standard deviation, and a step may be percent-encoded (`E1%20(softmax)`, `%2E` for a
 dot inside a key).
 """
 
@@ -47,6 +47,9 @@ def lookup(data, path: str):
     for step in map(unquote, _steps(path)):
         if isinstance(data, list) and step == "mean":
             data = sum(data) / len(data)
+        elif isinstance(data, list) and step == "std":  # the sample standard deviation
+            mean = sum(data) / len(data)
+            data = (sum((x - mean) ** 2 for x in data) / (len(data) - 1)) ** 0.5
         elif isinstance(data, str) and step.startswith("~"):
             last = step.startswith("~~")
             words = step.lstrip("~").replace("_", " ")

@@ -75,3 +75,7 @@ def test_means_minutes_and_encoded_keys(docs):
                      ".3f --> in 47.7 minutes<!-- check: o.json#train_seconds .1fmin -->\n") == []
     assert "'47.7'" in _problems(
         docs, "47.6 minutes<!-- check: o.json#train_seconds .1fmin -->\n")[0]
+    assert _problems(docs, "+- 0.100<!-- check: o.json#E1%20(softmax).[0%2E03,%2064].auc.std "
+                     ".3f -->\n") == []
+    assert "'0.100'" in _problems(docs, "+- 0.082<!-- check: o.json#E1%20(softmax)."
+                                  "[0%2E03,%2064].auc.std .3f -->\n")[0]
