@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="grid steps added past an edge, per side and axis")
     p.add_argument("--max-images", type=int, default=None,
                    help="use only this many held-out images (a quick check)")
+    p.add_argument("--probe", default=None,
+                   help="LR:EPOCHS,...: cross-validate just these cells (added to the "
+                        "expert's cells in --out), then stop: no search, no seeds")
     p.add_argument("--out", required=True, help="JSON of every candidate, the choices and AUCs")
     p.add_argument("--scores-out", default=None,
                    help=".npz of every final seed's calibration and test scores")
@@ -195,6 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{cells[(lr, epochs)]['seconds']:.0f} s)", flush=True)
             save()
 
+        if args.probe:
+            for cell in args.probe.split(","):
+                lr, e = cell.split(":")
+                evaluate(float(lr), int(e))
+            continue
         lrs, eps = sorted(grids[kind]), sorted(epochs0)
         for lr in lrs:  # the starting grid, in full
             for e in eps:
