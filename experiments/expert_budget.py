@@ -8,7 +8,8 @@ cross-validation on the expert split, then several seeds at the chosen setting.
 The expert stage trains on the held-out images (the split the backbone never trained on;
 its FT labels say where O1 is wrong and O2 right). This script caches what every expert
 reads for `--views` augmented views of each of those images (`expert_cache.py`: the
-backbone is frozen), then, for every expert:
+backbone is frozen; saved as `features-<key>.npz` beside --out, so a rerun reads them back
+instead of running the backbone again), then, for every expert:
 
 1. cuts the images into `--folds` folds; each (learning rate, epochs) candidate trains on
    the views of all folds but one and is scored by ROC AUC (Other against FT) on the
@@ -37,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,6 +93,44 @@ def neighbours(values: list, v) -> list:
     return values[max(0, i - 1):i + 2]
 
 
+def feature_key(workdir: str, data_dir: str, views: int, max_images: int | None) -> str:
+    """What the cached features depend on: the workdir's config, backbone record and
+    weights (a release's variables.msgpack), the images and the views."""
+    h = hashlib.sha256(json.dumps([str(Path(data_dir).resolve()), views, max_images]).encode())
+    for name in ("config.json", "backbone/result.json", "variables.msgpack"):
+        f = Path(workdir) / name
+        h.update(f.read_bytes() if f.exists() else b"-")
+    return h.hexdigest()[:16]
+
+
+def load_or_make(path: Path, make) -> dict:
+    """The feature caches `make()` returns, saved to `path` (.npz) on the first run and read
+    back on later ones: a resumed search skips the minutes of running the backbone."""
+    if path.exists():
+        out: dict = {}
+        with np.load(path) as z:
+            for key in z.files:
+                split, field, i = key.split("|")
+                c = out.setdefault(split, {"feats": [], "logits": [], "is_ft": []})
+                if field == "views":
+                    c["views"] = int(z[key])
+                else:
+                    c[field].append((int(i), z[key]))
+        for c in out.values():
+            for field in ("feats", "logits", "is_ft"):
+                c[field] = [a for _, a in sorted(c[field], key=lambda t: t[0])]
+        return out
+    caches = make()
+    flat = {f"{split}|{field}|{i}": a for split, c in caches.items()
+            for field in ("feats", "logits", "is_ft") for i, a in enumerate(c[field])}
+    flat.update({f"{split}|views|0": np.asarray(c["views"]) for split, c in caches.items()})
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(tmp, **flat)
+    tmp.rename(path)   # whole or not at all: a second search may be reading the same file
+    return caches
+
+
 def choose(cells: dict) -> tuple[float, int]:
     """The (lr, epochs) with the best mean fold AUC."""
     return max(cells, key=lambda c: np.mean(cells[c]["fold_auc"]))
@@ -114,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="LR:EPOCHS,...: cross-validate just these cells (added to the "
                         "expert's cells in --out), then stop: no search, no seeds")
     p.add_argument("--out", required=True, help="JSON of every candidate, the choices and AUCs")
+    p.add_argument("--feature-cache", default=None,
+                   help="folder of the cached features (default: --out's); about 2 GB per "
+                        "workdir, views and image count")
     p.add_argument("--scores-out", default=None,
                    help=".npz of every final seed's calibration and test scores")
     args = p.parse_args(argv)
@@ -130,11 +174,19 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, d, model, backbone, x_ft, y_ft = ec.load_source(args.workdir, args.data_dir)
     if args.max_images:
         x_ft, y_ft = x_ft[:args.max_images], y_ft[:args.max_images]
-    train = ec.cache_views(model, backbone, x_ft, y_ft, views=args.views, pad=cfg.pad_crop,
-                           seed=cfg.seed + 2, dtype=np.float16)
-    plain = {s: ec.cache_views(model, backbone, np.asarray(materialize(d[f"{s}_images"])),
-                               np.asarray(d[f"{s}_labels"])) for s in ("calib", "test")}
-    plain["val"] = ec.cache_views(model, backbone, x_ft, y_ft)
+
+    def make() -> dict:
+        out = {s: ec.cache_views(model, backbone, np.asarray(materialize(d[f"{s}_images"])),
+                                 np.asarray(d[f"{s}_labels"])) for s in ("calib", "test")}
+        out["val"] = ec.cache_views(model, backbone, x_ft, y_ft)
+        out["train"] = ec.cache_views(model, backbone, x_ft, y_ft, views=args.views,
+                                      pad=cfg.pad_crop, seed=cfg.seed + 2, dtype=np.float16)
+        return out
+
+    key = feature_key(args.workdir, args.data_dir, args.views, args.max_images)
+    plain = load_or_make(Path(args.feature_cache or out_path.parent) / f"features-{key}.npz",
+                         make)
+    train = plain.pop("train")
     is_ft = plain["val"]["is_ft"][0]
     folds = folds_of(is_ft, args.folds, cfg.seed)
     print(f"features cached in {time.perf_counter() - t0:.0f} s: {len(y_ft)} held-out images "
