@@ -27,7 +27,10 @@ instead of running the backbone again), then, for every expert:
 Epoch e reads view e mod --views (more epochs than views re-read views, as in
 `expert_cache.train_expert`). Progress is saved after every candidate and a rerun with the
 same --out resumes from it (and from the folds done of a cell it stopped in), as do the
-final seeds, saved one by one. Not a timing: seconds are recorded only to plan runs.
+final seeds, saved one by one. Cells the search will need can run beside it, in another
+process: `--probe LR:EPOCHS,...` with its own --out, which the search then takes in with
+`--merge-from` (a cell is the same wherever it runs: its folds and seeds are fixed). Not a
+timing: seconds are recorded only to plan runs.
 
 Experts: E1 as the shipped config builds it (O1-like layers + O1's softmax), E1 with O1's
 pre-softmax output as the paper's Eq. (5) writes it (`expert_inputs=logits`), and the
@@ -154,6 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--probe", default=None,
                    help="LR:EPOCHS,...: cross-validate just these cells (added to the "
                         "expert's cells in --out), then stop: no search, no seeds")
+    p.add_argument("--merge-from", default=None,
+                   help="JSON,...: finished cells of the same experts from other runs' --out "
+                        "(e.g. --probe runs in parallel processes) join --out's first")
     p.add_argument("--out", required=True, help="JSON of every candidate, the choices and AUCs")
     p.add_argument("--feature-cache", default=None,
                    help="folder of the cached features (default: --out's); about 2 GB per "
@@ -170,6 +176,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for other in (args.merge_from.split(",") if args.merge_from else []):
+        # A cell is the same wherever it ran: its folds and seeds are fixed by (lr, epochs).
+        for name, theirs in json.loads(Path(other).read_text()).get("experts", {}).items():
+            mine = result.setdefault("experts", {}).setdefault(
+                name, {k: theirs[k] for k in ("kind", "expert_inputs")} | {"cells": {}})
+            for key, cell in theirs["cells"].items():
+                mine["cells"].setdefault(key, cell)
+                mine.get("partial", {}).pop(key, None)
+    if args.merge_from:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1))
     t0 = time.perf_counter()
     cfg, d, model, backbone, x_ft, y_ft = ec.load_source(args.workdir, args.data_dir)
     if args.max_images:
