@@ -253,7 +253,9 @@ def load_image_folder(root: str | Path, cache_dir: Path = DEFAULT_CACHE, size: i
                         f"are {out['test_images'].shape[1:3]}")
     out["class_names"] = files["class_names"]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    # One temporary file per process: two processes decoding the same folder at once
+    # (a search and a probe beside it) each finish, and the last rename wins.
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, **out)
     os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
     return {**out, "identity": files["identity"]}
