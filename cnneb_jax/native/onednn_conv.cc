@@ -11,7 +11,6 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -201,24 +200,10 @@ dnnl::stream& Stream() {
   return s;
 }
 
-// With CNNEB_ONEDNN_SERIAL=1 no two primitives run at once: each already spreads over all
-// cores (OpenMP), so two at once from two XLA threads only share them (an experiment of
-// issue 31, experiments/serial_convs.py).
-bool Serial() {
-  static const bool on = [] {
-    const char* v = std::getenv("CNNEB_ONEDNN_SERIAL");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
-std::mutex serial_mu;
-
 // Executes `e` with a scratchpad of this call's own, and waits.
 void Execute(const Entry& e, std::unordered_map<int, memory> args) {
   std::vector<uint8_t> scratch(e.scratch.get_size());
   args[DNNL_ARG_SCRATCHPAD] = memory(e.scratch, Engine(), scratch.data());
-  std::unique_lock<std::mutex> lock(serial_mu, std::defer_lock);
-  if (Serial()) lock.lock();
   e.prim.execute(Stream(), args);
   Stream().wait();
 }
