@@ -19,7 +19,9 @@ instead of running the backbone again), then, for every expert:
    (learning rate x3 or /3, epochs x2 or /2); the new value is tried beside the best value
    of the other axis and its neighbours there (not across the whole grid), until the best
    lies inside on both axes (at most `--max-extensions` steps per side and axis; the JSON
-   says if a choice stayed on an edge).
+   says if a choice stayed on an edge). When the epochs grow, a learning rate whose longest
+   budget so far ended at a constant answer on every fold (AUC 0.5: it diverged) is not
+   tried at the longer one.
 3. At the chosen setting, `--seeds` seeds train on all the held-out images; their
    calibration and test scores go to `--scores-out` (`compare_rules.py --expert-scores`
    reads them) and their test AUC, beside O1's max softmax, to `--out`.
@@ -94,6 +96,16 @@ def neighbours(values: list, v) -> list:
     values = sorted(values)
     i = values.index(v)
     return values[max(0, i - 1):i + 2]
+
+
+def diverged(cells_at_lr: dict) -> bool:
+    """True when the longest budget tried at a learning rate ended at a constant answer on
+    every fold (AUC exactly 0.5): training longer at that rate is not tried (E1 at lr 0.81
+    stayed constant from 512 to 1,024 epochs and on the first fold of 2,048)."""
+    if not cells_at_lr:
+        return False
+    longest = max(cells_at_lr, key=lambda c: c[1])
+    return all(a == 0.5 for a in cells_at_lr[longest]["fold_auc"])
 
 
 def feature_key(workdir: str, data_dir: str, views: int, max_images: int | None) -> str:
@@ -300,6 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
                     lrs = new
                 else:
                     for lr in neighbours(lrs, best_lr):
+                        if diverged({c: v for c, v in cells.items() if c[0] == lr}):
+                            print(f"{name}: lr {lr:g} not tried at {value} epochs: it gave a "
+                                  "constant answer at its longest budget", flush=True)
+                            continue
                         evaluate(lr, value)
                     eps = new
             if not grown:
