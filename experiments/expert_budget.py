@@ -24,7 +24,8 @@ instead of running the backbone again), then, for every expert:
    tried at the longer one.
 3. At the chosen setting, `--seeds` seeds train on all the held-out images; their
    calibration and test scores go to `--scores-out` (`compare_rules.py --expert-scores`
-   reads them) and their test AUC, beside O1's max softmax, to `--out`.
+   reads them) and their test AUC, beside O1's max softmax, to `--out`. `--seed-list`
+   shares the seeds out between processes.
 
 Epoch e reads view e mod --views (more epochs than views re-read views, as in
 `expert_cache.train_expert`). Progress is saved after every candidate and a rerun with the
@@ -96,6 +97,9 @@ def neighbours(values: list, v) -> list:
     values = sorted(values)
     i = values.index(v)
     return values[max(0, i - 1):i + 2]
+
+
+SPLITS = ("calib", "test")
 
 
 def diverged(cells_at_lr: dict) -> bool:
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--merge-from", default=None,
                    help="JSON,...: finished cells of the same experts from other runs' --out "
                         "(e.g. --probe runs in parallel processes) join --out's first")
+    p.add_argument("--seed-list", default=None,
+                   help="N,...: train only these of the final seeds (each needs the search "
+                        "finished in --out or --merge-from); another process takes the rest")
     p.add_argument("--out", required=True, help="JSON of every candidate, the choices and AUCs")
     p.add_argument("--feature-cache", default=None,
                    help="folder of the cached features (default: --out's); about 2 GB per "
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    merged_scores: dict = {}   # final seeds' scores from --merge-from runs
     for other in (args.merge_from.split(",") if args.merge_from else []):
         # A cell is the same wherever it ran: its folds and seeds are fixed by (lr, epochs).
         for name, theirs in json.loads(Path(other).read_text()).get("experts", {}).items():
@@ -196,6 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
             for key, cell in theirs["cells"].items():
                 mine["cells"].setdefault(key, cell)
                 mine.get("partial", {}).pop(key, None)
+            for seed, run in theirs.get("seed_runs", {}).items():
+                mine.setdefault("seed_runs", {}).setdefault(seed, run)
+                their_scores = json.loads(Path(other).read_text()).get("scores_out")
+                if their_scores and Path(their_scores).exists():
+                    with np.load(their_scores) as z:
+                        merged_scores.update({k: z[k] for k in z.files
+                                              if k.startswith(f"{name}|") and k.endswith(f"|{seed}")})
     if args.merge_from:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1))
@@ -232,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
     scores = {}
     if args.scores_out and Path(args.scores_out).exists():
         scores = {k: v for k, v in np.load(args.scores_out).items() if "|" in k}
+    scores = merged_scores | scores
+    if args.scores_out:
+        result["scores_out"] = args.scores_out
 
     def save() -> None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -327,27 +345,42 @@ def main(argv: list[str] | None = None) -> dict:
                                    "epochs": best_ep in (min(eps), max(eps))}}
         print(f"{name}: chosen lr {best_lr:g}, {best_ep} epochs (edge: {r['chosen']['on_edge']})",
               flush=True)
-        # The seeds at the chosen setting, saved one by one: a rerun goes on from the last.
-        keys = [f"{name}|{sp}" for sp in ("calib", "test")]
-        done = min([len(r.get("test_auc", []))] + [len(scores.get(k, ())) for k in keys])
+        # The seeds at the chosen setting, each saved when it ends ("seed_runs", its scores
+        # as "<name>|<split>|<seed>"): a rerun goes on from them, and processes given
+        # --seed-list share the seeds out (--merge-from takes theirs in).
+        runs = r.setdefault("seed_runs", {})
         if r.get("final") != [best_lr, best_ep]:
-            done = 0
+            for k in ("calib_auc", "test_auc"):
+                r.pop(k, None)
         r["final"] = [best_lr, best_ep]
-        for sp, k in zip(("calib", "test"), keys):
-            r[f"{sp}_auc"] = r.get(f"{sp}_auc", [])[:done]
-            if done:
-                scores[k] = scores[k][:done]
-            else:
-                scores.pop(k, None)
-        for seed in range(done, args.seeds):
+        for seed, run in list(runs.items()):
+            if run["final"] != [best_lr, best_ep]:
+                runs.pop(seed)
+        wanted = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
+                  else range(args.seeds))
+        for seed in wanted:
+            if str(seed) in runs and all(f"{name}|{sp}|{seed}" in scores for sp in SPLITS):
+                continue
             v = fit(best_lr, best_ep, seed)
-            for sp, k in zip(("calib", "test"), keys):
-                row = ec.expert_scores(m, v, plain[sp], kind, 0)[None]
-                scores[k] = row if k not in scores else np.concatenate([scores[k], row])
-                r[f"{sp}_auc"].append(ec.auc(row[0], plain[sp], 0))
+            run = {"final": [best_lr, best_ep]}
+            for sp in SPLITS:
+                row = ec.expert_scores(m, v, plain[sp], kind, 0)
+                scores[f"{name}|{sp}|{seed}"] = row
+                run[f"{sp}_auc"] = ec.auc(row, plain[sp], 0)
+            runs[str(seed)] = run
             print(f"{name}: seed {seed} at lr {best_lr:g}, {best_ep} epochs: test AUC "
-                  f"{r['test_auc'][-1]:.4f}", flush=True)
+                  f"{run['test_auc']:.4f}", flush=True)
             save()
+        have = [s for s in range(args.seeds) if str(s) in runs
+                and all(f"{name}|{sp}|{s}" in scores for sp in SPLITS)]
+        if len(have) < args.seeds:
+            print(f"{name}: seeds {have} of {args.seeds} done", flush=True)
+            continue
+        for sp in SPLITS:
+            r[f"{sp}_auc"] = [runs[str(s)][f"{sp}_auc"] for s in range(args.seeds)]
+            scores[f"{name}|{sp}"] = np.stack([scores[f"{name}|{sp}|{s}"]
+                                               for s in range(args.seeds)])
+        save()
         t = np.asarray(r["test_auc"])
         sd = t.std(ddof=1) if len(t) > 1 else 0.0
         print(f"{name}: {args.seeds} seeds, test AUC {t.mean():.4f} +- {sd:.4f} "
