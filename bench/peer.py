@@ -37,9 +37,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# Each worker process runs as our entry points do: freed host memory kept for reuse (set
+# before NumPy starts threads; cnneb_jax/host_memory.py). The Keras workers get the same.
+from cnneb_jax.host_memory import keep_freed_memory  # noqa: E402
 
-import benchlib
+if "--worker" in sys.argv:
+    keep_freed_memory()
+
+import numpy as np  # noqa: E402
+
+import benchlib  # noqa: E402
 
 ROOT = benchlib.ROOT
 PRECISIONS = ("float32", "bfloat16")

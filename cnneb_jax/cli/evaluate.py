@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cnneb_jax import host_memory
 from cnneb_jax.cli import common
 
 
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.keep_freed_memory()  # first: before NumPy or JAX start threads
     args = parse_args(argv)
     from pathlib import Path
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cnneb_jax import host_memory
 from cnneb_jax.cli import common
 from cnneb_jax.configs import get_config
 
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.keep_freed_memory()  # first: before NumPy or JAX start threads
     args = parse_args(argv)
     try:
         overrides = common.overrides(args.set)
