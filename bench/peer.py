@@ -37,12 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# Each worker process runs as our entry points do: freed host memory kept for reuse (set
-# before NumPy starts threads; cnneb_jax/host_memory.py). The Keras workers get the same.
+# Our workers run as our entry points do: freed host memory kept for reuse (set before
+# NumPy starts threads; cnneb_jax/host_memory.py). Keras's run as a Keras user's do, with
+# glibc as it is.
 from cnneb_jax.host_memory import keep_freed_memory  # noqa: E402
 
-if "--worker" in sys.argv:
-    keep_freed_memory()
+if __name__ == "__main__" and "--worker" in sys.argv:
+    if json.loads(sys.argv[sys.argv.index("--worker") + 1]).get("side") != "keras":
+        keep_freed_memory()
 
 import numpy as np  # noqa: E402
 

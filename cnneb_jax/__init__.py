@@ -4,6 +4,7 @@ The public API, each name imported from its module when first used (so that impo
 one module, e.g. the JAX-and-numpy-only `cnneb_jax.serving`, never loads the rest):
 
     import cnneb_jax as cj
+    cj.keep_freed_memory()     # first, before NumPy or JAX start threads: faster on a CPU
     cfg = cj.with_classes(cj.get_config("cifar"), ...)        # configs are data
     data = cj.load_dataset(cfg, "../shared/datasets/cifar10-jpeg")
     cj.train_backbone(cfg, data, "runs/cifar"); cj.train_expert(cfg, data, "runs/cifar")
@@ -43,6 +44,7 @@ _PUBLIC = {
     "run_sweep": ("report", "sweep"),
     "export_cascade": ("export", "export_cascade"),
     "load_exported": ("serving", "load"),
+    "keep_freed_memory": ("host_memory", "keep_freed_memory"),
 }
 
 __all__ = sorted(_PUBLIC)

@@ -1,13 +1,13 @@
 """Freed host memory kept for reuse, so that XLA:CPU's large buffers stop costing page faults.
 
-Every call of a compiled program on the CPU allocates its temporary buffer afresh (855 MB for
-the `full` train step at batch 8) and frees it at the end. glibc serves an allocation over
-32 MB with a fresh `mmap` and returns it with `munmap`, so each call touches every page of it
-anew: about 210,000 page faults and half a second of kernel time per `full` train step.
+Every call of a compiled program on the CPU allocates its temporary buffer afresh (hundreds
+of MB for a train step) and frees it at the end. glibc serves an allocation over 32 MB with
+a fresh `mmap` and returns it with `munmap`, so each call touches every page of it anew:
+about 210,000 page faults and 0.4 s of kernel time per `full` train step at batch 8.
 XLA's worker threads allocate from arenas of their own, where glibc falls back to `mmap` for
 such sizes whatever its settings. With one arena, no `mmap` and the top of the heap kept (up to
 2 GiB), the same memory is reused call after call (docs/experiments.md §23: the `cifar`
-train step 1.25x, the `full` one 1.15x faster, the forward 1.04x).
+train step 1.27x, the `full` one 1.11x, its forward 1.06x faster).
 
 This is a setting of the whole process, and it only works before any second thread has
 allocated (glibc fixes its arena limit then; set later, XLA's threads keep arenas of their

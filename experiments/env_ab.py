@@ -40,12 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--tasks", nargs="+", default=["train:8", "forward:8"],
                    help="TASK:BATCH pairs, TASK train or forward (the full config) or "
-                        "cifar_train32 (the cifar backbone's step; its batch is the config's)")
+                        "cifar_train32 (the cifar backbone's step; its batch is the config's); "
+                        "keras:TASK:BATCH for Keras's InceptionV3")
     args = p.parse_args(argv)
-    specs = [{"side": "ours", "task": t.split(":")[0], "precision": "float32",
-              "batch": int(t.split(":")[1]), "seconds": args.seconds,
-              "config": "cifar" if t.startswith("cifar") else "full",
-              "group": t.split(":")[0]} for t in args.tasks]
+    specs = []
+    for t in args.tasks:
+        side, t = ("keras", t[len("keras:"):]) if t.startswith("keras:") else ("ours", t)
+        task, batch = t.split(":")
+        specs.append({"side": side, "task": task, "precision": "float32", "batch": int(batch),
+                      "seconds": args.seconds, "config": "cifar" if task.startswith("cifar")
+                      else "full", "group": task})
     run_args = argparse.Namespace(baseline_python=None, baseline_tree=None)
     envs = {"A": dict(kv.split("=", 1) for kv in args.a),
             "B": dict(kv.split("=", 1) for kv in args.b)}
@@ -67,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     for i, s in enumerate(specs):
         a, b = np.asarray(ms[(i, "A")]), np.asarray(ms[(i, "B")])
         q = a / b
-        print(f"| {s['task']}, batch {s['batch']} | {np.nanmedian(a):.0f} ({np.nanmin(a):.0f}-"
+        who = "Keras " if s["side"] == "keras" else ""
+        print(f"| {who}{s['task']}, batch {s['batch']} | {np.nanmedian(a):.0f} ({np.nanmin(a):.0f}-"
               f"{np.nanmax(a):.0f}) | {np.nanmedian(b):.0f} ({np.nanmin(b):.0f}-{np.nanmax(b):.0f})"
               f" | {np.nanmedian(q):.2f} ({np.nanmin(q):.2f}-{np.nanmax(q):.2f}) |")
 
