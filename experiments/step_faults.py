@@ -5,6 +5,9 @@ times `--steps` steps after two warm-up calls.
 
     python experiments/step_faults.py --rounds 3 --tasks train:8 cifar_train32:128
 
+With many `--steps`, the resident memory at the end says what keeping freed memory costs
+(its timings then ran beside other work, if any).
+
 What it showed (docs/experiments.md §23): XLA:CPU allocates each call's temporary buffer
 afresh, glibc maps it with mmap and unmaps it after, so every page of it faults again on
 every call (`strace -f -e trace=mmap,munmap -p PID` on a running step shows the pair).
@@ -40,10 +43,12 @@ def worker(task: str, batch: int, steps: int, keep: bool) -> dict:
         call()
     r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     per = lambda a, b: (b - a) / steps
+    resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {"wall_ms": per(t0, t1) * 1e3,
             "user_ms": per(r0.ru_utime, r1.ru_utime) * 1e3,
             "sys_ms": per(r0.ru_stime, r1.ru_stime) * 1e3,
-            "faults": per(r0.ru_minflt, r1.ru_minflt)}
+            "faults": per(r0.ru_minflt, r1.ru_minflt),
+            "resident_mb": resident / 2**20, "peak_mb": r1.ru_maxrss / 1024}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,13 +79,14 @@ def main(argv: list[str] | None = None) -> None:
             rows.setdefault((task, keep), []).append(got[0])
             print(f"round {r}: {task} {'kept' if keep else 'glibc as is'}: {got[0]}", flush=True)
     print("\n| step, float32 | freed memory | wall ms | user ms | sys ms | page faults | "
-          "MB faulted |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          "MB faulted | resident MB at the end | peak MB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for (task, keep), runs in rows.items():
         med = {k: sorted(x[k] for x in runs)[len(runs) // 2] for k in runs[0]}
         print(f"| {task} | {'kept' if keep else 'glibc as is'} | {med['wall_ms']:.0f} | "
               f"{med['user_ms']:.0f} | {med['sys_ms']:.0f} | {med['faults']:,.0f} | "
-              f"{med['faults'] * 4096 / 2**20:,.0f} |")
+              f"{med['faults'] * 4096 / 2**20:,.0f} | {med['resident_mb']:,.0f} | "
+              f"{med['peak_mb']:,.0f} |")
 
 
 if __name__ == "__main__":
