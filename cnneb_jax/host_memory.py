@@ -5,8 +5,8 @@ of MB for a train step) and frees it at the end. glibc serves an allocation over
 a fresh `mmap` and returns it with `munmap`, so each call touches every page of it anew:
 about 210,000 page faults and 0.4 s of kernel time per `full` train step at batch 8.
 XLA's worker threads allocate from arenas of their own, where glibc falls back to `mmap` for
-such sizes whatever its settings. With one arena, no `mmap` and the top of the heap kept (up to
-2 GiB), the same memory is reused call after call (docs/experiments.md §23: the `cifar`
+such sizes whatever its settings. With one arena, no `mmap` and the top of the heap never
+given back, the same memory is reused call after call (docs/experiments.md §23: the `cifar`
 train step 1.27x, the `full` one 1.11x, its forward 1.06x faster).
 
 This is a setting of the whole process, and it only works before any second thread has
@@ -27,7 +27,7 @@ import os
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-KEEP_TOP_BYTES = 2**31 - 1   # mallopt takes an int
+KEEP_TOP_BYTES = -1   # mallopt takes an int; -1 becomes SIZE_MAX: never trim
 
 
 @functools.cache
