@@ -198,7 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
     merged_scores: dict = {}   # final seeds' scores from --merge-from runs
     for other in (args.merge_from.split(",") if args.merge_from else []):
         # A cell is the same wherever it ran: its folds and seeds are fixed by (lr, epochs).
-        for name, theirs in json.loads(Path(other).read_text()).get("experts", {}).items():
+        their_result = json.loads(Path(other).read_text())
+        their_scores = their_result.get("scores_out")
+        their_scores = (dict(np.load(their_scores))
+                        if their_scores and Path(their_scores).exists() else {})
+        for name, theirs in their_result.get("experts", {}).items():
             mine = result.setdefault("experts", {}).setdefault(
                 name, {k: theirs[k] for k in ("kind", "expert_inputs")} | {"cells": {}})
             for key, cell in theirs["cells"].items():
@@ -206,11 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
                 mine.get("partial", {}).pop(key, None)
             for seed, run in theirs.get("seed_runs", {}).items():
                 mine.setdefault("seed_runs", {}).setdefault(seed, run)
-                their_scores = json.loads(Path(other).read_text()).get("scores_out")
-                if their_scores and Path(their_scores).exists():
-                    with np.load(their_scores) as z:
-                        merged_scores.update({k: z[k] for k in z.files
-                                              if k.startswith(f"{name}|") and k.endswith(f"|{seed}")})
+                merged_scores.update({k: their_scores[k] for k in
+                                      (f"{name}|{sp}|{seed}" for sp in SPLITS)
+                                      if k in their_scores})
     if args.merge_from:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1))
@@ -358,8 +360,11 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.pop(seed)
         wanted = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
                   else range(args.seeds))
+        def seed_done(seed: int) -> bool:
+            return str(seed) in runs and all(f"{name}|{sp}|{seed}" in scores for sp in SPLITS)
+
         for seed in wanted:
-            if str(seed) in runs and all(f"{name}|{sp}|{seed}" in scores for sp in SPLITS):
+            if seed_done(seed):
                 continue
             v = fit(best_lr, best_ep, seed)
             run = {"final": [best_lr, best_ep]}
@@ -371,8 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: seed {seed} at lr {best_lr:g}, {best_ep} epochs: test AUC "
                   f"{run['test_auc']:.4f}", flush=True)
             save()
-        have = [s for s in range(args.seeds) if str(s) in runs
-                and all(f"{name}|{sp}|{s}" in scores for sp in SPLITS)]
+        have = [s for s in range(args.seeds) if seed_done(s)]
         if len(have) < args.seeds:
             print(f"{name}: seeds {have} of {args.seeds} done", flush=True)
             continue

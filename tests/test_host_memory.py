@@ -1,5 +1,6 @@
 """host_memory: freed memory reused without page faults, only where it is safe to set."""
 
+import os
 import subprocess
 import sys
 
@@ -25,7 +26,6 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def run_child(env_extra: dict, code: str = CHILD) -> tuple[bool, int]:
-    import os
     env = {**os.environ, **env_extra}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, check=True).stdout.split()
