@@ -189,6 +189,19 @@ def _step_fn(model: Model, kind: str, index: int, tx: optax.GradientTransformati
     return step
 
 
+def _epoch_fn(model: Model, kind: str, index: int, tx: optax.GradientTransformation):
+    """One epoch as one call: the step scanned over an epoch's batches, the features
+    gathered on the device from the whole cache (passed in, not captured)."""
+    step = _step_fn(model, kind, index, tx)
+
+    @jax.jit
+    def epoch(state, feats, logits, is_ft, rows, class_w):
+        def body(state, r):
+            return step(state, feats[r], logits[r], is_ft[r], class_w)
+        return jax.lax.scan(body, state, rows)
+    return epoch
+
+
 def train_expert(model: Model, cache: dict, kind: str, index: int, lr: float, epochs: int,
                  batch_size: int, seed: int, weight_decay: float,
                  class_w: np.ndarray | None = None,
@@ -213,14 +226,16 @@ def train_expert(model: Model, cache: dict, kind: str, index: int, lr: float, ep
     params, stats = variables["params"], variables.get("batch_stats", {})
     tx = make_optimizer(lr, total, total // 20, weight_decay, None)
     state = {"params": params, "stats": stats, "opt": tx.init(params)}
-    step = _step_fn(model, kind, index, tx)
+    epoch_fn = _epoch_fn(model, kind, index, tx)
     w = jnp.asarray(class_weights(is_ft) if class_w is None else class_w)
+    # The cache goes to the device once and each epoch is one call, faster than a call per
+    # step and the same parameters bit for bit (experiments/expert_fit_speed.py).
+    on_device = [jax.device_put(a) for a in (feats, logits, is_ft)]
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(n)[:steps_per_epoch * bs]
         base = (epoch % views) * n_all
-        for rows in order.reshape(steps_per_epoch, bs):
-            r = base + images[rows]
-            state, _ = step(state, feats[r], logits[r], is_ft[r], w)
+        rows = (base + images[order]).reshape(steps_per_epoch, bs).astype(np.int32)
+        state, _ = epoch_fn(state, *on_device, rows, w)
     out = {"params": state["params"]}
     if state["stats"]:
         out["batch_stats"] = state["stats"]
