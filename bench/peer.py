@@ -147,8 +147,11 @@ def jax_call(task: str, precision: str, batch: int, config: str):
 
 def keras_call(task: str, precision: str, batch: int):
     """(call, images per call): Keras's InceptionV3 forward or train step, ready to run."""
-    from cnneb_jax import tfenv
-    tfenv.quiet()
+    # TensorFlow's defaults, oneDNN's kernels on: `tfenv.quiet()` turns them off (it serves
+    # decoding, where they do not matter), and Keras without them ran 1.11x slower forward
+    # and 1.30x slower in the train step (docs/results/2026-12-07-keras-onednn-ab.txt).
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import tensorflow as tf
     if precision == "bfloat16":
@@ -313,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     specs = measurements(args)
     ms: dict[tuple, list[float | None]] = {key(s): [] for s in specs}
     print(f"{len(specs)} measurements x {args.rounds} rounds, each in its own process; "
-          f"python {sys.version.split()[0]}", flush=True)
+          f"python {sys.version.split()[0]}"
+          + ("" if args.no_keras else "; Keras with oneDNN's kernels (TF_ENABLE_ONEDNN_OPTS=1)"),
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="peer-xla-") as cache:
         for r in range(args.rounds):
             order = specs if r % 2 == 0 else specs[::-1]
