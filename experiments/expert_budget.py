@@ -32,7 +32,9 @@ Epoch e reads view e mod --views (more epochs than views re-read views, as in
 same --out resumes from it (and from the folds done of a cell it stopped in), as do the
 final seeds, saved one by one. Cells the search will need can run beside it, in another
 process: `--probe LR:EPOCHS,...` with its own --out, which the search then takes in with
-`--merge-from` (a cell is the same wherever it runs: its folds and seeds are fixed). Not a
+`--merge-from` (a cell is the same wherever it runs: its folds and seeds are fixed), and so
+can the final seeds, ahead of the choice: `--seeds-at LR:EPOCHS` (kept by the merging run
+only if its search chooses that cell). Not a
 timing: seconds are recorded only to plan runs.
 
 Experts: E1 as the shipped config builds it (O1-like layers + O1's softmax), E1 with O1's
@@ -176,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--merge-from", default=None,
                    help="JSON,...: finished cells of the same experts from other runs' --out "
                         "(e.g. --probe runs in parallel processes) join --out's first")
+    p.add_argument("--seeds-at", default=None,
+                   help="LR:EPOCHS: train the final seeds (or --seed-list's) at this cell without "
+                        "searching, ahead of the search's choice (another process's); a run "
+                        "that merges them keeps them only if its search chooses this cell")
     p.add_argument("--seed-list", default=None,
                    help="N,...: train only these of the final seeds (each needs the search "
                         "finished in --out or --merge-from); another process takes the rest")
@@ -304,49 +310,59 @@ def main(argv: list[str] | None = None) -> dict:
                 lr, e = cell.split(":")
                 evaluate(float(lr), int(e))
             continue
-        lrs, eps = sorted(grids[kind]), sorted(epochs0)
-        for lr in lrs:  # the starting grid, in full
-            for e in eps:
-                evaluate(lr, e)
-        added = {"lr": [0, 0], "epochs": [0, 0]}
-        while True:
-            best_lr, best_ep = choose({c: cells[c] for c in cells if c[0] in lrs and c[1] in eps})
-            grown = False
-            for axis in ("lr", "epochs"):
-                values, best = (lrs, best_lr) if axis == "lr" else (eps, best_ep)
-                new = (grow(values, best, lambda x, s: x * 3.0 ** s) if axis == "lr" else
-                       grow(values, best, lambda x, s: int(x * 2.0 ** s), low=1))
-                if len(new) == len(values):
-                    continue
-                side = int(new[-1] != values[-1])  # 1: grew at the high end
-                if added[axis][side] >= args.max_extensions:
-                    continue
-                added[axis][side] += 1
-                grown = True
-                value = new[-1] if side else new[0]
-                # The new value is tried beside the best of the other axis and its
-                # neighbours there, not across the whole grid.
-                if axis == "lr":
-                    for e in neighbours(eps, best_ep):
-                        evaluate(value, e)
-                    lrs = new
-                else:
-                    for lr in neighbours(lrs, best_lr):
-                        if diverged({c: v for c, v in cells.items() if c[0] == lr}):
-                            print(f"{name}: lr {lr:g} not tried at {value} epochs: it gave a "
-                                  "constant answer at its longest budget", flush=True)
-                            continue
-                        evaluate(lr, value)
-                    eps = new
-            if not grown:
-                break
-        r["lr_grid"], r["epochs_grid"] = sorted(lrs), sorted(eps)
-        r["chosen"] = {"lr": best_lr, "epochs": best_ep,
-                       "fold_auc_mean": float(np.mean(cells[(best_lr, best_ep)]["fold_auc"])),
-                       "on_edge": {"lr": best_lr in (min(lrs), max(lrs)),
-                                   "epochs": best_ep in (min(eps), max(eps))}}
-        print(f"{name}: chosen lr {best_lr:g}, {best_ep} epochs (edge: {r['chosen']['on_edge']})",
-              flush=True)
+
+        def search() -> tuple[float, int]:
+            """The grid search; returns the chosen (lr, epochs), recorded in `r`."""
+            lrs, eps = sorted(grids[kind]), sorted(epochs0)
+            for lr in lrs:  # the starting grid, in full
+                for e in eps:
+                    evaluate(lr, e)
+            added = {"lr": [0, 0], "epochs": [0, 0]}
+            while True:
+                best_lr, best_ep = choose({c: cells[c] for c in cells if c[0] in lrs and c[1] in eps})
+                grown = False
+                for axis in ("lr", "epochs"):
+                    values, best = (lrs, best_lr) if axis == "lr" else (eps, best_ep)
+                    new = (grow(values, best, lambda x, s: x * 3.0 ** s) if axis == "lr" else
+                           grow(values, best, lambda x, s: int(x * 2.0 ** s), low=1))
+                    if len(new) == len(values):
+                        continue
+                    side = int(new[-1] != values[-1])  # 1: grew at the high end
+                    if added[axis][side] >= args.max_extensions:
+                        continue
+                    added[axis][side] += 1
+                    grown = True
+                    value = new[-1] if side else new[0]
+                    # The new value is tried beside the best of the other axis and its
+                    # neighbours there, not across the whole grid.
+                    if axis == "lr":
+                        for e in neighbours(eps, best_ep):
+                            evaluate(value, e)
+                        lrs = new
+                    else:
+                        for lr in neighbours(lrs, best_lr):
+                            if diverged({c: v for c, v in cells.items() if c[0] == lr}):
+                                print(f"{name}: lr {lr:g} not tried at {value} epochs: it gave a "
+                                      "constant answer at its longest budget", flush=True)
+                                continue
+                            evaluate(lr, value)
+                        eps = new
+                if not grown:
+                    break
+            r["lr_grid"], r["epochs_grid"] = sorted(lrs), sorted(eps)
+            r["chosen"] = {"lr": best_lr, "epochs": best_ep,
+                           "fold_auc_mean": float(np.mean(cells[(best_lr, best_ep)]["fold_auc"])),
+                           "on_edge": {"lr": best_lr in (min(lrs), max(lrs)),
+                                       "epochs": best_ep in (min(eps), max(eps))}}
+            print(f"{name}: chosen lr {best_lr:g}, {best_ep} epochs (edge: {r['chosen']['on_edge']})",
+                  flush=True)
+            return best_lr, best_ep
+
+        if args.seeds_at:
+            lr, e = args.seeds_at.split(":")
+            best_lr, best_ep = float(lr), int(e)
+        else:
+            best_lr, best_ep = search()
         # The seeds at the chosen setting, each saved when it ends ("seed_runs", its scores
         # as "<name>|<split>|<seed>"): a rerun goes on from them, and processes given
         # --seed-list share the seeds out (--merge-from takes theirs in).
