@@ -19,9 +19,9 @@ instead of running the backbone again), then, for every expert:
    (learning rate x3 or /3, epochs x2 or /2); the new value is tried beside the best value
    of the other axis and its neighbours there (not across the whole grid), until the best
    lies inside on both axes (at most `--max-extensions` steps per side and axis; the JSON
-   says if a choice stayed on an edge). When the epochs grow, a learning rate whose longest
-   budget so far ended at a constant answer on every fold (AUC 0.5: it diverged) is not
-   tried at the longer one.
+   says if a choice stayed on an edge). A learning rate whose longest budget so far ended
+   at a constant answer on every fold (AUC 0.5: it diverged) is not tried at a longer one,
+   whether the epochs grow or that learning rate joins the grid beside longer budgets.
 3. At the chosen setting, `--seeds` seeds train on all the held-out images; their
    calibration and test scores go to `--scores-out` (`compare_rules.py --expert-scores`
    reads them) and their test AUC, beside O1's max softmax, to `--out`. `--seed-list`
@@ -337,6 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
                     # neighbours there, not across the whole grid.
                     if axis == "lr":
                         for e in neighbours(eps, best_ep):
+                            shorter = {c: v for c, v in cells.items()
+                                       if c[0] == value and c[1] < e}
+                            if (value, e) not in cells and diverged(shorter):
+                                print(f"{name}: lr {value:g} not tried at {e} epochs: it gave "
+                                      "a constant answer at its longest budget", flush=True)
+                                continue
                             evaluate(value, e)
                         lrs = new
                     else:
