@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         for seed, run in list(runs.items()):
             if run["final"] != [best_lr, best_ep]:
                 runs.pop(seed)
+        save()  # the choice, even when every seed runs in other processes
         wanted = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
                   else range(args.seeds))
         def seed_done(seed: int) -> bool:
