@@ -311,6 +311,15 @@ def main(argv: list[str] | None = None) -> dict:
                 evaluate(float(lr), int(e))
             continue
 
+        def stuck(lr: float, epochs: int, judged: dict) -> bool:
+            """True (and said) when `lr` is not tried at `epochs`: it is not done and the
+            longest of the `judged` cells at that lr ended at a constant answer."""
+            if (lr, epochs) in cells or not diverged(judged):
+                return False
+            print(f"{name}: lr {lr:g} not tried at {epochs} epochs: it gave a constant "
+                  "answer at its longest budget", flush=True)
+            return True
+
         def search() -> tuple[float, int]:
             """The grid search; returns the chosen (lr, epochs), recorded in `r`."""
             lrs, eps = sorted(grids[kind]), sorted(epochs0)
@@ -337,21 +346,15 @@ def main(argv: list[str] | None = None) -> dict:
                     # neighbours there, not across the whole grid.
                     if axis == "lr":
                         for e in neighbours(eps, best_ep):
-                            shorter = {c: v for c, v in cells.items()
-                                       if c[0] == value and c[1] < e}
-                            if (value, e) not in cells and diverged(shorter):
-                                print(f"{name}: lr {value:g} not tried at {e} epochs: it gave "
-                                      "a constant answer at its longest budget", flush=True)
-                                continue
-                            evaluate(value, e)
+                            if not stuck(value, e, {c: v for c, v in cells.items()
+                                                    if c[0] == value and c[1] < e}):
+                                evaluate(value, e)
                         lrs = new
                     else:
                         for lr in neighbours(lrs, best_lr):
-                            if diverged({c: v for c, v in cells.items() if c[0] == lr}):
-                                print(f"{name}: lr {lr:g} not tried at {value} epochs: it gave a "
-                                      "constant answer at its longest budget", flush=True)
-                                continue
-                            evaluate(lr, value)
+                            if not stuck(lr, value, {c: v for c, v in cells.items()
+                                                     if c[0] == lr}):
+                                evaluate(lr, value)
                         eps = new
                 if not grown:
                     break
