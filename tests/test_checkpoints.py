@@ -79,14 +79,14 @@ def test_workdir_from_before_a_field_existed_keeps_its_behaviour(tmp_path):
         ckpt.check_config(tmp_path, cfg)
     ckpt.check_config(tmp_path, loaded)
     # a field added later without a past value (it changes nothing a workdir holds, like
-    # the kernel library or the expert stage's view cache) compares as its default
+    # the kernel library, or a field whose default `cifar` keeps) compares as its default
     fresh = {k: v for k, v in json.loads(json.dumps(cfg.__dict__)).items()
-             if k not in ("onednn", "expert_views")}
+             if k not in ("onednn", "dropout")}
     (tmp_path / "config.json").write_text(json.dumps(fresh))
     assert ckpt.config_diff(tmp_path, ckpt.load_config(tmp_path)) == ""
     ckpt.check_config(tmp_path, cfg)
-    with pytest.raises(ckpt.CheckpointError, match="expert_views: 0 there vs 16 here"):
-        ckpt.check_config(tmp_path, cfg.replace(expert_views=16))
+    with pytest.raises(ckpt.CheckpointError, match="dropout: 0.0 there vs 0.1 here"):
+        ckpt.check_config(tmp_path, cfg.replace(dropout=0.1))
 
 
 def _three_steps(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from cnneb_jax.configs import CONFIGS, get_config
+from cnneb_jax.configs import CONFIGS, Config, get_config, validate
 
 
 def test_default_is_cifar_with_one_branch_point():
@@ -51,7 +51,6 @@ def test_second_exit_variant():
 
 
 def test_every_named_config_is_valid_and_python_edits_are_checked():
-    from cnneb_jax.configs import validate
     for name in CONFIGS:
         validate(CONFIGS[name])
     with pytest.raises(ValueError, match="config field width must be float"):
@@ -66,9 +65,22 @@ def test_default_expert_is_the_papers_and_the_ablation_is_a_variant():
     assert CONFIGS["cifar"].expert_inputs == "paper"
     ablation = CONFIGS["cifar_confidence"]
     assert ablation.expert_inputs == "paper+confidence"
-    assert ablation.expert_lr != CONFIGS["cifar"].expert_lr
+    assert ablation.expert_lr != Config().expert_lr
+    # a variant of the short default budget: nothing else differs
     assert ablation.replace(name="cifar", expert_inputs="paper",
-                            expert_lr=CONFIGS["cifar"].expert_lr) == CONFIGS["cifar"]
+                            expert_lr=Config().expert_lr) == Config()
+
+
+def test_cifar_experts_take_the_cross_validated_budget():
+    """`cifar`'s experts differ from the default only in their budget (RESULTS §2)."""
+    import dataclasses
+    cifar, default = CONFIGS["cifar"], Config()
+    differ = {f.name for f in dataclasses.fields(Config)
+              if getattr(cifar, f.name) != getattr(default, f.name)}
+    assert differ == {"expert_views", "expert_epochs", "expert_lr", "aux5b_lr", "aux5b_epochs"}
+    assert (cifar.expert_lr, cifar.expert_epochs, cifar.aux5b_lr, cifar.aux5b_epochs) == (
+        0.27, 2048, 3e-3, 8)
+    validate(cifar)
 
 
 def test_the_augmentations_in_use_say_what_they_assume():
