@@ -140,3 +140,45 @@ def test_skipped_blocks_have_no_parameters_and_branch_points_cannot_be_skipped()
         get_config("tiny", {"skip_blocks": "Mixed_6a"})
     with pytest.raises(ValueError, match="cannot be left out"):
         get_config("tiny", {"skip_blocks": "Mixed_5b"})
+
+
+@pytest.mark.parametrize("block", ["Mixed_5b", "Mixed_6b", "Mixed_7a", "Mixed_7b"])
+def test_parallel_1x1_trains_as_one_matmul_with_the_same_numbers(block, tiny_cfg, monkeypatch):
+    """In training, the 1x1 convs that read a block's input run as one matmul: the outputs,
+    BatchNorm statistics and gradients equal one conv per branch up to float rounding, and
+    the program has fewer matmuls."""
+    from cnneb_jax import segments
+    module = segments.make_block(block, tiny_cfg)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 24))
+    variables = module.init(jax.random.PRNGKey(0), x, train=False)
+    w = jax.random.normal(jax.random.PRNGKey(2), module.apply(variables, x, train=False).shape)
+
+    def loss(params, x):
+        out, upd = module.apply({**variables, "params": params}, x, train=True,
+                                mutable=["batch_stats"])
+        return jnp.sum(out * w), (out, upd)
+
+    def count_dots(jaxpr) -> int:   # nested programs (jitted jnp functions) included
+        n = 0
+        for e in jaxpr.eqns:
+            n += e.primitive.name == "dot_general"
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        n += count_dots(inner)
+        return n
+
+    def run():
+        grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+        dots = count_dots(jax.make_jaxpr(grad)(variables["params"], x).jaxpr)
+        return grad(variables["params"], x), dots
+
+    (g, (out, upd)), fused_dots = run()
+    monkeypatch.setattr(segments, "parallel_1x1",
+                        lambda block, x, train, convs: lambda i: convs[i](x, train))
+    (g_ref, (out_ref, upd_ref)), ref_dots = run()
+    assert fused_dots < ref_dots
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves((g, upd)), jax.tree_util.tree_leaves((g_ref, upd_ref))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
