@@ -7,8 +7,7 @@ conv without bias, BatchNorm without scale (eps 1e-3), ReLU.
 
 from __future__ import annotations
 
-import itertools
-from typing import Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -92,8 +91,7 @@ class ConvBN(nn.Module):
     onednn_mode: str = "off"
 
     @nn.compact
-    def __call__(self, x, train: bool, conv_out: jax.Array | None = None):
-        """`conv_out`: the conv's output, computed by the caller (`parallel_1x1`)."""
+    def __call__(self, x, train: bool):
         conv = Conv(self.features, self.kernel, self.strides, self.padding,
                     self.onednn_mode, name="conv")
         # The conv computes in its kernel's dtype (float64 in some tests: XLA's). At init
@@ -104,29 +102,10 @@ class ConvBN(nn.Module):
             bias, mean, var = BatchNormStats(self.features, name="bn")()
             scale = jax.lax.rsqrt(var.astype(jnp.float32) + _BN_EPS)
             return conv(x, bn=(scale, bias.astype(jnp.float32) - mean * scale))
-        x = conv(x) if conv_out is None else conv_out
+        x = conv(x)
         x = nn.BatchNorm(use_running_average=not train, use_scale=False, epsilon=_BN_EPS,
                          momentum=self.bn_momentum, name="bn")(x)
         return nn.relu(x)
-
-
-def parallel_1x1(block: nn.Module, x, train: bool,
-                 convs: Sequence[ConvBN]) -> Callable[[int], jax.Array]:
-    """The 1x1 ConvBNs of an Inception block's branches that all read `x`, as `out(i)`,
-    branch i's output. In training, one matmul over their kernels side by side instead of
-    one per branch: x is read once, and the backward computes x's gradient in one matmul
-    instead of one per branch plus their sum; same parameters, the same numbers up to float
-    rounding. Elsewhere (init, where no kernel exists yet; inference, where each conv fuses
-    its BatchNorm) one conv per branch. The ConvBNs run when asked for, so they run in the
-    block's order either way (keras_import.py pairs layers by that order)."""
-    params = block.variables.get("params", {})
-    kernels = [params.get(c.name, {}).get("conv", {}).get("kernel") for c in convs]
-    if not train or any(k is None for k in kernels):
-        return lambda i: convs[i](x, train)
-    w = jnp.concatenate([k.reshape(k.shape[-2], k.shape[-1]) for k in kernels], -1)
-    y = jnp.dot(x.astype(w.dtype), w)
-    parts = jnp.split(y, list(itertools.accumulate(k.shape[-1] for k in kernels))[:-1], -1)
-    return lambda i: convs[i](x, train, conv_out=parts[i])
 
 
 def _avg_pool_same(x, onednn_mode: str):
@@ -146,12 +125,11 @@ class InceptionA(nn.Module):
         c = lambda n: channels(n, self.width)
         conv = lambda f, k, name: ConvBN(c(f), k, bn_momentum=self.bn_momentum,
                                       onednn_mode=self.onednn_mode, name=name)
-        first = parallel_1x1(self, x, train, [conv(64, (1, 1), "Branch_0_Conv2d_0a_1x1"),
-                                              conv(48, (1, 1), "Branch_1_Conv2d_0a_1x1"),
-                                              conv(64, (1, 1), "Branch_2_Conv2d_0a_1x1")])
-        b0 = first(0)
-        b1 = conv(64, (5, 5), "Branch_1_Conv2d_0b_5x5")(first(1), train)
-        b2 = conv(96, (3, 3), "Branch_2_Conv2d_0b_3x3")(first(2), train)
+        b0 = conv(64, (1, 1), "Branch_0_Conv2d_0a_1x1")(x, train)
+        b1 = conv(48, (1, 1), "Branch_1_Conv2d_0a_1x1")(x, train)
+        b1 = conv(64, (5, 5), "Branch_1_Conv2d_0b_5x5")(b1, train)
+        b2 = conv(64, (1, 1), "Branch_2_Conv2d_0a_1x1")(x, train)
+        b2 = conv(96, (3, 3), "Branch_2_Conv2d_0b_3x3")(b2, train)
         b2 = conv(96, (3, 3), "Branch_2_Conv2d_0c_3x3")(b2, train)
         pooled = _avg_pool_same(x, self.onednn_mode)
         b3 = conv(self.pool_features, (1, 1), "Branch_3_Conv2d_0b_1x1")(pooled, train)
@@ -191,13 +169,12 @@ class InceptionC(nn.Module):
         conv = lambda f, k, name: ConvBN(f, k, bn_momentum=self.bn_momentum,
                                       onednn_mode=self.onednn_mode, name=name)
         c7 = c(self.channels_7x7)
-        first = parallel_1x1(self, x, train, [conv(c(192), (1, 1), "Branch_0_Conv2d_0a_1x1"),
-                                              conv(c7, (1, 1), "Branch_1_Conv2d_0a_1x1"),
-                                              conv(c7, (1, 1), "Branch_2_Conv2d_0a_1x1")])
-        b0 = first(0)
-        b1 = conv(c7, (1, 7), "Branch_1_Conv2d_0b_1x7")(first(1), train)
+        b0 = conv(c(192), (1, 1), "Branch_0_Conv2d_0a_1x1")(x, train)
+        b1 = conv(c7, (1, 1), "Branch_1_Conv2d_0a_1x1")(x, train)
+        b1 = conv(c7, (1, 7), "Branch_1_Conv2d_0b_1x7")(b1, train)
         b1 = conv(c(192), (7, 1), "Branch_1_Conv2d_0c_7x1")(b1, train)
-        b2 = conv(c7, (7, 1), "Branch_2_Conv2d_0b_7x1")(first(2), train)
+        b2 = conv(c7, (1, 1), "Branch_2_Conv2d_0a_1x1")(x, train)
+        b2 = conv(c7, (7, 1), "Branch_2_Conv2d_0b_7x1")(b2, train)
         b2 = conv(c7, (1, 7), "Branch_2_Conv2d_0c_1x7")(b2, train)
         b2 = conv(c7, (7, 1), "Branch_2_Conv2d_0d_7x1")(b2, train)
         b2 = conv(c(192), (1, 7), "Branch_2_Conv2d_0e_1x7")(b2, train)
@@ -218,11 +195,10 @@ class InceptionD(nn.Module):
         c = lambda n: channels(n, self.width)
         conv = lambda f, k, s, pad, name: ConvBN(f, k, s, pad, self.bn_momentum,
                                                  self.onednn_mode, name=name)
-        first = parallel_1x1(self, x, train,
-                             [conv(c(192), (1, 1), 1, "SAME", "Branch_0_Conv2d_0a_1x1"),
-                              conv(c(192), (1, 1), 1, "SAME", "Branch_1_Conv2d_0a_1x1")])
-        b0 = conv(c(320), (3, 3), 2, self.padding, "Branch_0_Conv2d_1a_3x3")(first(0), train)
-        b1 = conv(c(192), (1, 7), 1, "SAME", "Branch_1_Conv2d_0b_1x7")(first(1), train)
+        b0 = conv(c(192), (1, 1), 1, "SAME", "Branch_0_Conv2d_0a_1x1")(x, train)
+        b0 = conv(c(320), (3, 3), 2, self.padding, "Branch_0_Conv2d_1a_3x3")(b0, train)
+        b1 = conv(c(192), (1, 1), 1, "SAME", "Branch_1_Conv2d_0a_1x1")(x, train)
+        b1 = conv(c(192), (1, 7), 1, "SAME", "Branch_1_Conv2d_0b_1x7")(b1, train)
         b1 = conv(c(192), (7, 1), 1, "SAME", "Branch_1_Conv2d_0c_7x1")(b1, train)
         b1 = conv(c(192), (3, 3), 2, self.padding, "Branch_1_Conv2d_1a_3x3")(b1, train)
         b2 = max_pool(x, 3, 2, self.padding, self.onednn_mode)
@@ -240,13 +216,12 @@ class InceptionE(nn.Module):
         c = lambda n: channels(n, self.width)
         conv = lambda f, k, name: ConvBN(c(f), k, bn_momentum=self.bn_momentum,
                                       onednn_mode=self.onednn_mode, name=name)
-        first = parallel_1x1(self, x, train, [conv(320, (1, 1), "Branch_0_Conv2d_0a_1x1"),
-                                              conv(384, (1, 1), "Branch_1_Conv2d_0a_1x1"),
-                                              conv(448, (1, 1), "Branch_2_Conv2d_0a_1x1")])
-        b0, b1 = first(0), first(1)
+        b0 = conv(320, (1, 1), "Branch_0_Conv2d_0a_1x1")(x, train)
+        b1 = conv(384, (1, 1), "Branch_1_Conv2d_0a_1x1")(x, train)
         b1 = jnp.concatenate([conv(384, (1, 3), "Branch_1_Conv2d_0b_1x3")(b1, train),
                               conv(384, (3, 1), "Branch_1_Conv2d_0c_3x1")(b1, train)], -1)
-        b2 = conv(384, (3, 3), "Branch_2_Conv2d_0b_3x3")(first(2), train)
+        b2 = conv(448, (1, 1), "Branch_2_Conv2d_0a_1x1")(x, train)
+        b2 = conv(384, (3, 3), "Branch_2_Conv2d_0b_3x3")(b2, train)
         b2 = jnp.concatenate([conv(384, (1, 3), "Branch_2_Conv2d_0c_1x3")(b2, train),
                               conv(384, (3, 1), "Branch_2_Conv2d_0d_3x1")(b2, train)], -1)
         pooled = _avg_pool_same(x, self.onednn_mode)
