@@ -12,7 +12,10 @@ when every image goes deep: the program `stem -> Mixed_5b`, then `Mixed_5b -> en
 `keras.applications.InceptionV3(weights=None, classifier_activation=None)` called through
 a `tf.function`, as a Keras user runs it (on a CPU Keras leaves XLA off by default).
 Precisions: float32, and bfloat16 (ours: `compute_dtype=bfloat16`, float32 master weights
-and BatchNorm statistics; Keras: the `mixed_bfloat16` policy). Train step: SGD with momentum
+and BatchNorm statistics; Keras: the `mixed_bfloat16` policy); ours also `bfloat16_deep`
+(segment 0 in float32, the rest in bfloat16; forward only), the fastest precision that
+keeps the shipped model's labels (bench/precision_agreement.py). "best valid" compares the
+faster of our float32 and bfloat16_deep with Keras's bfloat16. Train step: SGD with momentum
 0.9 on the cross-entropy of O2, BatchNorm in training mode, weights updated in place.
 
 Each measurement starts a fresh process (`--worker`), builds and compiles, runs two warm-up
@@ -51,7 +54,11 @@ import numpy as np  # noqa: E402
 import benchlib  # noqa: E402
 
 ROOT = benchlib.ROOT
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "bfloat16_deep")
+# Our inference precisions that give float32's labels on at least 99.8% of the shipped
+# model's test images with O1 and O2 within 0.2 points (issue 31's bar; bfloat16 everywhere
+# does not): docs/results/2026-12-07-precision-agreement-s31.txt, bench/precision_agreement.py.
+VALID_INFERENCE = ("float32", "bfloat16_deep")
 
 
 # ----------------------------------------------------------------------------- workers
@@ -193,6 +200,9 @@ def measurements(args) -> list[dict]:
                 for side in sides:
                     if task == "cifar" and side == "keras":
                         continue
+                    # per-part precision: ours, inference only
+                    if precision == "bfloat16_deep" and (side == "keras" or task == "train"):
+                        continue
                     subtasks = (["cifar_train32", "cifar_train24", "forward"]
                                 if task == "cifar" else [task])
                     for sub in subtasks:
@@ -260,19 +270,19 @@ def report(specs: list[dict], ms: dict[tuple, list[float]], rounds: int) -> None
             print(f"| {task}, batch {b} | " + " | ".join(cells) + " |")
         print("\nSpeed ratios, Keras time / our time per round (above 1: ours faster), "
               "median (min-max):\n")
-        print(f"| {full} | f32 vs Keras f32 | bf16 vs Keras bf16 | best vs Keras bf16"
+        print(f"| {full} | f32 vs Keras f32 | bf16 vs Keras bf16 | best valid vs Keras bf16"
               " | ours f32 vs base f32 |")
         print("|---|---:|---:|---:|---:|")
+        median = lambda k: np.nanmedian(np.array([v or np.nan for v in ms[k]], float))
         for task, b in rows:
             o32, o16 = ("ours", task, "float32", b, full), ("ours", task, "bfloat16", b, full)
             k32, k16 = ("keras", task, "float32", b, full), ("keras", task, "bfloat16", b, full)
-            best = o16 if (o16 in ms and o32 in ms and
-                           np.nanmedian(np.array(ms[o16], float)) <
-                           np.nanmedian(np.array(ms[o32], float))) else o32
+            valid = [("ours", task, p, b, full) for p in VALID_INFERENCE
+                     if ("ours", task, p, b, full) in ms] if task == "forward" else [o32]
+            best = min(valid, key=median) if valid else o32
             base = ("base", task, "float32", b, full)
             print(f"| {task}, batch {b} | {ratio_text(k32, o32)} | {ratio_text(k16, o16)} | "
-                  f"{ratio_text(k16, best)} ({'bf16' if best == o16 else 'f32'}) | "
-                  f"{ratio_text(base, o32)} |")
+                  f"{ratio_text(k16, best)} ({best[2]}) | {ratio_text(base, o32)} |")
     cifar = [s for s in specs if s["config"] == "cifar"]
     if cifar:
         print("\n| cifar, batch 128 | images/s, median (min-max) | speed vs base per round |")

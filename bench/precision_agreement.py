@@ -25,7 +25,9 @@ from cnneb_jax.evaluation import predict_all
 from cnneb_jax.model import build_model, inference_variables
 from cnneb_jax.workdir import load_trained
 
-ROWS = [("float32", "off"), ("float32", "on"), ("bfloat16", "on"), ("bfloat16", "off")]
+# bfloat16_deep: segment 0 in float32, the rest in bfloat16 (configs.py).
+ROWS = [("float32", "off"), ("float32", "on"), ("bfloat16", "on"), ("bfloat16", "off"),
+        ("bfloat16_deep", "on")]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,9 @@ import numpy as np
 
 from cnneb_jax import serving
 from cnneb_jax.checkpoints import read_classes
+from cnneb_jax.configs import validate
 from cnneb_jax.controller import RULES, all_outputs, last_exit_flops, path_flops, run_cascade
+from cnneb_jax.model import build_model
 from cnneb_jax.programs import Cascade, make_cascade, warm_up
 from cnneb_jax.routing import softmax
 from cnneb_jax.sweep import choose_threshold, sweep_rule
@@ -30,11 +32,15 @@ from cnneb_jax.sweep import choose_threshold, sweep_rule
 OPERATING_POINT_FILE = "operating_point.json"
 
 
-def load(workdir: str | Path, max_batch: int = 256, warm: bool = True) -> Cascade:
+def load(workdir: str | Path, max_batch: int = 256, warm: bool = True,
+         compute_dtype: str | None = None) -> Cascade:
     """A trained workdir (both stages finished) or release folder as a ready-to-route
     cascade, with the operating point `calibrate` stored there, if any. `warm` compiles
     every bucket size now, so that no call compiles later (JAX's persistent compilation
-    cache, see `cnneb_jax.compile_cache`, makes this fast after the first time)."""
+    cache, see `cnneb_jax.compile_cache`, makes this fast after the first time).
+    `compute_dtype` runs it in another precision than it trained in (configs.py):
+    "bfloat16_deep" is the fastest on CPUs with bfloat16 that kept the shipped model's
+    labels (docs/RESULTS.md §8); calibrate in the precision you serve in."""
     from cnneb_jax import compile_cache
     from cnneb_jax.workdir import load_trained
     if not isinstance(max_batch, numbers.Integral) or isinstance(max_batch, bool) \
@@ -45,6 +51,10 @@ def load(workdir: str | Path, max_batch: int = 256, warm: bool = True) -> Cascad
     if not workdir.is_dir():
         raise ValueError(f"{workdir} is not a folder (a trained workdir or a release)")
     model, variables = load_trained(workdir)
+    if compute_dtype is not None:
+        cfg = model.cfg.replace(compute_dtype=compute_dtype)
+        validate(cfg)
+        model = build_model(cfg)
     cascade = make_cascade(model, variables, max_batch, workdir, read_operating_point(workdir))
     names = read_classes(workdir)
     if names is not None:

@@ -61,12 +61,23 @@ def build_model(cfg: Config) -> Model:
                          "splits.with_classes, or --set num_classes=N")
     bounds = segment_bounds(cfg)
     m = len(bounds)
-    segments = {segment_name(s, e): Segment(cfg, s, e) for s, e in bounds}
-    heads = {f"O{i + 1}": AuxHead(cfg) for i in range(m - 1)}
-    heads[f"O{m}"] = MainHead(cfg)
-    experts = {f"E{i + 1}": ExpertHead(cfg) for i in range(m - 1)}
-    aux5b = {f"E{i + 1}": Aux5bExpert(cfg) for i in range(m - 1)}
+    # Each module computes in the dtype of its own config (`part_config`).
+    deep = part_config(cfg, first_segment=False)
+    segments = {segment_name(s, e): Segment(part_config(cfg, j == 0), s, e)
+                for j, (s, e) in enumerate(bounds)}
+    heads = {f"O{i + 1}": AuxHead(deep) for i in range(m - 1)}
+    heads[f"O{m}"] = MainHead(deep)
+    experts = {f"E{i + 1}": ExpertHead(deep) for i in range(m - 1)}
+    aux5b = {f"E{i + 1}": Aux5bExpert(deep) for i in range(m - 1)}
     return Model(cfg, segments, heads, experts, aux5b)
+
+
+def part_config(cfg: Config, first_segment: bool) -> Config:
+    """The config of one part of the model: `bfloat16_deep` computes segment 0 in float32
+    and every other part in bfloat16; every other compute dtype is the whole model's."""
+    if cfg.compute_dtype != "bfloat16_deep":
+        return cfg
+    return cfg.replace(compute_dtype="float32" if first_segment else "bfloat16")
 
 
 def init_variables(model: Model, rng: jax.Array, init_segments: bool = True) -> Variables:
@@ -218,6 +229,9 @@ def to_compute_dtype(cfg: Config, tree: Any) -> Any:
     statistics stay float32 too (Flax computes them in at least float32)."""
     if cfg.compute_dtype == "float32":
         return tree
+    if cfg.compute_dtype == "bfloat16_deep":
+        raise ValueError("compute_dtype bfloat16_deep differs by part: cast with each "
+                         "module's config (model.part_config)")
     dt = jnp.dtype(cfg.compute_dtype)
     return jax.tree_util.tree_map(
         lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
@@ -229,7 +243,10 @@ def inference_variables(cfg: Config, variables: Variables) -> Variables:
     §15). BatchNorm statistics stay float32; the numbers are the calls' own casts."""
     if cfg.compute_dtype == "float32":
         return variables
-    return {group: {name: {col: to_compute_dtype(cfg, tree) if col == "params" else tree
+    first = ("segments", segment_name(*segment_bounds(cfg)[0]))
+    cast = lambda group, name, tree: to_compute_dtype(
+        part_config(cfg, (group, name) == first), tree)
+    return {group: {name: {col: cast(group, name, tree) if col == "params" else tree
                            for col, tree in v.items()}
                     for name, v in parts.items()}
             for group, parts in variables.items()}

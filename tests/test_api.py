@@ -119,6 +119,21 @@ def test_predict_needs_a_point_and_checks_labels(tiny_workdir, tiny_data):
         api.load(tiny_workdir / "config.json")
 
 
+def test_load_in_another_precision(tiny_workdir, tiny_data):
+    """`compute_dtype`: the same workdir served with segment 0 in float32 and the rest in
+    bfloat16 answers nearly as in float32; an unknown precision is named."""
+    x = tiny_data["test_images"][:8]
+    exact = api.load(tiny_workdir, max_batch=8, warm=False)
+    deep = api.load(tiny_workdir, max_batch=8, warm=False, compute_dtype="bfloat16_deep")
+    assert deep.model.cfg.compute_dtype == "bfloat16_deep"
+    a = api.predict(exact, x, "max_softmax", 0.0)
+    b = api.predict(deep, x, "max_softmax", 0.0)
+    assert not np.array_equal(a["probs"], b["probs"])    # bfloat16 ran
+    np.testing.assert_allclose(b["probs"], a["probs"], atol=0.05)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        api.load(tiny_workdir, warm=False, compute_dtype="float16")
+
+
 def test_calibrated_point_is_stored_and_used_by_default(api_workdir, tiny_data):
     """calibrate stores its point with the workdir; predict without rule/threshold uses it,
     in this process and after a new load; a damaged point file is a clear error."""

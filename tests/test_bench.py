@@ -79,6 +79,8 @@ def test_peer_runs_our_side(capsys):
                         "--seconds", "0", "--no-keras", "--config", "tiny"])
     out = capsys.readouterr().out
     assert "| tiny |" in out and "| forward, batch 1 |" in out and "failed" not in out
+    # bfloat16_deep is timed too (ours only), and the fastest label-keeping precision named
+    assert "ours forward bfloat16_deep b1:" in out and "best valid vs Keras bf16" in out
 
 
 def test_keras_agreement(capsys):

@@ -102,6 +102,36 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32(tiny_cfg):
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * losses["float32"]
 
 
+def test_bfloat16_deep_keeps_segment_0_in_float32_and_the_rest_in_bfloat16(tiny_cfg):
+    """`bfloat16_deep`: at load, segment 0's parameters stay float32 and every other
+    part's become bfloat16; segment 0 computes in float32, the deep segment and the exits
+    in bfloat16; the cascade's programs answer close to float32's."""
+    import pytest
+    from cnneb_jax.model import branch_fn, inference_variables, to_compute_dtype
+    cfg = tiny_cfg.replace(compute_dtype="bfloat16_deep")
+    model = build_model(cfg)
+    variables = init_variables(model, jax.random.PRNGKey(0))
+    cast = inference_variables(cfg, variables)
+    dtypes = lambda tree: {a.dtype for a in jax.tree_util.tree_leaves(tree["params"])}
+    assert dtypes(cast["segments"]["stem->Mixed_5b"]) == {jnp.dtype(jnp.float32)}
+    for group, name in (("segments", "Mixed_5b->end"), ("heads", "O1"), ("heads", "O2"),
+                        ("experts", "E1"), ("aux5b", "E1")):
+        assert dtypes(cast[group][name]) == {jnp.dtype(jnp.bfloat16)}, (group, name)
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), np.uint8)
+    fns = segment_fns(model)
+    h = fns["seg:stem->Mixed_5b"](cast["segments"]["stem->Mixed_5b"], images.astype(np.float32))
+    assert h.dtype == jnp.float32
+    assert fns["seg:Mixed_5b->end"](cast["segments"]["Mixed_5b->end"], h).dtype == jnp.bfloat16
+    ref_model = build_model(tiny_cfg)
+    ref = inference_variables(tiny_cfg, variables)
+    got = jax.jit(branch_fn(model, 0, "plain"))(cast, images)[1]     # O1's logits
+    want = jax.jit(branch_fn(ref_model, 0, "plain"))(ref, images)[1]
+    assert got.dtype == jnp.float32 and not np.array_equal(got, want)   # bf16 in O1's head
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * np.abs(want).max())
+    with pytest.raises(ValueError, match="differs by part"):
+        to_compute_dtype(cfg, variables)
+
+
 def test_whitening_kernel_decorrelates_patches():
     """Both signs of the top eigen-directions: the first half of the channels gives
     uncorrelated, unit-variance responses on the images it was computed from."""
