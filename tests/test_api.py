@@ -258,6 +258,12 @@ def test_evaluate_predict_writes_the_csv_and_a_summary(tiny_workdir, image_folde
     printed = capsys.readouterr().out
     assert "7 files, 2 unreadable" in printed and "exits: O1" in printed
     assert len(out.read_text().splitlines()) == 8
+    deep = tmp_path / "deep.csv"   # served in another precision: the same files answered
+    assert evaluate.main(["--workdir", str(tiny_workdir), "--predict", str(root),
+                          "--out", str(deep), "--rule", "max_softmax", "--threshold", "0.5",
+                          "--batch-size", "8", "--compute-dtype", "bfloat16_deep"]) == 0
+    assert "7 files, 2 unreadable" in capsys.readouterr().out
+    assert len(deep.read_text().splitlines()) == 8
     # No operating point stored and none given: a message, not a traceback.
     assert evaluate.main(["--workdir", str(tiny_workdir), "--predict", str(root),
                           "--out", str(out)]) == 1

@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "on the calibration split first, at most this drop from the last "
                         "exit (a fraction: 0.01 = one point; certified at --alpha); the point "
                         "is used, not stored")
+    p.add_argument("--compute-dtype", default=None,
+                   choices=["float32", "bfloat16", "bfloat16_deep"],
+                   help="run the model in this precision instead of the workdir's own "
+                        "(configs.py): bfloat16_deep keeps segment 0 in float32 and runs the "
+                        "rest in bfloat16, faster on CPUs with bfloat16 while keeping the "
+                        "shipped model's labels (docs/RESULTS.md §8)")
     p.add_argument("--max-test", type=int, default=0,
                    help="use only the first N test images (0 = all; for quick checks)")
     return p.parse_args(argv)
@@ -104,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         # accuracies only compile what they run.
         print(f"[evaluate] loading {args.workdir}"
               + (" and compiling every bucket size" if args.sweep else ""))
-        cascade = api.load(args.workdir, max_batch=args.batch_size, warm=args.sweep)
+        cascade = api.load(args.workdir, max_batch=args.batch_size, warm=args.sweep,
+                          compute_dtype=args.compute_dtype)
         ablations = {}
         for d in args.ablation:
             name = load_config(Path(d)).expert_inputs
             if name == cascade.model.cfg.expert_inputs or name in ablations:
                 name = Path(d).name
             print(f"[evaluate] loading the ablation {d} as rule 'expert:{name}'")
-            ablations[name] = api.load(d, max_batch=args.batch_size, warm=True)
+            ablations[name] = api.load(d, max_batch=args.batch_size, warm=True,
+                                       compute_dtype=args.compute_dtype)
         if not args.sweep:
             self_report(cascade, data)
             return 0
@@ -175,7 +183,8 @@ def predict_folder(args: argparse.Namespace) -> int:
     if args.max_drop is not None and args.data_dir is None:
         raise ValueError("--max-drop calibrates on the calibration split: give --data-dir")
     print(f"[evaluate] loading {args.workdir}")
-    cascade = api.load(args.workdir, max_batch=args.batch_size, warm=False)
+    cascade = api.load(args.workdir, max_batch=args.batch_size, warm=False,
+                       compute_dtype=args.compute_dtype)
     rule, threshold = args.rule, args.threshold
     if args.max_drop is not None:
         data = common.workdir_data(args, "calibrating")
