@@ -62,10 +62,10 @@ class Conv(nn.Module):
             scale, offset = bn
             return onednn.conv_affine_relu(x, w, scale, offset, strides=strides,
                                            padding=self.padding, relu=True, cache_kernel=True)
-        if onednn.use(self.onednn_mode, x.dtype, training=True):
-            return onednn.conv(x, w, strides, self.padding)
         if self.kernel_size == (1, 1) and self.strides == 1:
             return jnp.dot(x, w.reshape(cin, self.features))
+        if onednn.use(self.onednn_mode, x.dtype, training=True):
+            return onednn.conv(x, w, strides, self.padding)
         return _conv(x, w, self.strides, self.padding)
 
 
