@@ -328,7 +328,8 @@ _RANGES: dict[str, tuple] = {
     "max_train_examples": (0, None, True, True), "max_test_examples": (0, None, True, True),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "padding": ("SAME", "VALID"), "compute_dtype": ("float32", "bfloat16", "bfloat16_deep", "float64"),
+    "padding": ("SAME", "VALID"),
+    "compute_dtype": ("float32", "bfloat16", "bfloat16_deep", "float64"),
     "onednn": ("auto", "on", "off", "inference"),
     "expert_inputs": ("paper", "logits", "paper+confidence"),
     "flip": ("random", "alternate", "none"),
