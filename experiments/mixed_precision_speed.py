@@ -4,8 +4,8 @@ in bfloat16, against float32 and bfloat16 everywhere?
 On the shipped `cifar` model that mix gives float32's labels on 99.85% (O1) / 99.84% (O2)
 of the test images (experiments/precision_mix.py, experiments.md §22), within issue 31's
 99.8%, where bfloat16 everywhere does not. What it costs on `full` was not measured. This
-times the forward as bench/peer.py runs ours (the cascade's programs when every image goes
-deep, random weights), each mix compiled once in this process, in interleaved rounds
+times the forward as bench/peer.py runs ours (its `jax_call`: the cascade's programs when
+every image goes deep, random weights), each mix compiled once in this process, in interleaved rounds
 (reversed every other round), and prints ms per batch, median over rounds with min-max,
 and each mix's speed against float32 per round.
 
@@ -15,7 +15,6 @@ and each mix's speed against float32 per round.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,32 +29,17 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import benchlib  # noqa: E402
-from cnneb_jax.configs import get_config  # noqa: E402
-from cnneb_jax.model import branch_fn, build_model, inference_variables  # noqa: E402
+from peer import jax_call  # noqa: E402
 
-MIXES = {"fff": "float32", "bbb": "bfloat16", "fbb": "segment 0 float32, the rest bfloat16"}
+# Each mix (segment 0's dtype, then the later segments' and heads') is a compute dtype of
+# the library (configs.py); "fbb" is bfloat16_deep.
+MIXES = {"fff": ("float32", "float32"), "bbb": ("bfloat16", "bfloat16"),
+         "fbb": ("bfloat16_deep", "segment 0 float32, the rest bfloat16")}
 
 
-def forward(mix: str, batch: int, variables, config: str):
-    """A compiled forward of `mix` (segment 0's dtype, the later segments' and heads')."""
-    models, cast = {}, {}
-    for d, dtype in (("f", "float32"), ("b", "bfloat16")):
-        cfg = get_config(config, {"compute_dtype": dtype})
-        models[d] = build_model(cfg)
-        cast[d] = jax.device_put(inference_variables(cfg, variables))
-    m = models["f"].num_exits
-    progs = [jax.jit(branch_fn(models[mix[0] if i == 0 else mix[1]], i,
-                               "seg" if i < m - 1 else "plain")) for i in range(m)]
-    vs = [cast[mix[0] if i == 0 else mix[1]] for i in range(m)]
-    size = models["f"].cfg.image_size
-    x = jax.device_put(np.random.default_rng(1).uniform(0, 255, (batch, size, size, 3))
-                       .astype(np.float32))
-
-    def call():
-        h = x
-        for p, v in zip(progs, vs):
-            h = p(v, h)
-        jax.block_until_ready(h)
+def forward(mix: str, batch: int, config: str):
+    """The forward of `mix` as bench/peer.py times ours, compiled and run twice."""
+    call, _ = jax_call("forward", MIXES[mix][0], batch, config)
     call()
     call()
     return call
@@ -70,17 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per mix and round")
     args = p.parse_args(argv)
-    cfg = get_config(args.config)
-    cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or 10)
-    variables = benchlib.random_variables(build_model(cfg))
-    variables = {g: variables[g] for g in ("segments", "heads")}
     print(f"{args.config}, {jax.devices()[0].platform}; {args.rounds} rounds of about "
           f"{args.seconds:.0f} s per mix; ms per batch, median over rounds (min-max)\n")
-    print("| batch | " + " | ".join(MIXES[m] for m in args.mixes) + " | "
+    print("| batch | " + " | ".join(MIXES[m][1] for m in args.mixes) + " | "
           + " | ".join(f"{m} speed vs fff" for m in args.mixes if m != "fff") + " |")
     print("|---:|" + "---:|" * (2 * len(args.mixes) - 1))
     for batch in args.batches:
-        calls = {m: forward(m, batch, variables, args.config) for m in args.mixes}
+        calls = {m: forward(m, batch, args.config) for m in args.mixes}
         ms = {m: [] for m in args.mixes}
         for r in range(args.rounds):
             for m in (args.mixes if r % 2 == 0 else args.mixes[::-1]):
