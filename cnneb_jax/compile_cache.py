@@ -54,8 +54,10 @@ def enable() -> Path | None:
 
 
 # Code whose change invalidates memoised facts (shapes, FLOPs, traced programs) about a config.
+# The traced programs call oneDNN's FFI handlers by name with attributes: a changed kernel
+# source must not find programs traced against the old one.
 _FACT_SOURCES = ("configs.py", "model.py", "segments.py", "heads.py", "metrics.py",
-                 "controller.py")
+                 "controller.py", "pooling.py", "onednn.py", "native/onednn_conv.cc")
 
 
 def memo(kind: str, key: str, compute: Callable[[], bytes], decode: Callable[[bytes], Any]) -> Any:

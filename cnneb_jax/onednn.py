@@ -35,7 +35,8 @@ import numpy as np
 _SOURCE = Path(__file__).parent / "native" / "onednn_conv.cc"
 _WHEELS = ("onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0")
 _TARGETS = ("cnneb_onednn_conv_fwd", "cnneb_onednn_conv_bwd_data",
-            "cnneb_onednn_conv_bwd_weights", "cnneb_onednn_pool")
+            "cnneb_onednn_conv_bwd_weights", "cnneb_onednn_pool", "cnneb_onednn_pool_train",
+            "cnneb_onednn_pool_bwd", "cnneb_onednn_bn_relu_train", "cnneb_onednn_bn_relu_bwd")
 
 
 class OneDNNUnavailable(RuntimeError):
@@ -197,11 +198,12 @@ def _geometry(x_shape, w_shape, strides: tuple[int, int], padding: str
 def conv_affine_relu(x: jax.Array, w: jax.Array, scale: jax.Array | None = None,
                      offset: jax.Array | None = None, *, strides: tuple[int, int] = (1, 1),
                      padding: str = "SAME", relu: bool = False,
-                     cache_kernel: bool = False) -> jax.Array:
+                     cache_kernel: bool = False, exclusive: bool = False) -> jax.Array:
     """relu(conv(x, w) * scale + offset) in one oneDNN primitive (not differentiable): the
     inference ConvBN with BatchNorm's per-channel scale and offset (float32). x is NHWC and
     w HWIO, both float32 or both bfloat16. `cache_kernel`: keep the kernel oneDNN packs
-    (bfloat16) for the next call with the same kernel, as inference calls repeat."""
+    (bfloat16) for the next call with the same kernel, as inference calls repeat.
+    `exclusive`: run while no other exclusive oneDNN call runs (training's calls are)."""
     require()
     g, out_shape = _geometry(x.shape, w.shape, strides, padding)
     out = jax.ShapeDtypeStruct(out_shape, x.dtype)
@@ -210,28 +212,101 @@ def conv_affine_relu(x: jax.Array, w: jax.Array, scale: jax.Array | None = None,
     scale = one if scale is None else scale.astype(jnp.float32)
     offset = jnp.zeros_like(scale) if offset is None else offset.astype(jnp.float32)
     return jax.ffi.ffi_call("cnneb_onednn_conv_fwd", out)(
-        x, w.astype(x.dtype), scale, offset, affine=affine, relu=relu, cache=cache_kernel, **g)
+        x, w.astype(x.dtype), scale, offset, affine=affine, relu=relu, cache=cache_kernel,
+        exclusive=exclusive, **g)
 
 
 def pool(x: jax.Array, window: int, stride: int, pads: tuple[tuple[int, int], ...],
-         out_hw: tuple[int, int], average: bool) -> jax.Array:
+         out_hw: tuple[int, int], average: bool, exclusive: bool = False) -> jax.Array:
     """Max pooling, or average pooling over each window's real pixels, of NHWC `x` with
     explicit ((top, bottom), (left, right)) padding (not differentiable; pooling.py adds the
     gradient)."""
     require()
-    (pt, pb), (pl, pr) = pads
     out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), x.dtype)
     return jax.ffi.ffi_call("cnneb_onednn_pool", out)(
-        x, window=np.int64(window), stride=np.int64(stride), pad_top=np.int64(pt),
-        pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr),
-        average=average)
+        x, average=average, exclusive=exclusive, **_pool_attrs(window, stride, pads))
+
+
+def _pool_attrs(window: int, stride: int, pads: tuple[tuple[int, int], ...]) -> dict:
+    (pt, pb), (pl, pr) = pads
+    return dict(window=np.int64(window), stride=np.int64(stride), pad_top=np.int64(pt),
+                pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr))
+
+
+def max_pool_train(x: jax.Array, window: int, stride: int, pads: tuple[tuple[int, int], ...],
+                   out_hw: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Max pooling for training: the pooled NHWC array and oneDNN's workspace (uint8, one
+    byte per output value: where each maximum came from), which `pool_grad` reads."""
+    require()
+    shape = (x.shape[0], *out_hw, x.shape[3])
+    outs = (jax.ShapeDtypeStruct(shape, x.dtype), jax.ShapeDtypeStruct(shape, jnp.uint8))
+    return jax.ffi.ffi_call("cnneb_onednn_pool_train", outs)(
+        x, **_pool_attrs(window, stride, pads))
+
+
+def pool_grad(dy: jax.Array, workspace: jax.Array | None, x_shape: tuple[int, ...],
+              window: int, stride: int, pads: tuple[tuple[int, int], ...],
+              average: bool) -> jax.Array:
+    """The gradient of `pool` (average) or `max_pool_train` (max, from its workspace) with
+    respect to its input of shape `x_shape`."""
+    require()
+    if workspace is None:
+        workspace = jnp.zeros((1,), jnp.uint8)  # average pooling reads none
+    return jax.ffi.ffi_call("cnneb_onednn_pool_bwd", jax.ShapeDtypeStruct(x_shape, dy.dtype))(
+        dy, workspace, average=average, **_pool_attrs(window, stride, pads))
+
+
+@functools.cache
+def _bn_workspace_bytes(shape: tuple[int, ...], dtype, eps: float) -> int:
+    lib = _library()
+    f = lib.cnneb_onednn_bn_workspace_bytes
+    f.restype = ctypes.c_int64
+    f.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_float]
+    got = f(*shape, int(jnp.dtype(dtype) == jnp.bfloat16), eps)
+    if got < 0:
+        raise OneDNNUnavailable(f"oneDNN has no BatchNorm for {shape} {jnp.dtype(dtype)}")
+    return got
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def batchnorm_relu(x: jax.Array, shift: jax.Array, eps: float
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm without scale, then ReLU, over NHWC `x` (float32 or
+    bfloat16) with a float32 `shift` per channel: (relu((x - mean) / sqrt(var + eps) + shift),
+    mean, var), the batch's statistics in float32 (var: the population variance). One oneDNN
+    primitive forward, one backward (which reads where the ReLU passed from a workspace).
+    The statistics are for the running averages: no gradient flows back through them."""
+    return _batchnorm_relu_fwd(x, shift, eps)[0]
+
+
+def _batchnorm_relu_fwd(x, shift, eps):
+    require()
+    stats = jax.ShapeDtypeStruct((x.shape[3],), jnp.float32)
+    ws = jax.ShapeDtypeStruct((_bn_workspace_bytes(tuple(x.shape), x.dtype, eps),), jnp.uint8)
+    y, mean, var, workspace = jax.ffi.ffi_call(
+        "cnneb_onednn_bn_relu_train", (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats, ws))(
+        x, shift.astype(jnp.float32), eps=np.float32(eps))
+    return (y, mean, var), (x, shift, mean, var, workspace)
+
+
+def _batchnorm_relu_bwd(eps, res, cts):
+    x, shift, mean, var, workspace = res
+    dy = cts[0].astype(x.dtype)
+    dx, dshift = jax.ffi.ffi_call(
+        "cnneb_onednn_bn_relu_bwd", (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                     jax.ShapeDtypeStruct(mean.shape, jnp.float32)))(
+        x, mean, var, workspace, dy, eps=np.float32(eps))
+    return dx, dshift.astype(shift.dtype)
+
+
+batchnorm_relu.defvjp(_batchnorm_relu_fwd, _batchnorm_relu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (1, 1),
          padding: str = "SAME") -> jax.Array:
     """conv(x, w) with oneDNN's kernels forward and backward (NHWC, HWIO)."""
-    return conv_affine_relu(x, w, strides=strides, padding=padding)
+    return conv_affine_relu(x, w, strides=strides, padding=padding, exclusive=True)
 
 
 def _conv_fwd(x, w, strides, padding):

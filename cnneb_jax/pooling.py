@@ -10,8 +10,8 @@ their gradients are elementwise. Padding follows
 `lax.padtype_to_pads` ("SAME": the extra pixel goes after), as Flax's and TF's do
 (`onednn.axis_pads`, shared with the convs).
 
-With oneDNN (cnneb_jax/onednn.py) inference runs its pooling kernels instead (faster still,
-docs/experiments.md §15); training keeps the slices, forward and backward.
+With oneDNN (cnneb_jax/onednn.py) its pooling kernels run instead, forward and backward
+(faster still: docs/experiments.md §15 for inference, §30 for training).
 """
 
 from __future__ import annotations
@@ -42,21 +42,33 @@ def _max_slices(x: jax.Array, k: int, s: int, padding: str) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _onednn_pool(x, k: int, s: int, padding: str, average: bool):
-    pads = [onednn.axis_pads(x.shape[a], k, s, padding) for a in (1, 2)]
-    return onednn.pool(x, k, s, tuple((lo, hi) for _, lo, hi in pads),
-                       tuple(out for out, _, _ in pads), average)
+    pads, out_hw = _pads(x.shape, k, s, padding)
+    return onednn.pool(x, k, s, pads, out_hw, average)
+
+
+def _pads(shape, k: int, s: int, padding: str):
+    """(((top, bottom), (left, right)), (out h, out w)) of a pool over NHWC `shape`."""
+    axes = [onednn.axis_pads(shape[a], k, s, padding) for a in (1, 2)]
+    return tuple((lo, hi) for _, lo, hi in axes), tuple(out for out, _, _ in axes)
 
 
 def _onednn_pool_fwd(x, k, s, padding, average):
-    # Differentiated (training): the slices forward and backward, as with oneDNN off. Their
-    # gradient needs their own forward, so oneDNN's would only add a pass.
-    slices = ((lambda t: _avg_slices(t, k, s, padding, False)) if average
-              else (lambda t: _max_slices(t, k, s, padding)))
-    return jax.vjp(slices, x)
+    # Differentiated (training): max pooling keeps oneDNN's workspace (where each maximum
+    # came from) for its gradient; average pooling needs only the input's shape, carried by
+    # an empty array.
+    pads, out_hw = _pads(x.shape, k, s, padding)
+    shape = jnp.zeros((*x.shape[:3], 0), x.dtype)
+    if average:
+        return onednn.pool(x, k, s, pads, out_hw, True, exclusive=True), (None, shape)
+    y, workspace = onednn.max_pool_train(x, k, s, pads, out_hw)
+    return y, (workspace, shape)
 
 
-def _onednn_pool_bwd(k, s, padding, average, vjp_fn, dy):
-    return vjp_fn(dy)
+def _onednn_pool_bwd(k, s, padding, average, res, dy):
+    workspace, shape = res
+    x_shape = (*shape.shape[:3], dy.shape[3])
+    pads, _ = _pads(x_shape, k, s, padding)
+    return (onednn.pool_grad(dy, workspace, x_shape, k, s, pads, average),)
 
 
 _onednn_pool.defvjp(_onednn_pool_fwd, _onednn_pool_bwd)

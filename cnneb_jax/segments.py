@@ -36,11 +36,11 @@ def _conv(x, w, strides: int, padding: str):
 class Conv(nn.Module):
     """Bias-free conv with an HWIO kernel (the shapes of nn.Conv / Keras Conv2D).
 
-    With oneDNN (`onednn_mode`, cnneb_jax/onednn.py) every conv but a 1x1 runs oneDNN's
-    kernels, forward and backward. 1x1 convs run as XLA matmuls (same numbers as lax.conv
-    up to float rounding; faster on XLA:CPU than its conv, experiments/conv_lowering.py; as fast
-    as oneDNN's here, docs/experiments.md §15). The matmul-per-tap weight gradient that once
-    trained 1.5-2x faster made the cifar step 16-21% slower on JAX 0.12 (§14): dropped.
+    With oneDNN (`onednn_mode`, cnneb_jax/onednn.py) every conv runs oneDNN's kernels,
+    forward and backward, 1x1 convs included: as XLA matmuls they ran beside oneDNN's calls
+    and slowed them (docs/experiments.md §30). Without oneDNN, 1x1 convs run as XLA matmuls
+    (same numbers as lax.conv up to float rounding; faster on XLA:CPU than its conv,
+    experiments/conv_lowering.py).
 
     `bn` = (scale, offset) turns it into relu(conv(x, w) * scale + offset) in one oneDNN
     primitive: inference BatchNorm and ReLU fused into the conv.
@@ -62,10 +62,10 @@ class Conv(nn.Module):
             scale, offset = bn
             return onednn.conv_affine_relu(x, w, scale, offset, strides=strides,
                                            padding=self.padding, relu=True, cache_kernel=True)
-        if self.kernel_size == (1, 1) and self.strides == 1:
-            return jnp.dot(x, w.reshape(cin, self.features))
         if onednn.use(self.onednn_mode, x.dtype, training=True):
             return onednn.conv(x, w, strides, self.padding)
+        if self.kernel_size == (1, 1) and self.strides == 1:
+            return jnp.dot(x, w.reshape(cin, self.features))
         return _conv(x, w, self.strides, self.padding)
 
 
@@ -80,6 +80,26 @@ class BatchNormStats(nn.Module):
         mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), jnp.float32)
         var = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
         return bias, mean.value, var.value
+
+
+class BatchNormReLU(nn.Module):
+    """Training-mode nn.BatchNorm(use_scale=False) then ReLU, as one oneDNN primitive each
+    way (onednn.batchnorm_relu): the same variables under the same names, the running
+    statistics updated as Flax does (biased batch variance)."""
+    momentum: float
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        y, mean, var = onednn.batchnorm_relu(x, bias, _BN_EPS)
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+            ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+        return y
 
 
 class ConvBN(nn.Module):
@@ -103,6 +123,9 @@ class ConvBN(nn.Module):
             scale = jax.lax.rsqrt(var.astype(jnp.float32) + _BN_EPS)
             return conv(x, bn=(scale, bias.astype(jnp.float32) - mean * scale))
         x = conv(x)
+        if train and onednn.use(self.onednn_mode, x.dtype, training=True):
+            # training: BatchNorm and ReLU in one oneDNN primitive each way
+            return BatchNormReLU(self.bn_momentum, name="bn")(x)
         x = nn.BatchNorm(use_running_average=not train, use_scale=False, epsilon=_BN_EPS,
                          momentum=self.bn_momentum, name="bn")(x)
         return nn.relu(x)

@@ -15,7 +15,8 @@ lowering (each shape's time times its count): where the forward's time goes, and
 faster kernel could save.
 
 With --pools it times instead every pooling of the forward, forward and gradient, as
-`lax.reduce_window` (Flax's pools) and as strided slices (`cnneb_jax.pooling`).
+`lax.reduce_window` (Flax's pools), as strided slices (`cnneb_jax.pooling`) and, where built, as
+oneDNN's pooling kernels (forward_training with a workspace for max pooling, and backward).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ def pool_calls(config: str, batch: int) -> collections.Counter:
     saved = (segments.max_pool, segments.avg_pool, heads.avg_pool)
 
     def spy(kind, fn):
-        def call(x, k, s, padding, **kw):
-            found[(kind, tuple(x.shape), k, s, padding, *kw.values())] += 1
-            return fn(x, k, s, padding, **kw)
+        def call(x, k, s, padding, *args, **kw):
+            include = (kw.get("count_include_pad", True),) if kind == "avg" else ()
+            found[(kind, tuple(x.shape), k, s, padding, *include)] += 1
+            return fn(x, k, s, padding, *args, **kw)
         return call
     segments.max_pool = spy("max", saved[0])
     segments.avg_pool = heads.avg_pool = spy("avg", saved[1])
@@ -96,34 +98,42 @@ def pool_calls(config: str, batch: int) -> collections.Counter:
 
 def time_pools(args) -> None:
     import flax.linen as nn
+    from cnneb_jax import onednn
     from cnneb_jax.pooling import avg_pool, max_pool
     rng = np.random.default_rng(0)
     totals: dict[str, float] = collections.defaultdict(float)
-    print("| pool | x | n | reduce_window ms | slices ms | reduce_window grad ms | "
-          "slices grad ms |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    ways = ["rw", "slices"] + (["onednn"] if onednn.available() else [])
+    print("| pool | x | n | " + " | ".join(f"{w} ms" for w in ways) + " | "
+          + " | ".join(f"{w} grad ms" for w in ways) + " |")
+    print("|---|---|---:|" + "---:|" * (2 * len(ways)))
     for (kind, xs, k, s, pad, *rest), n in pool_calls(args.config, args.batch).items():
         if xs[0] != args.batch:  # traced while the variables' shapes were worked out
             continue
         x = jnp.asarray(rng.standard_normal(xs), args.dtype)
         if kind == "max":
-            ref = lambda x: nn.max_pool(x, (k, k), (s, s), pad)
-            ours = lambda x: max_pool(x, k, s, pad)
+            fns = {"rw": lambda x: nn.max_pool(x, (k, k), (s, s), pad),
+                   "slices": lambda x: max_pool(x, k, s, pad, "off"),
+                   "onednn": lambda x: max_pool(x, k, s, pad, "on")}
         else:
             include = rest[0] if rest else True
-            ref = lambda x: nn.avg_pool(x, (k, k), (s, s), pad, count_include_pad=include)
-            ours = lambda x: avg_pool(x, k, s, pad, include)
+            fns = {"rw": lambda x: nn.avg_pool(x, (k, k), (s, s), pad,
+                                               count_include_pad=include),
+                   "slices": lambda x: avg_pool(x, k, s, pad, include, "off"),
+                   "onednn": lambda x: avg_pool(x, k, s, pad, include, "on")}
         t = {}
-        for name, f in [("rw", ref), ("slices", ours)]:
+        for name in ways:
+            f = fns[name]
             fwd = jax.jit(f)
             grad = jax.jit(jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) ** 2)))
             t[name] = median_ms(lambda: fwd(x).block_until_ready(), args.reps)
             t[name + " grad"] = median_ms(lambda: grad(x).block_until_ready(), args.reps)
         for key_, v in t.items():
             totals[key_] += n * v
-        print(f"| {kind} {k}x{k}/{s} {pad} | {xs} | {n} | {t['rw']:.2f} | {t['slices']:.2f} | "
-              f"{t['rw grad']:.2f} | {t['slices grad']:.2f} |", flush=True)
-    print("\nTotal pool time of the forward, ms (each shape's time x its count):")
+        print(f"| {kind} {k}x{k}/{s} {pad} | {xs} | {n} | "
+              + " | ".join(f"{t[w]:.2f}" for w in ways) + " | "
+              + " | ".join(f"{t[w + ' grad']:.2f}" for w in ways) + " |", flush=True)
+    print("\nTotal pool time of the forward, ms (each shape's time x its count; grad: forward "
+          "and gradient):")
     for key_, v in totals.items():
         print(f"  {key_}: {v:.1f}")
 

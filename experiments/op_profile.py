@@ -38,6 +38,18 @@ _NOT_OPS = ("ThunkExecutor", "$", "PjitFunction", "Transpose", "DevicePut", "Lin
             "Python", "ParseArg")
 
 
+def record(call, calls: int) -> list[dict]:
+    """The profiler's trace events of `calls` calls of `call`."""
+    import jax
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        for _ in range(calls):
+            call()
+        jax.profiler.stop_trace()
+        path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
+        return json.load(gzip.open(path))["traceEvents"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,13 +70,7 @@ def main() -> None:
         t = time.perf_counter()
         call()
         times.append(time.perf_counter() - t)
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d, create_perfetto_trace=True)
-        for _ in range(args.calls):
-            call()
-        jax.profiler.stop_trace()
-        path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
-        events = json.load(gzip.open(path))["traceEvents"]
+    events = record(call, args.calls)
     ms: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
     for e in events:

@@ -1,12 +1,13 @@
 // oneDNN convolutions as XLA FFI handlers (CPU): forward with an optional per-channel
-// scale and offset (inference BatchNorm) and ReLU, backward-data and backward-weights.
-// Activations are NHWC, kernels HWIO, in float32 or bfloat16; scale and offset float32.
+// scale and offset (inference BatchNorm) and ReLU, backward-data and backward-weights;
+// max and average pooling, forward and (for training) backward; BatchNorm with ReLU for
+// training, forward and backward. Activations are NHWC, kernels HWIO, in float32 or bfloat16; scale and offset float32.
 // Built and loaded by cnneb_jax/onednn.py.
 //
 // Primitives are cached by shape and settings (creating one costs far more than running
 // it). Kernels stay in HWIO where oneDNN has a fast kernel for that (float32); otherwise
-// they are reordered into its layout (see Run). Each call brings its own scratchpad, so two
-// XLA threads may run the same primitive at once.
+// they are reordered into its layout (see Run). Each call brings its own scratchpad; calls
+// from two XLA threads take turns (see Execute).
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <cstdint>
@@ -52,7 +53,7 @@ struct Geometry {
 
 struct Entry {
   dnnl::primitive prim;
-  memory::desc wei;      // the kernel layout the primitive wants
+  memory::desc wei;      // the kernel layout the primitive wants (pooling: its workspace)
   memory::desc scratch;  // its scratchpad
 };
 
@@ -200,10 +201,19 @@ dnnl::stream& Stream() {
   return s;
 }
 
+// Training's primitives run one at a time, process-wide (`exclusive`). Each already spreads
+// over every core (OpenMP); XLA runs independent operations (Inception's branches, a conv's
+// two gradients) from two threads at once, and two primitives then fight over the cores:
+// the `full` train step ran 1.2-1.4x faster one at a time once BatchNorm, pooling and the
+// 1x1 convs were oneDNN's too (docs/experiments.md §30). Inference's calls are not held.
+std::mutex exclusive_mu;
+
 // Executes `e` with a scratchpad of this call's own, and waits.
-void Execute(const Entry& e, std::unordered_map<int, memory> args) {
+void Execute(const Entry& e, std::unordered_map<int, memory> args, bool exclusive = true) {
   std::vector<uint8_t> scratch(e.scratch.get_size());
   args[DNNL_ARG_SCRATCHPAD] = memory(e.scratch, Engine(), scratch.data());
+  std::unique_lock<std::mutex> lock(exclusive_mu, std::defer_lock);
+  if (exclusive) lock.lock();
   e.prim.execute(Stream(), args);
   Stream().wait();
 }
@@ -212,7 +222,7 @@ void Execute(const Entry& e, std::unordered_map<int, memory> args) {
 // the primitive's layout first (or after, for a kernel gradient). `cache`: keep the
 // reordered kernel for the next call with the same content.
 void Run(const Geometry& g, const Entry& e, std::unordered_map<int, memory> args, int arg,
-         void* wei_ptr, bool wei_is_output, bool cache = false) {
+         void* wei_ptr, bool wei_is_output, bool cache = false, bool exclusive = true) {
   auto& eng = Engine();
   dnnl::stream& s = Stream();
   memory plain(g.WeiPlain(), eng, wei_ptr);
@@ -241,7 +251,7 @@ void Run(const Geometry& g, const Entry& e, std::unordered_map<int, memory> args
     if (!wei_is_output) dnnl::reorder(plain, packed).execute(s, plain, packed);
   }
   args[arg] = packed;
-  Execute(e, args);
+  Execute(e, args, exclusive);
   if (reorder && wei_is_output) {
     dnnl::reorder(packed, plain).execute(s, packed, plain);
     s.wait();
@@ -250,7 +260,8 @@ void Run(const Geometry& g, const Entry& e, std::unordered_map<int, memory> args
 
 ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale, ffi::AnyBuffer offset,
                    ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr, bool affine, bool relu, bool cache) {
+                   int64_t pb, int64_t pl, int64_t pr, bool affine, bool relu, bool cache,
+                   bool exclusive) {
   Geometry g;
   if (auto err = Fill(&g, x, w, *y, sh, sw, pt, pb, pl, pr); err.failure()) return err;
   g.affine = affine;
@@ -267,7 +278,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale, ffi
       args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1] =
           memory(g.Channel(), eng, offset.untyped_data());
     }
-    Run(g, *e, args, DNNL_ARG_WEIGHTS, w.untyped_data(), false, cache);
+    Run(g, *e, args, DNNL_ARG_WEIGHTS, w.untyped_data(), false, cache, exclusive);
   } catch (const dnnl::error& err) {
     return ffi::Error::Internal(std::string("oneDNN conv forward: ") + err.what());
   }
@@ -313,7 +324,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
 
 // Max pooling, or average pooling over the real (unpadded) pixels of each window, NHWC.
 ffi::Error Pool(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t k, int64_t s,
-                int64_t pt, int64_t pb, int64_t pl, int64_t pr, bool average) {
+                int64_t pt, int64_t pb, int64_t pl, int64_t pr, bool average, bool exclusive) {
   auto xd = x.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || yd.size() != 4 || x.element_type() != y->element_type())
     return ffi::Error::InvalidArgument("oneDNN pool: rank-4 operands of one dtype only");
@@ -333,14 +344,248 @@ ffi::Error Pool(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t k, int6
       entry.scratch = pd.scratchpad_desc();
     });
     Execute(*e, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.untyped_data())},
-                 {DNNL_ARG_DST, memory(g.Dst(), Engine(), y->untyped_data())}});
+                 {DNNL_ARG_DST, memory(g.Dst(), Engine(), y->untyped_data())}}, exclusive);
   } catch (const dnnl::error& err) {
     return ffi::Error::Internal(std::string("oneDNN pool: ") + err.what());
   }
   return ffi::Error::Success();
 }
 
+// Pooling for training. The forward (pooling_forward with forward_training) is cached
+// under "pool_train"; its gradient under "pool_bwd", made with the forward as its hint.
+dnnl::pooling_forward::primitive_desc PoolTrainPd(const Geometry& g, bool average) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return {Engine(), dnnl::prop_kind::forward_training,
+          average ? dnnl::algorithm::pooling_avg_exclude_padding : dnnl::algorithm::pooling_max,
+          g.Src(), g.Dst(), {g.sh, g.sw}, {g.kh, g.kw}, {0, 0}, {g.pt, g.pl}, {g.pb, g.pr},
+          attr};
+}
+
+ffi::Error PoolGeometry(ffi::AnyBuffer x, ffi::AnyBuffer y, int64_t k, int64_t s, int64_t pt,
+                        int64_t pb, int64_t pl, int64_t pr, bool average, Geometry* g) {
+  auto xd = x.dimensions(), yd = y.dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || x.element_type() != y.element_type())
+    return ffi::Error::InvalidArgument("oneDNN pool: rank-4 operands of one dtype only");
+  memory::data_type dt;
+  if (auto err = DataType(x.element_type(), &dt); err.failure()) return err;
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], k, k, yd[3], yd[1], yd[2], s, s, pt, pb, pl, pr,
+                dt, average, false};
+  return ffi::Error::Success();
+}
+
+// Max pooling for training: y and oneDNN's workspace (which pixel of each window was the
+// maximum, one byte per output value; its size is checked against the primitive's).
+ffi::Error PoolTrain(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                     ffi::Result<ffi::AnyBuffer> ws, int64_t k, int64_t s, int64_t pt,
+                     int64_t pb, int64_t pl, int64_t pr) {
+  Geometry g;
+  if (auto err = PoolGeometry(x, *y, k, s, pt, pb, pl, pr, false, &g); err.failure()) return err;
+  try {
+    auto e = Cached(g.Key("pool_train"), [&](Entry& entry) {
+      auto pd = PoolTrainPd(g, false);
+      entry.prim = dnnl::pooling_forward(pd);
+      entry.scratch = pd.scratchpad_desc();
+      entry.wei = pd.workspace_desc();
+    });
+    if (e->wei.get_size() != ws->size_bytes())
+      return ffi::Error::InvalidArgument("oneDNN pool: workspace of " +
+                                         std::to_string(ws->size_bytes()) + " bytes, wants " +
+                                         std::to_string(e->wei.get_size()));
+    Execute(*e, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.untyped_data())},
+                 {DNNL_ARG_DST, memory(g.Dst(), Engine(), y->untyped_data())},
+                 {DNNL_ARG_WORKSPACE, memory(e->wei, Engine(), ws->untyped_data())}});
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("oneDNN pool (training): ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+// The gradient of max pooling (from the forward's workspace) or of average pooling over
+// each window's real pixels (the workspace is not read).
+ffi::Error PoolBackward(ffi::AnyBuffer dy, ffi::AnyBuffer ws, ffi::Result<ffi::AnyBuffer> dx,
+                        int64_t k, int64_t s, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                        bool average) {
+  Geometry g;
+  if (auto err = PoolGeometry(*dx, dy, k, s, pt, pb, pl, pr, average, &g); err.failure())
+    return err;
+  try {
+    auto e = Cached(g.Key("pool_bwd"), [&](Entry& entry) {
+      auto hint = PoolTrainPd(g, average);
+      dnnl::primitive_attr attr;
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+      dnnl::pooling_backward::primitive_desc pd(
+          Engine(), hint.get_algorithm(), g.Src(), g.Dst(), {s, s}, {k, k}, {0, 0}, {pt, pl},
+          {pb, pr}, hint, attr);
+      entry.prim = dnnl::pooling_backward(pd);
+      entry.scratch = pd.scratchpad_desc();
+      entry.wei = hint.workspace_desc();
+    });
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_DIFF_DST, memory(g.Dst(), Engine(), dy.untyped_data())},
+        {DNNL_ARG_DIFF_SRC, memory(g.Src(), Engine(), dx->untyped_data())}};
+    if (!average) {
+      if (e->wei.get_size() != ws.size_bytes())
+        return ffi::Error::InvalidArgument("oneDNN pool gradient: workspace size mismatch");
+      args[DNNL_ARG_WORKSPACE] = memory(e->wei, Engine(), ws.untyped_data());
+    }
+    Execute(*e, args);
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("oneDNN pool gradient: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+// BatchNorm (no scale, a shift) and ReLU for training, in one pass each way: the forward
+// normalizes with the batch's statistics and returns them (population variance), with a
+// workspace that records where the ReLU passed; the backward reads it.
+struct BnGeometry {
+  int64_t n, h, w, c;
+  memory::data_type dt;
+  float eps;
+  memory::desc Data() const { return memory::desc({n, c, h, w}, dt, tag::nhwc); }
+  std::string Key(const char* kind) const {
+    char b[160];
+    snprintf(b, sizeof b, "%s:%ld,%ld,%ld,%ld:%d:%a", kind, n, h, w, c, int(dt), eps);
+    return b;
+  }
+};
+
+const auto kBnFlags = dnnl::normalization_flags::use_shift |
+                          dnnl::normalization_flags::fuse_norm_relu;
+
+dnnl::batch_normalization_forward::primitive_desc BnForwardPd(const BnGeometry& g) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return {Engine(), dnnl::prop_kind::forward_training, g.Data(), g.Data(), g.eps, kBnFlags,
+          attr};
+}
+
+std::shared_ptr<Entry> BnForward(const BnGeometry& g) {
+  return Cached(g.Key("bn_fwd"), [&](Entry& e) {
+    auto pd = BnForwardPd(g);
+    e.prim = dnnl::batch_normalization_forward(pd);
+    e.scratch = pd.scratchpad_desc();
+    e.wei = pd.workspace_desc();
+  });
+}
+
+ffi::Error BnGeometryOf(ffi::AnyBuffer x, float eps, BnGeometry* g) {
+  auto d = x.dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("oneDNN batchnorm: NHWC operands only");
+  *g = BnGeometry{d[0], d[1], d[2], d[3], memory::data_type::f32, eps};
+  return DataType(x.element_type(), &g->dt);
+}
+
+memory::desc Vector(int64_t c) { return memory::desc({c}, memory::data_type::f32, tag::a); }
+
+ffi::Error BnReluTrain(ffi::AnyBuffer x, ffi::AnyBuffer shift, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
+                       ffi::Result<ffi::AnyBuffer> ws, float eps) {
+  BnGeometry g;
+  if (auto err = BnGeometryOf(x, eps, &g); err.failure()) return err;
+  try {
+    auto e = BnForward(g);
+    if (e->wei.get_size() != ws->size_bytes())
+      return ffi::Error::InvalidArgument("oneDNN batchnorm: workspace of " +
+                                         std::to_string(ws->size_bytes()) + " bytes, wants " +
+                                         std::to_string(e->wei.get_size()));
+    auto& eng = Engine();
+    Execute(*e, {{DNNL_ARG_SRC, memory(g.Data(), eng, x.untyped_data())},
+                 {DNNL_ARG_DST, memory(g.Data(), eng, y->untyped_data())},
+                 {DNNL_ARG_SHIFT, memory(Vector(g.c), eng, shift.untyped_data())},
+                 {DNNL_ARG_MEAN, memory(Vector(g.c), eng, mean->untyped_data())},
+                 {DNNL_ARG_VARIANCE, memory(Vector(g.c), eng, var->untyped_data())},
+                 {DNNL_ARG_WORKSPACE, memory(e->wei, eng, ws->untyped_data())}});
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("oneDNN batchnorm: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BnReluBackward(ffi::AnyBuffer x, ffi::AnyBuffer mean,
+                          ffi::AnyBuffer var, ffi::AnyBuffer ws, ffi::AnyBuffer dy,
+                          ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dshift,
+                          float eps) {
+  BnGeometry g;
+  if (auto err = BnGeometryOf(x, eps, &g); err.failure()) return err;
+  try {
+    auto e = Cached(g.Key("bn_bwd"), [&](Entry& entry) {
+      auto hint = BnForwardPd(g);
+      dnnl::primitive_attr attr;
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+      dnnl::batch_normalization_backward::primitive_desc pd(
+          Engine(), dnnl::prop_kind::backward, g.Data(), g.Data(), g.Data(), g.eps, kBnFlags,
+          hint, attr);
+      entry.prim = dnnl::batch_normalization_backward(pd);
+      entry.scratch = pd.scratchpad_desc();
+      entry.wei = hint.workspace_desc();
+    });
+    auto& eng = Engine();
+    Execute(*e, {{DNNL_ARG_SRC, memory(g.Data(), eng, x.untyped_data())},
+                 {DNNL_ARG_MEAN, memory(Vector(g.c), eng, mean.untyped_data())},
+                 {DNNL_ARG_VARIANCE, memory(Vector(g.c), eng, var.untyped_data())},
+                 {DNNL_ARG_WORKSPACE, memory(e->wei, eng, ws.untyped_data())},
+                 {DNNL_ARG_DIFF_DST, memory(g.Data(), eng, dy.untyped_data())},
+                 {DNNL_ARG_DIFF_SRC, memory(g.Data(), eng, dx->untyped_data())},
+                 {DNNL_ARG_DIFF_SHIFT, memory(Vector(g.c), eng, dshift->untyped_data())}});
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("oneDNN batchnorm gradient: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+// The workspace bytes BnReluTrain wants for an NHWC input (Python sizes its output with
+// it at trace time); -1 where oneDNN has no such primitive.
+extern "C" int64_t cnneb_onednn_bn_workspace_bytes(int64_t n, int64_t h, int64_t w, int64_t c,
+                                                   int bf16, float eps) {
+  try {
+    BnGeometry g{n, h, w, c, bf16 ? memory::data_type::bf16 : memory::data_type::f32, eps};
+    return static_cast<int64_t>(BnForward(g)->wei.get_size());
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_bn_relu_train, BnReluTrain,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_bn_relu_bwd, BnReluBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("eps"));
+
+#define POOL_ATTRS                                                             \
+  .Attr<int64_t>("window").Attr<int64_t>("stride").Attr<int64_t>("pad_top")    \
+      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_pool_train, PoolTrain,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() POOL_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_pool_bwd, PoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() POOL_ATTRS
+                                  .Attr<bool>("average"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_pool, Pool,
                               ffi::Ffi::Bind()
@@ -352,7 +597,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_pool, Pool,
                                   .Attr<int64_t>("pad_bottom")
                                   .Attr<int64_t>("pad_left")
                                   .Attr<int64_t>("pad_right")
-                                  .Attr<bool>("average"));
+                                  .Attr<bool>("average")
+                                  .Attr<bool>("exclusive"));
 
 #define CONV_ATTRS                                                           \
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top") \
@@ -367,7 +613,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_conv_fwd, Forward,
                                   .Ret<ffi::AnyBuffer>() CONV_ATTRS
                                   .Attr<bool>("affine")
                                   .Attr<bool>("relu")
-                                  .Attr<bool>("cache"));
+                                  .Attr<bool>("cache")
+                                  .Attr<bool>("exclusive"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_conv_bwd_data, BackwardData,
                               ffi::Ffi::Bind()
