@@ -213,16 +213,38 @@ def measurements(args) -> list[dict]:
     return out
 
 
-def run_one(spec: dict, args, cache: str) -> float | None:
-    base = spec["side"] == "base"
+def worker_command(side: str, args, cache: str) -> tuple[list[str], dict, Path]:
+    """(command less its spec, environment, tree) of a worker of `side`. The tree's own code
+    comes first on PYTHONPATH: the venv's editable install points at this checkout, and a
+    worker that imported cnneb_jax before putting its tree on sys.path (peer.py did, from
+    2026-12-07 until 64f2bd0's successor) timed this checkout's code as the baseline."""
+    base = side == "base"
     python = (args.baseline_python or sys.executable) if base else sys.executable
-    script = Path(args.baseline_tree or ROOT) / "bench" / "peer.py" if base else Path(__file__)
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    if spec["side"] == "base":
-        env["JAX_COMPILATION_CACHE_DIR"] = cache + "-base"
-    cmd = [python, str(script.resolve()), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=script.parent.parent)
+    tree = Path(args.baseline_tree or ROOT).resolve() if base else ROOT
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache + ("-base" if base else ""),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": os.pathsep.join([str(tree), *filter(None, [os.environ.get(
+               "PYTHONPATH")])])}
+    return [python, str(tree / "bench" / "peer.py")], env, tree
+
+
+def check_code(args, cache: str) -> None:
+    """Each side of ours imports cnneb_jax from its own tree, or the run stops here."""
+    sides = ["ours"] + (["base"] if args.baseline_python or args.baseline_tree else [])
+    for side in sides:
+        cmd, env, tree = worker_command(side, args, cache)
+        got = subprocess.run([cmd[0], "-c", "import cnneb_jax; print(cnneb_jax.__file__)"],
+                             capture_output=True, text=True, env=env, cwd=tree)
+        where = Path(got.stdout.strip() or "?").resolve()
+        if tree not in where.parents:
+            raise SystemExit(f"peer: the {side} side imports cnneb_jax from {where}, not from "
+                             f"{tree}{got.stderr[-500:]}")
+
+
+def run_one(spec: dict, args, cache: str) -> float | None:
+    cmd, env, tree = worker_command(spec["side"], args, cache)
+    proc = subprocess.run(cmd + ["--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=tree)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[7:])
@@ -330,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
           + ("" if args.no_keras else "; Keras with oneDNN's kernels (TF_ENABLE_ONEDNN_OPTS=1)"),
           flush=True)
     with tempfile.TemporaryDirectory(prefix="peer-xla-") as cache:
+        check_code(args, cache)
         for r in range(args.rounds):
             order = specs if r % 2 == 0 else specs[::-1]
             t0 = time.perf_counter()

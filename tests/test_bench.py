@@ -7,6 +7,8 @@ import importlib
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -81,6 +83,15 @@ def test_peer_runs_our_side(capsys):
     assert "| tiny |" in out and "| forward, batch 1 |" in out and "failed" not in out
     # bfloat16_deep is timed too (ours only), and the fastest label-keeping precision named
     assert "ours forward bfloat16_deep b1:" in out and "best valid vs Keras bf16" in out
+
+
+def test_peer_refuses_a_baseline_that_would_run_this_checkouts_code(tmp_path):
+    # a "tree" without cnneb_jax: its worker would import this checkout's (the venv's
+    # editable install) and time it as the baseline
+    (tmp_path / "bench").mkdir()
+    with pytest.raises(SystemExit, match="imports cnneb_jax from"):
+        bench("peer").main(["--only", "forward", "--batches", "1", "--rounds", "1",
+                            "--no-keras", "--config", "tiny", "--baseline-tree", str(tmp_path)])
 
 
 def test_keras_agreement(capsys):
