@@ -28,6 +28,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Each xdist worker's oneDNN calls on one OpenMP thread (set before the kernels' library
+# loads GNU OpenMP): with two workers on two cores, two threads per worker made oneDNN's
+# BatchNorm, which waits at spinning barriers, stall behind the other worker's threads.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The suite compiles many programs once each and runs them for a few steps: at LLVM's
 # optimisation level 0 XLA:CPU compiles them faster (experiments/cold_tiny_stage.py times a
 # cold tiny backbone stage with and without). The cascade's programs keep their own level
