@@ -187,9 +187,13 @@ def worker_main(spec: dict) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
+def our_sides(args) -> list[str]:
+    """Ours, and the baseline's when one is given."""
+    return ["ours"] + (["base"] if args.baseline_python or args.baseline_tree else [])
+
+
 def measurements(args) -> list[dict]:
-    sides = (["ours"] + (["base"] if args.baseline_python or args.baseline_tree else [])
-             + ([] if args.no_keras else ["keras"]))
+    sides = our_sides(args) + ([] if args.no_keras else ["keras"])
     out = []
     for task in args.only:
         batches = args.batches if task == "forward" else [8] if task == "train" else [128]
@@ -217,21 +221,19 @@ def worker_command(side: str, args, cache: str) -> tuple[list[str], dict, Path]:
     """(command less its spec, environment, tree) of a worker of `side`. The tree's own code
     comes first on PYTHONPATH: the venv's editable install points at this checkout, and a
     worker that imported cnneb_jax before putting its tree on sys.path (peer.py did, from
-    2026-12-07 until 64f2bd0's successor) timed this checkout's code as the baseline."""
+    9940c33 until 2432147) timed this checkout's code as the baseline."""
     base = side == "base"
     python = (args.baseline_python or sys.executable) if base else sys.executable
     tree = Path(args.baseline_tree or ROOT).resolve() if base else ROOT
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache + ("-base" if base else ""),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "PYTHONPATH": os.pathsep.join([str(tree), *filter(None, [os.environ.get(
-               "PYTHONPATH")])])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
     return [python, str(tree / "bench" / "peer.py")], env, tree
 
 
 def check_code(args, cache: str) -> None:
     """Each side of ours imports cnneb_jax from its own tree, or the run stops here."""
-    sides = ["ours"] + (["base"] if args.baseline_python or args.baseline_tree else [])
-    for side in sides:
+    for side in our_sides(args):
         cmd, env, tree = worker_command(side, args, cache)
         got = subprocess.run([cmd[0], "-c", "import cnneb_jax; print(cnneb_jax.__file__)"],
                              capture_output=True, text=True, env=env, cwd=tree)

@@ -69,16 +69,24 @@ class Conv(nn.Module):
         return _conv(x, w, self.strides, self.padding)
 
 
+def _bn_variables(module: nn.Module, features: int):
+    """(offset, running mean, running variance) of nn.BatchNorm(use_scale=False), declared
+    in `module` under the same names with the same initial values; the statistics as Flax
+    variables (readable and writable)."""
+    bias = module.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    mean = module.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    var = module.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    return bias, mean, var
+
+
 class BatchNormStats(nn.Module):
-    """The variables of nn.BatchNorm(use_scale=False), same names and initial values,
-    handed back instead of applied: (offset, running mean, running variance)."""
+    """The variables of nn.BatchNorm(use_scale=False), handed back instead of applied:
+    (offset, running mean, running variance)."""
     features: int
 
     @nn.compact
     def __call__(self):
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), jnp.float32)
-        var = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
+        bias, mean, var = _bn_variables(self, self.features)
         return bias, mean.value, var.value
 
 
@@ -90,10 +98,7 @@ class BatchNormReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        bias, ra_mean, ra_var = _bn_variables(self, x.shape[-1])
         y, mean, var = onednn.batchnorm_relu(x, bias, _BN_EPS)
         if not self.is_initializing():
             m = self.momentum

@@ -1,7 +1,8 @@
 // oneDNN convolutions as XLA FFI handlers (CPU): forward with an optional per-channel
 // scale and offset (inference BatchNorm) and ReLU, backward-data and backward-weights;
 // max and average pooling, forward and (for training) backward; BatchNorm with ReLU for
-// training, forward and backward. Activations are NHWC, kernels HWIO, in float32 or bfloat16; scale and offset float32.
+// training, forward and backward. Activations are NHWC, kernels HWIO, in float32 or
+// bfloat16; scale and offset float32.
 // Built and loaded by cnneb_jax/onednn.py.
 //
 // Primitives are cached by shape and settings (creating one costs far more than running
@@ -60,11 +61,17 @@ struct Entry {
 std::mutex cache_mu;
 std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
 
+// Every primitive takes its scratchpad from the call (see Execute).
+dnnl::primitive_attr ScratchpadAttr() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 // Post-ops run on each output tile while it is hot: y * scale + offset (inference
 // BatchNorm, so kernels never need folding), then ReLU.
 dnnl::primitive_attr Attr(const Geometry& g) {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::primitive_attr attr = ScratchpadAttr();
   dnnl::post_ops po;
   if (g.affine) {
     po.append_binary(dnnl::algorithm::binary_mul, g.Channel());
@@ -132,8 +139,7 @@ std::shared_ptr<Entry> Lookup(const Geometry& g, Kind kind) {
     plain.affine = false;
     plain.relu = false;
     auto hint = FwdPd(plain, dnnl::prop_kind::forward_training, g.WeiAny());
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    auto attr = ScratchpadAttr();
     if (kind == kBackwardData) {
       auto pd = PlainOrAny(g, [&](const memory::desc& wei) {
         return dnnl::convolution_backward_data::primitive_desc(
@@ -322,46 +328,8 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
   return ffi::Error::Success();
 }
 
-// Max pooling, or average pooling over the real (unpadded) pixels of each window, NHWC.
-ffi::Error Pool(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t k, int64_t s,
-                int64_t pt, int64_t pb, int64_t pl, int64_t pr, bool average, bool exclusive) {
-  auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || x.element_type() != y->element_type())
-    return ffi::Error::InvalidArgument("oneDNN pool: rank-4 operands of one dtype only");
-  memory::data_type dt;
-  if (auto err = DataType(x.element_type(), &dt); err.failure()) return err;
-  Geometry g{xd[0], xd[1], xd[2], xd[3], k, k, yd[3], yd[1], yd[2], s, s, pt, pb, pl, pr, dt,
-             average, false};
-  try {
-    auto e = Cached(g.Key("pool"), [&](Entry& entry) {
-      dnnl::primitive_attr attr;
-      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-      dnnl::pooling_forward::primitive_desc pd(
-          Engine(), dnnl::prop_kind::forward_inference,
-          average ? dnnl::algorithm::pooling_avg_exclude_padding : dnnl::algorithm::pooling_max,
-          g.Src(), g.Dst(), {s, s}, {k, k}, {0, 0}, {pt, pl}, {pb, pr}, attr);
-      entry.prim = dnnl::pooling_forward(pd);
-      entry.scratch = pd.scratchpad_desc();
-    });
-    Execute(*e, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.untyped_data())},
-                 {DNNL_ARG_DST, memory(g.Dst(), Engine(), y->untyped_data())}}, exclusive);
-  } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("oneDNN pool: ") + err.what());
-  }
-  return ffi::Error::Success();
-}
-
-// Pooling for training. The forward (pooling_forward with forward_training) is cached
-// under "pool_train"; its gradient under "pool_bwd", made with the forward as its hint.
-dnnl::pooling_forward::primitive_desc PoolTrainPd(const Geometry& g, bool average) {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return {Engine(), dnnl::prop_kind::forward_training,
-          average ? dnnl::algorithm::pooling_avg_exclude_padding : dnnl::algorithm::pooling_max,
-          g.Src(), g.Dst(), {g.sh, g.sw}, {g.kh, g.kw}, {0, 0}, {g.pt, g.pl}, {g.pb, g.pr},
-          attr};
-}
-
+// Pooling's geometry: x (NHWC) and y of one dtype, a k x k window, stride s; `average`
+// (over each window's real pixels, else max) rides in Geometry::affine, so it is in the key.
 ffi::Error PoolGeometry(ffi::AnyBuffer x, ffi::AnyBuffer y, int64_t k, int64_t s, int64_t pt,
                         int64_t pb, int64_t pl, int64_t pr, bool average, Geometry* g) {
   auto xd = x.dimensions(), yd = y.dimensions();
@@ -374,6 +342,43 @@ ffi::Error PoolGeometry(ffi::AnyBuffer x, ffi::AnyBuffer y, int64_t k, int64_t s
   return ffi::Error::Success();
 }
 
+dnnl::pooling_forward::primitive_desc PoolPd(const Geometry& g, dnnl::prop_kind kind) {
+  return {Engine(), kind,
+          g.affine ? dnnl::algorithm::pooling_avg_exclude_padding
+                   : dnnl::algorithm::pooling_max,
+          g.Src(), g.Dst(), {g.sh, g.sw}, {g.kh, g.kw}, {0, 0}, {g.pt, g.pl}, {g.pb, g.pr},
+          ScratchpadAttr()};
+}
+
+// A primitive's workspace (pooling's maxima, BatchNorm's ReLU mask) arrives as an XLA buffer
+// that Python sized: it must be the size the primitive wants.
+ffi::Error CheckWorkspace(const Entry& e, size_t bytes, const char* what) {
+  if (e.wei.get_size() == bytes) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(what) + ": workspace of " +
+                                     std::to_string(bytes) + " bytes, wants " +
+                                     std::to_string(e.wei.get_size()));
+}
+
+// Max pooling, or average pooling over the real (unpadded) pixels of each window, NHWC.
+ffi::Error Pool(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t k, int64_t s,
+                int64_t pt, int64_t pb, int64_t pl, int64_t pr, bool average, bool exclusive) {
+  Geometry g;
+  if (auto err = PoolGeometry(x, *y, k, s, pt, pb, pl, pr, average, &g); err.failure())
+    return err;
+  try {
+    auto e = Cached(g.Key("pool"), [&](Entry& entry) {
+      auto pd = PoolPd(g, dnnl::prop_kind::forward_inference);
+      entry.prim = dnnl::pooling_forward(pd);
+      entry.scratch = pd.scratchpad_desc();
+    });
+    Execute(*e, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.untyped_data())},
+                 {DNNL_ARG_DST, memory(g.Dst(), Engine(), y->untyped_data())}}, exclusive);
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("oneDNN pool: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
 // Max pooling for training: y and oneDNN's workspace (which pixel of each window was the
 // maximum, one byte per output value; its size is checked against the primitive's).
 ffi::Error PoolTrain(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
@@ -383,15 +388,13 @@ ffi::Error PoolTrain(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
   if (auto err = PoolGeometry(x, *y, k, s, pt, pb, pl, pr, false, &g); err.failure()) return err;
   try {
     auto e = Cached(g.Key("pool_train"), [&](Entry& entry) {
-      auto pd = PoolTrainPd(g, false);
+      auto pd = PoolPd(g, dnnl::prop_kind::forward_training);
       entry.prim = dnnl::pooling_forward(pd);
       entry.scratch = pd.scratchpad_desc();
       entry.wei = pd.workspace_desc();
     });
-    if (e->wei.get_size() != ws->size_bytes())
-      return ffi::Error::InvalidArgument("oneDNN pool: workspace of " +
-                                         std::to_string(ws->size_bytes()) + " bytes, wants " +
-                                         std::to_string(e->wei.get_size()));
+    if (auto err = CheckWorkspace(*e, ws->size_bytes(), "oneDNN pool"); err.failure())
+      return err;
     Execute(*e, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.untyped_data())},
                  {DNNL_ARG_DST, memory(g.Dst(), Engine(), y->untyped_data())},
                  {DNNL_ARG_WORKSPACE, memory(e->wei, Engine(), ws->untyped_data())}});
@@ -411,12 +414,10 @@ ffi::Error PoolBackward(ffi::AnyBuffer dy, ffi::AnyBuffer ws, ffi::Result<ffi::A
     return err;
   try {
     auto e = Cached(g.Key("pool_bwd"), [&](Entry& entry) {
-      auto hint = PoolTrainPd(g, average);
-      dnnl::primitive_attr attr;
-      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+      auto hint = PoolPd(g, dnnl::prop_kind::forward_training);
       dnnl::pooling_backward::primitive_desc pd(
           Engine(), hint.get_algorithm(), g.Src(), g.Dst(), {s, s}, {k, k}, {0, 0}, {pt, pl},
-          {pb, pr}, hint, attr);
+          {pb, pr}, hint, ScratchpadAttr());
       entry.prim = dnnl::pooling_backward(pd);
       entry.scratch = pd.scratchpad_desc();
       entry.wei = hint.workspace_desc();
@@ -425,8 +426,8 @@ ffi::Error PoolBackward(ffi::AnyBuffer dy, ffi::AnyBuffer ws, ffi::Result<ffi::A
         {DNNL_ARG_DIFF_DST, memory(g.Dst(), Engine(), dy.untyped_data())},
         {DNNL_ARG_DIFF_SRC, memory(g.Src(), Engine(), dx->untyped_data())}};
     if (!average) {
-      if (e->wei.get_size() != ws.size_bytes())
-        return ffi::Error::InvalidArgument("oneDNN pool gradient: workspace size mismatch");
+      if (auto err = CheckWorkspace(*e, ws.size_bytes(), "oneDNN pool gradient"); err.failure())
+        return err;
       args[DNNL_ARG_WORKSPACE] = memory(e->wei, Engine(), ws.untyped_data());
     }
     Execute(*e, args);
@@ -452,13 +453,11 @@ struct BnGeometry {
 };
 
 const auto kBnFlags = dnnl::normalization_flags::use_shift |
-                          dnnl::normalization_flags::fuse_norm_relu;
+                      dnnl::normalization_flags::fuse_norm_relu;
 
 dnnl::batch_normalization_forward::primitive_desc BnForwardPd(const BnGeometry& g) {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return {Engine(), dnnl::prop_kind::forward_training, g.Data(), g.Data(), g.eps, kBnFlags,
-          attr};
+          ScratchpadAttr()};
 }
 
 std::shared_ptr<Entry> BnForward(const BnGeometry& g) {
@@ -486,10 +485,8 @@ ffi::Error BnReluTrain(ffi::AnyBuffer x, ffi::AnyBuffer shift, ffi::Result<ffi::
   if (auto err = BnGeometryOf(x, eps, &g); err.failure()) return err;
   try {
     auto e = BnForward(g);
-    if (e->wei.get_size() != ws->size_bytes())
-      return ffi::Error::InvalidArgument("oneDNN batchnorm: workspace of " +
-                                         std::to_string(ws->size_bytes()) + " bytes, wants " +
-                                         std::to_string(e->wei.get_size()));
+    if (auto err = CheckWorkspace(*e, ws->size_bytes(), "oneDNN batchnorm"); err.failure())
+      return err;
     auto& eng = Engine();
     Execute(*e, {{DNNL_ARG_SRC, memory(g.Data(), eng, x.untyped_data())},
                  {DNNL_ARG_DST, memory(g.Data(), eng, y->untyped_data())},
@@ -512,11 +509,9 @@ ffi::Error BnReluBackward(ffi::AnyBuffer x, ffi::AnyBuffer mean,
   try {
     auto e = Cached(g.Key("bn_bwd"), [&](Entry& entry) {
       auto hint = BnForwardPd(g);
-      dnnl::primitive_attr attr;
-      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
       dnnl::batch_normalization_backward::primitive_desc pd(
           Engine(), dnnl::prop_kind::backward, g.Data(), g.Data(), g.Data(), g.eps, kBnFlags,
-          hint, attr);
+          hint, ScratchpadAttr());
       entry.prim = dnnl::batch_normalization_backward(pd);
       entry.scratch = pd.scratchpad_desc();
       entry.wei = hint.workspace_desc();
@@ -549,6 +544,10 @@ extern "C" int64_t cnneb_onednn_bn_workspace_bytes(int64_t n, int64_t h, int64_t
   }
 }
 
+#define POOL_ATTRS                                                             \
+  .Attr<int64_t>("window").Attr<int64_t>("stride").Attr<int64_t>("pad_top")    \
+      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_bn_relu_train, BnReluTrain,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -570,10 +569,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_bn_relu_bwd, BnReluBackward,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("eps"));
 
-#define POOL_ATTRS                                                             \
-  .Attr<int64_t>("window").Attr<int64_t>("stride").Attr<int64_t>("pad_top")    \
-      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right")
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_pool_train, PoolTrain,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -590,13 +585,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_pool_bwd, PoolBackward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnneb_onednn_pool, Pool,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right")
+                                  .Ret<ffi::AnyBuffer>() POOL_ATTRS
                                   .Attr<bool>("average")
                                   .Attr<bool>("exclusive"));
 
