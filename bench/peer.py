@@ -12,10 +12,11 @@ when every image goes deep: the program `stem -> Mixed_5b`, then `Mixed_5b -> en
 `keras.applications.InceptionV3(weights=None, classifier_activation=None)` called through
 a `tf.function`, as a Keras user runs it (on a CPU Keras leaves XLA off by default).
 Precisions: float32, and bfloat16 (ours: `compute_dtype=bfloat16`, float32 master weights
-and BatchNorm statistics; Keras: the `mixed_bfloat16` policy); ours also `bfloat16_deep`
-(segment 0 in float32, the rest in bfloat16; forward only), the fastest precision that
-keeps the shipped model's labels (bench/precision_agreement.py). "best valid" compares the
-faster of our float32 and bfloat16_deep with Keras's bfloat16. Train step: SGD with momentum
+and BatchNorm statistics; Keras: the `mixed_bfloat16` policy); ours also, forward only,
+`bfloat16_deep` (segment 0 in float32, the rest in bfloat16) and `bfloat16_checked`
+(bfloat16, the close calls rerun in float32 at the shipped model's share: checked_forward),
+the precisions that keep the shipped model's labels (bench/precision_agreement.py). "best
+valid" compares the fastest of those and float32 with Keras's bfloat16. Train step: SGD with momentum
 0.9 on the cross-entropy of O2, BatchNorm in training mode, weights updated in place.
 
 Each measurement starts a fresh process (`--worker`), builds and compiles, runs two warm-up
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,11 +56,14 @@ import numpy as np  # noqa: E402
 import benchlib  # noqa: E402
 
 ROOT = benchlib.ROOT
-PRECISIONS = ("float32", "bfloat16", "bfloat16_deep")
+PRECISIONS = ("float32", "bfloat16", "bfloat16_deep", "bfloat16_checked")
 # Our inference precisions that give float32's labels on at least 99.8% of the shipped
 # model's test images with O1 and O2 within 0.2 points (issue 31's bar; bfloat16 everywhere
-# does not): docs/results/2026-12-07-precision-agreement-s31.txt, bench/precision_agreement.py.
-VALID_INFERENCE = ("float32", "bfloat16_deep")
+# does not): docs/results/2026-12-07-precision-agreement-s33.txt, bench/precision_agreement.py.
+VALID_INFERENCE = ("float32", "bfloat16_deep", "bfloat16_checked")
+# bfloat16_checked reruns the shipped model's share of close calls (checked_forward).
+CHECKED_SHARE_FILE = ROOT / "pretrained" / "cifar" / "precision_check.json"
+CHECKED_POOL = 256
 
 
 # ----------------------------------------------------------------------------- workers
@@ -83,7 +88,7 @@ def jax_call(task: str, precision: str, batch: int, config: str):
     import jax.numpy as jnp
     import optax
     from cnneb_jax.configs import get_config
-    from cnneb_jax.model import build_model, branch_fn, inference_variables, to_compute_dtype
+    from cnneb_jax.model import build_model, to_compute_dtype
 
     if task in ("cifar_train32", "cifar_train24"):
         from train_throughput import make_runner
@@ -91,28 +96,20 @@ def jax_call(task: str, precision: str, batch: int, config: str):
         overrides = {"compute_dtype": precision, "lowres_size": size}
         cfg, run = make_runner(config, overrides, steps_per_epoch=170)
         return (lambda: run(1)), cfg.batch_size
+    if task == "forward" and precision == "bfloat16_checked":
+        return checked_forward(config, batch)
+    rng = np.random.default_rng(1)
+    if task == "forward":
+        cfg, forward = forward_fn(config, precision)
+        x = rng.uniform(0, 255, (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+        xd = jax.device_put(x)
+        return (lambda: jax.block_until_ready(forward(xd))), batch
     cfg = get_config(config, {"compute_dtype": precision})
     cfg = cfg.replace(num_classes=cfg.num_classes or 10)
     model = build_model(cfg)
     variables = benchlib.random_variables(model)
     m = model.num_exits
-    rng = np.random.default_rng(1)
     x = rng.uniform(0, 255, (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
-    if task == "forward":
-        # as a loaded cascade holds them (programs.make_cascade)
-        v = jax.device_put(inference_variables(cfg, {g: variables[g]
-                                                     for g in ("segments", "heads")}))
-        first = jax.jit(branch_fn(model, 0, "seg"))
-        rest = [jax.jit(branch_fn(model, i, "seg")) for i in range(1, m - 1)]
-        last = jax.jit(branch_fn(model, m - 1, "plain"))
-        xd = jax.device_put(x)
-
-        def call():
-            h = first(v, xd)
-            for f in rest:
-                h = f(v, h)
-            jax.block_until_ready(last(v, h))
-        return call, batch
     # The train step: segments and O2 only (no O1), SGD with momentum, BatchNorm in
     # training mode; mixed precision as the backbone stage runs it (model.to_compute_dtype).
     from cnneb_jax.augment import normalize
@@ -152,6 +149,64 @@ def jax_call(task: str, precision: str, batch: int, config: str):
     return call, batch
 
 
+def forward_fn(config: str, precision: str):
+    """(cfg, forward): forward(x) runs our O2 path on a batch of pixels as the cascade runs
+    it when every image goes deep, and returns O2's logits (on the device)."""
+    import jax
+    from cnneb_jax.configs import get_config
+    from cnneb_jax.model import build_model, branch_fn, inference_variables
+    cfg = get_config(config, {"compute_dtype": precision})
+    cfg = cfg.replace(num_classes=cfg.num_classes or 10)
+    model = build_model(cfg)
+    variables = benchlib.random_variables(model)
+    m = model.num_exits
+    # as a loaded cascade holds them (programs.make_cascade)
+    v = jax.device_put(inference_variables(cfg, {g: variables[g] for g in ("segments", "heads")}))
+    first = jax.jit(branch_fn(model, 0, "seg"))
+    rest = [jax.jit(branch_fn(model, i, "seg")) for i in range(1, m - 1)]
+    last = jax.jit(branch_fn(model, m - 1, "plain"))
+
+    def forward(x):
+        h = first(v, x)
+        for f in rest:
+            h = f(v, h)
+        return last(v, h)
+    return cfg, forward
+
+
+def checked_forward(config: str, batch: int):
+    """(call, images per batch, batches per call) of bfloat16_checked (cnneb_jax/recheck.py)
+    as the cascade runs it when every image goes deep: the bfloat16 program on a batch, O2's
+    logits read on the host, the rows whose top-2 margin falls below a threshold rerun in
+    float32 (padded to a bucket; the same random weights). Random weights and images have no
+    real close calls, so the threshold is set on a pool of CHECKED_POOL random images to
+    rerun the shipped model's share (CHECKED_SHARE_FILE: its held-out share at O2, rounded
+    up to whole images of the pool). A call runs the whole pool, so that every call reruns
+    that share; the bench divides its time by the batches in it."""
+    import jax
+    from cnneb_jax.programs import bucket_sizes
+    from cnneb_jax.recheck import top2_margin
+    from cnneb_jax.routing import bucket_for, pad_rows
+    share = json.loads(CHECKED_SHARE_FILE.read_text())["heldout_rerun"][-1]
+    cfg, low = forward_fn(config, "bfloat16")
+    _, high = forward_fn(config, "float32")
+    n = max(batch, CHECKED_POOL // batch * batch)
+    size = cfg.image_size
+    pool = np.random.default_rng(1).uniform(0, 255, (n, size, size, 3)).astype(np.float32)
+    on_device = [jax.device_put(pool[s:s + batch]) for s in range(0, n, batch)]
+    margins = np.concatenate([top2_margin(np.asarray(low(x))) for x in on_device])
+    threshold = np.sort(margins)[min(math.ceil(share * n), n - 1)]
+    buckets = bucket_sizes(batch)
+
+    def call():
+        for j, x in enumerate(on_device):
+            rows = np.nonzero(top2_margin(np.asarray(low(x))) < threshold)[0]
+            if len(rows):
+                again = pad_rows(pool[j * batch + rows], bucket_for(buckets, len(rows)))
+                jax.block_until_ready(high(again))
+    return call, batch, len(on_device)
+
+
 def keras_call(task: str, precision: str, batch: int):
     """(call, images per call): Keras's InceptionV3 forward or train step, ready to run."""
     # TensorFlow's defaults, oneDNN's kernels on: `tfenv.quiet()` turns them off (it serves
@@ -180,8 +235,11 @@ def worker_main(spec: dict) -> None:
     if spec["side"] == "keras":
         call, images = keras_call(spec["task"], spec["precision"], spec["batch"])
     else:
-        call, images = jax_call(spec["task"], spec["precision"], spec["batch"], spec["config"])
-    out = {"ms": _timed(call, spec["seconds"]), "images": images}
+        call, images, *per_call = jax_call(spec["task"], spec["precision"], spec["batch"],
+                                           spec["config"])
+    # ms per batch: a call of bfloat16_checked runs several (checked_forward)
+    batches = per_call[0] if per_call else 1
+    out = {"ms": [t / batches for t in _timed(call, spec["seconds"])], "images": images}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -204,8 +262,9 @@ def measurements(args) -> list[dict]:
                 for side in sides:
                     if task == "cifar" and side == "keras":
                         continue
-                    # per-part precision: ours, inference only
-                    if precision == "bfloat16_deep" and (side == "keras" or task == "train"):
+                    # per-part precision and reruns: ours, inference only
+                    if precision in ("bfloat16_deep", "bfloat16_checked") and (
+                            side == "keras" or task in ("train", "cifar")):
                         continue
                     subtasks = (["cifar_train32", "cifar_train24", "forward"]
                                 if task == "cifar" else [task])

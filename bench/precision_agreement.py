@@ -25,7 +25,8 @@ from cnneb_jax.evaluation import predict_all
 from cnneb_jax.model import build_model, inference_variables
 from cnneb_jax.workdir import load_trained
 
-# bfloat16_deep: segment 0 in float32, the rest in bfloat16 (configs.py).
+# bfloat16_deep: segment 0 in float32, the rest in bfloat16 (configs.py). bfloat16_checked
+# (bfloat16, close calls rerun in float32) follows as its own row when the workdir has margins.
 ROWS = [("float32", "off"), ("float32", "on"), ("bfloat16", "on"), ("bfloat16", "off"),
         ("bfloat16_deep", "on")]
 
@@ -59,6 +60,37 @@ def main(argv: list[str] | None = None) -> None:
             cells += [f"{(pr == ref[i]).mean():.2%}", f"{(pr == labels).mean():.2%}"]
         print(f"| {dtype} | {onednn} | " + " | ".join(cells) + f" | {seconds:.1f} |",
               flush=True)
+    checked_row(args, images, labels, ref)
+
+
+def checked_row(args, images: np.ndarray, labels: np.ndarray, ref: list[np.ndarray]) -> None:
+    """bfloat16_checked through the library (api.load; its margins stored with the
+    workdir, chosen on held-out images): bfloat16, each exit's close calls rerun in float32."""
+    from cnneb_jax import api
+    from cnneb_jax.controller import all_outputs
+    from cnneb_jax.recheck import close_calls
+    try:
+        point = api.read_recheck(args.workdir)
+        c = api.load(args.workdir, max_batch=args.batch_size, warm=False,
+                     compute_dtype="bfloat16_checked")
+    except ValueError as e:
+        print(f"(no bfloat16_checked row: {e})")
+        return
+    start = time.perf_counter()
+    out = all_outputs(c, images)["exits"]
+    seconds = time.perf_counter() - start
+    cells = []
+    for i, o in enumerate(out):
+        cells += [f"{(o.argmax(-1) == ref[i]).mean():.2%}", f"{(o.argmax(-1) == labels).mean():.2%}"]
+    print("| bfloat16_checked | on | " + " | ".join(cells) + f" | {seconds:.1f} |")
+    # the share rerun: bfloat16's own close calls (the bfloat16 program's logits)
+    low = api.load(args.workdir, max_batch=args.batch_size, warm=False, compute_dtype="bfloat16")
+    shares = [close_calls(o, m).mean() for o, m in zip(all_outputs(low, images)["exits"],
+                                                        c.recheck.margins)]
+    print(f"\nbfloat16_checked: margins {', '.join(f'{m:.4f}' for m in c.recheck.margins)} "
+          f"(chosen on {point.get('images', '?')} held-out images, target "
+          f"{point.get('target', '?')}); rerun in float32: "
+          + ", ".join(f"O{i + 1} {s:.2%}" for i, s in enumerate(shares)) + " of the test images")
 
 
 if __name__ == "__main__":

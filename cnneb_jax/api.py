@@ -26,6 +26,7 @@ from cnneb_jax.configs import validate
 from cnneb_jax.controller import RULES, all_outputs, last_exit_flops, path_flops, run_cascade
 from cnneb_jax.model import build_model
 from cnneb_jax.programs import Cascade, make_cascade, warm_up
+from cnneb_jax.recheck import CHECKED, RECHECK_FILE, Recheck, choose_margins, read_margins
 from cnneb_jax.routing import softmax
 from cnneb_jax.sweep import choose_threshold, sweep_rule
 
@@ -38,9 +39,11 @@ def load(workdir: str | Path, max_batch: int = 256, warm: bool = True,
     cascade, with the operating point `calibrate` stored there, if any. `warm` compiles
     every bucket size now, so that no call compiles later (JAX's persistent compilation
     cache, see `cnneb_jax.compile_cache`, makes this fast after the first time).
-    `compute_dtype` runs it in another precision than it trained in (configs.py):
-    "bfloat16_deep" is the fastest on CPUs with bfloat16 that kept the shipped model's
-    labels (docs/RESULTS.md §8); calibrate in the precision you serve in."""
+    `compute_dtype` runs it in another precision than it trained in (configs.py), or in
+    "bfloat16_checked": bfloat16 with its close calls rerun in float32 (recheck.py; the
+    margins from `choose_recheck`), the fastest on CPUs with bfloat16 that kept the
+    shipped model's labels (docs/RESULTS.md §8); "bfloat16_deep" keeps segment 0 in
+    float32. Calibrate in the precision you serve in."""
     from cnneb_jax import compile_cache
     from cnneb_jax.workdir import load_trained
     if not isinstance(max_batch, numbers.Integral) or isinstance(max_batch, bool) \
@@ -51,11 +54,18 @@ def load(workdir: str | Path, max_batch: int = 256, warm: bool = True,
     if not workdir.is_dir():
         raise ValueError(f"{workdir} is not a folder (a trained workdir or a release)")
     model, variables = load_trained(workdir)
+    recheck = None
+    if compute_dtype == CHECKED:   # bfloat16, its close calls rerun in float32
+        margins = read_margins(read_recheck(workdir), model.num_exits)
+        reference = make_cascade(build_model(model.cfg.replace(compute_dtype="float32")),
+                                 variables, max_batch)
+        recheck, compute_dtype = Recheck(reference, margins), "bfloat16"
     if compute_dtype is not None:
         cfg = model.cfg.replace(compute_dtype=compute_dtype)
         validate(cfg)
         model = build_model(cfg)
     cascade = make_cascade(model, variables, max_batch, workdir, read_operating_point(workdir))
+    cascade = dataclasses.replace(cascade, recheck=recheck)
     names = read_classes(workdir)
     if names is not None:
         if len(names) != model.cfg.num_classes:
@@ -64,7 +74,54 @@ def load(workdir: str | Path, max_batch: int = 256, warm: bool = True,
         cascade = dataclasses.replace(cascade, class_names=tuple(names))
     if warm:
         warm_up(cascade)
+        if recheck is not None:   # the reruns: each exit's plain path
+            warm_up(recheck.reference, rules=(), reference=True)
     return cascade
+
+
+def recheck_path(workdir: str | Path) -> Path:
+    """Where a workdir's bfloat16_checked margins are (`choose_recheck`): its
+    `precision_check.json`, shipped in a release folder too; a release without one keeps
+    those chosen later in the cache, as `operating_point_path` does."""
+    workdir = Path(workdir)
+    from cnneb_jax.release import is_release
+    if (workdir / RECHECK_FILE).exists() or not is_release(workdir):
+        return workdir / RECHECK_FILE
+    return _cache_path(workdir, "precision_checks")
+
+
+def read_recheck(workdir: str | Path) -> dict:
+    """The stored bfloat16_checked margins of `workdir`; refused with what to run when
+    there are none."""
+    path = recheck_path(workdir)
+    if not path.exists():
+        raise ValueError(f"{workdir} has no {RECHECK_FILE}: compute dtype {CHECKED} needs "
+                         "its margins, chosen on held-out images first (api.choose_recheck, "
+                         "or evaluate.py --compute-dtype bfloat16_checked --data-dir ..., "
+                         "which chooses them on the held-out split)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({e}); delete it and choose the margins again")
+
+
+def choose_recheck(workdir: str | Path, images, target: float = 1.0, max_batch: int = 256,
+                   save: bool = True) -> dict:
+    """Chooses the margins of compute dtype bfloat16_checked (recheck.py) on held-out
+    images (never test): per exit, the smallest top-2 margin below which rerunning in
+    float32 gives float32's labels on at least `target` of these images. With `save`,
+    stores them (`recheck_path`), so that `load(..., compute_dtype="bfloat16_checked")`
+    finds them. Returns them with what they give on these images."""
+    low = load(workdir, max_batch, warm=False, compute_dtype="bfloat16")
+    ref = load(workdir, max_batch, warm=False, compute_dtype="float32")
+    x = check_images(images, low.model.cfg.image_size)
+    point = choose_margins(all_outputs(low, x)["exits"], all_outputs(ref, x)["exits"], target)
+    if save:
+        from cnneb_jax.checkpoints import write_json
+        path = recheck_path(workdir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, point)
+    return point
 
 
 def operating_point_path(workdir: str | Path) -> Path:
@@ -72,14 +129,21 @@ def operating_point_path(workdir: str | Path) -> Path:
     a release stays as shipped (it may sit in a repository or a read-only folder), so
     its point goes to `$CNNEB_CACHE/operating_points/` (default ~/.cache/cnneb_jax), named
     by the digest of the release's variables."""
-    from cnneb_jax.cache import cache_root
-    from cnneb_jax.lineage import file_digest
-    from cnneb_jax.release import VARIABLES_FILE, is_release
+    from cnneb_jax.release import is_release
     workdir = Path(workdir)
     if not is_release(workdir):
         return workdir / OPERATING_POINT_FILE
-    digest = file_digest(workdir / VARIABLES_FILE)[:16]
-    return cache_root() / "operating_points" / f"{workdir.resolve().name}-{digest}.json"
+    return _cache_path(workdir, "operating_points")
+
+
+def _cache_path(release: Path, folder: str) -> Path:
+    """A file about a release kept outside it: $CNNEB_CACHE/`folder`/, named by the digest
+    of its variables."""
+    from cnneb_jax.cache import cache_root
+    from cnneb_jax.lineage import file_digest
+    from cnneb_jax.release import VARIABLES_FILE
+    digest = file_digest(release / VARIABLES_FILE)[:16]
+    return cache_root() / folder / f"{release.resolve().name}-{digest}.json"
 
 
 def read_operating_point(workdir: str | Path) -> dict:

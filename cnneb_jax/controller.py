@@ -33,6 +33,7 @@ from cnneb_jax.heads import OTHER
 from cnneb_jax.metrics import ft_labels
 from cnneb_jax.programs import (RULE_VARIANT, Cascade, branch, bucket_for, gather, pixels, put,
                                 zeros)
+from cnneb_jax.recheck import close_calls
 from cnneb_jax.routing import RULES, pad_rows
 
 
@@ -83,8 +84,9 @@ def first_exit_flops(c: Cascade) -> float:
 def run_cascade(c: Cascade, images: np.ndarray, rule: str, threshold: float,
                 labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Routes a batch (uint8, or float in [0, 255], NHWC). Returns per sample: `logits` of
-    the exit taken, `exit` (0-based), `flops` of its path; and `rows_run`, the rows each
-    branch program really ran, bucket padding included.
+    the exit taken, `exit` (0-based), `flops` of its path, `rechecked` (rerun in float32:
+    a bfloat16_checked cascade's close calls, recheck.py); and `rows_run`, the rows each
+    branch program really ran, bucket padding included (not the reruns).
 
     A batch larger than the biggest bucket runs in chunks, the next chunk's first program
     dispatched before the host routes the current one, so the device is not idle while the
@@ -149,8 +151,26 @@ def run_cascade(c: Cascade, images: np.ndarray, rule: str, threshold: float,
             run(i, x, np.asarray(owners), final=True)
     for out, ids in last:
         logits[ids] = np.asarray(out)[:len(ids)]
+    rechecked = np.zeros(n, bool)
+    if c.recheck is not None:
+        for i in range(m):
+            rechecked |= _recheck(c, images, logits, i, among=exits == i)
     return {"logits": logits, "exit": exits, "flops": path_flops(c, rule)[exits],
-            "rows_run": rows_run}
+            "rows_run": rows_run, "rechecked": rechecked}
+
+
+def _recheck(c: Cascade, images: np.ndarray, logits: np.ndarray, exit_index: int,
+             among: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16_checked (recheck.py): the close calls among `logits` of one exit (and among
+    the rows `among` marks) replaced in place by float32's, from the reference cascade's
+    plain path. Returns which rows were rerun."""
+    again = close_calls(logits, c.recheck.margins[exit_index])
+    if among is not None:
+        again &= among
+    rows = np.nonzero(again)[0]
+    if len(rows):
+        logits[rows] = run_plain(c.recheck.reference, np.asarray(images)[rows], exit_index)
+    return again
 
 
 @dataclasses.dataclass
@@ -204,7 +224,8 @@ def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
     """Logits of the network without branches, up to one exit (segments 0..exit_index and
     that exit), through the same kind of fused programs as the cascade: the reference.
     Every chunk is dispatched before any result is read, so chunks overlap as the
-    cascade's do (a fair reference for its timing)."""
+    cascade's do (a fair reference for its timing). A bfloat16_checked cascade reruns the
+    close calls, as its routed answers do."""
     out = []
     for s in range(0, len(images), c.max_batch):
         chunk = pixels(images[s:s + c.max_batch])
@@ -213,7 +234,10 @@ def run_plain(c: Cascade, images: np.ndarray, exit_index: int) -> np.ndarray:
             h = branch(c, i, "seg", h)
         o = branch(c, exit_index, "plain", h)
         out.append((o if exit_index == c.model.num_exits - 1 else o[1], len(chunk)))
-    return np.concatenate([np.asarray(o)[:n] for o, n in out])
+    logits = np.concatenate([np.asarray(o)[:n] for o, n in out])
+    if c.recheck is not None:
+        _recheck(c, images, logits, exit_index)
+    return logits
 
 
 def _oracle_all(c: Cascade, images: np.ndarray, labels: np.ndarray | None) -> list[np.ndarray]:
@@ -250,4 +274,8 @@ def all_outputs(c: Cascade, images: np.ndarray) -> dict[str, list[np.ndarray]]:
             acc["exits"][i].append(small[:, :k])
             acc["experts"][i].append(small[:, k:k + 2])
             acc["aux5b"][i].append(small[:, k + 2:])
-    return {key: [np.concatenate(parts) for parts in lists] for key, lists in acc.items()}
+    out = {key: [np.concatenate(parts) for parts in lists] for key, lists in acc.items()}
+    if c.recheck is not None:   # each exit's close calls from float32 (the experts' stay)
+        for i in range(m):
+            _recheck(c, images, out["exits"][i], i)
+    return out

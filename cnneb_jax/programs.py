@@ -25,6 +25,7 @@ from cnneb_jax.compile_cache import memo, memo_json
 from cnneb_jax.metrics import segment_flops
 from cnneb_jax.model import (Model, Variables, branch_fn, build_model, inference_variables,
                              segment_fns)
+from cnneb_jax.recheck import Recheck
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -51,6 +52,9 @@ class Cascade:
     workdir: Path | None = None
     operating_point: dict = dataclasses.field(default_factory=dict)
     class_names: tuple[str, ...] | None = None   # in label order, when the workdir has them
+    # bfloat16_checked (recheck.py): the float32 cascade and the margins below which an
+    # answer is rerun in it; None answers as computed.
+    recheck: Recheck | None = None
     # (program, input shapes and dtypes) -> compiled executable; filled by warm_up or on
     # first use, so a routed call never traces or compiles twice.
     programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)

@@ -125,6 +125,9 @@ def serve(c: Cascade, batches: Iterable, rule: str | None = None,
     rule, threshold = api.resolve_point(c, rule, threshold)
     if rule == "oracle":
         raise ValueError("the oracle needs labels: it is a bound, not a router")
+    if c.recheck is not None:
+        raise ValueError("throughput mode does not rerun close calls: serve a "
+                         "bfloat16_checked cascade with api.predict")
     if not (isinstance(max_wait_s, (int, float)) and not isinstance(max_wait_s, bool)
             and max_wait_s >= 0):
         raise ValueError(f"max_wait_s must be a number of seconds >= 0; got {max_wait_s!r}")

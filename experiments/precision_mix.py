@@ -11,7 +11,9 @@ on the command line, and prints each exit's label agreement with float32 and its
 A mix is three letters, f (float32) or b (bfloat16), for segment 0, the later segments and
 the heads; for segment 0 also s, t or m: bfloat16 but for the images and the first
 convolution (s: Conv2d_1a_3x3), the whole stem (t: Conv2d_1a to 4a) or the Inception block
-(m: Mixed_5b) in float32 (each convolution computes in its kernel's dtype).
+(m: Mixed_5b) in float32, or all but the full-resolution stem (l: Conv2d_3b, 4a and Mixed_5b)
+or all but the first two convolutions (e) in float32 (each convolution computes in its
+kernel's dtype).
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from cnneb_jax.workdir import load_trained
 
 # Segment-0 mixes: which of its blocks keep float32 variables (and so compute in float32).
 F32_BLOCKS = {"s": lambda b: b == "Conv2d_1a_3x3", "t": lambda b: b.startswith("Conv2d_"),
-              "m": lambda b: b == "Mixed_5b"}
+              "m": lambda b: b == "Mixed_5b",
+              # the full-resolution stem (1a, 2a, 2b) in bfloat16, the rest of segment 0 float32
+              "l": lambda b: b in ("Conv2d_3b_1x1", "Conv2d_4a_3x3", "Mixed_5b"),
+              # only the first two convolutions in bfloat16
+              "e": lambda b: b not in ("Conv2d_1a_3x3", "Conv2d_2a_3x3")}
 
 
 def exit_logits(models: dict, variables: dict, mix: str, images: np.ndarray,
@@ -82,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         f"O{i + 1} same label | O{i + 1} accuracy" for i in range(len(ref))) + " | seconds |")
     print("|---|---|---|" + "---:|---:|" * len(ref) + "---:|")
     word = {"f": "float32", "b": "bfloat16", "s": "bfloat16, Conv2d_1a_3x3 float32",
-            "t": "bfloat16, stem float32", "m": "bfloat16, Mixed_5b float32"}
+            "t": "bfloat16, stem float32", "m": "bfloat16, Mixed_5b float32",
+            "l": "bfloat16, Conv2d_3b to Mixed_5b float32",
+            "e": "bfloat16, Conv2d_2b to Mixed_5b float32"}
     for mix in args.mixes:
         start = time.perf_counter()
         preds = [o.argmax(-1) for o in exit_logits(models, cast, mix, images, args.batch_size)]

@@ -1,11 +1,13 @@
 """The programmatic API on a tiny trained workdir."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cnneb_jax import api
+from cnneb_jax import api, throughput
+from cnneb_jax.controller import all_outputs, run_cascade, run_plain
 
 from conftest import copy_workdir
 
@@ -132,6 +134,43 @@ def test_load_in_another_precision(tiny_workdir, tiny_data):
     np.testing.assert_allclose(b["probs"], a["probs"], atol=0.05)
     with pytest.raises(ValueError, match="compute_dtype"):
         api.load(tiny_workdir, warm=False, compute_dtype="float16")
+
+
+def test_bfloat16_checked_reruns_its_close_calls_in_float32(api_workdir, tiny_data):
+    """bfloat16_checked: refused until its margins are chosen; choose_recheck stores them;
+    margins of 1 rerun every answer, so the labels are float32's (logits up to the exit
+    that answered), margins of 0 none, so they are bfloat16's."""
+    x = tiny_data["test_images"][:8]
+    with pytest.raises(ValueError, match="has no precision_check.json"):
+        api.load(api_workdir, max_batch=8, warm=False, compute_dtype="bfloat16_checked")
+    point = api.choose_recheck(api_workdir, tiny_data["calib_images"][:16], max_batch=8)
+    assert api.recheck_path(api_workdir).exists() and len(point["margins"]) == 2
+    assert point["heldout_same_label_checked"] == [1.0, 1.0]
+    exact = api.load(api_workdir, max_batch=8, warm=False)
+    low = api.load(api_workdir, max_batch=8, warm=False, compute_dtype="bfloat16")
+    for margin, like in ((1.0, exact), (0.0, low)):
+        api.recheck_path(api_workdir).write_text(json.dumps({"margins": [margin] * 2}))
+        checked = api.load(api_workdir, max_batch=8, warm=False,
+                           compute_dtype="bfloat16_checked")
+        assert checked.model.cfg.compute_dtype == "bfloat16"
+        for threshold in (0.0, 1.0):      # every image leaves at O1; every one goes deep
+            a = api.predict(checked, x, "max_softmax", threshold)
+            b = api.predict(like, x, "max_softmax", threshold)
+            np.testing.assert_array_equal(a["labels"], b["labels"])
+            np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-5)
+            routed = run_cascade(checked, x, "max_softmax", threshold)
+            assert routed["rechecked"].all() == (margin == 1.0)
+        np.testing.assert_array_equal(run_plain(checked, x, 1).argmax(-1),
+                                      run_plain(like, x, 1).argmax(-1))
+        # the sweep's offline outputs recheck each exit alike
+        for o, r in zip(all_outputs(checked, x)["exits"], all_outputs(like, x)["exits"]):
+            np.testing.assert_array_equal(o.argmax(-1), r.argmax(-1))
+    with pytest.raises(ValueError, match="does not rerun close calls"):
+        next(throughput.serve(checked, [x], "max_softmax", 0.5))
+    api.recheck_path(api_workdir).write_text(json.dumps({"margins": [0.1]}))
+    with pytest.raises(ValueError, match="one margin in"):
+        api.load(api_workdir, max_batch=8, warm=False, compute_dtype="bfloat16_checked")
+    api.recheck_path(api_workdir).unlink()
 
 
 def test_calibrated_point_is_stored_and_used_by_default(api_workdir, tiny_data):

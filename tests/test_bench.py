@@ -81,8 +81,12 @@ def test_peer_runs_our_side(capsys):
                         "--seconds", "0", "--no-keras", "--config", "tiny"])
     out = capsys.readouterr().out
     assert "| tiny |" in out and "| forward, batch 1 |" in out and "failed" not in out
-    # bfloat16_deep is timed too (ours only), and the fastest label-keeping precision named
+    # bfloat16_deep and bfloat16_checked are timed too (ours only), and the fastest
+    # label-keeping precision named
     assert "ours forward bfloat16_deep b1:" in out and "best valid vs Keras bf16" in out
+    assert "ours forward bfloat16_checked b1:" in out
+    row = next(l for l in out.splitlines() if l.startswith("| forward, batch 1 |"))
+    assert row.count(" - ") == 0    # each of our four precisions has a time
 
 
 def test_peer_refuses_a_baseline_that_would_run_this_checkouts_code(tmp_path):

@@ -118,3 +118,22 @@ def test_evaluate_without_sweep_prints_accuracies_and_the_self_report(
     assert "O1 test accuracy" in out and "O2 test accuracy" in out
     n = tiny_cfg.val_size - tiny_cfg.calib_size
     assert f"({n} images)" in out and "held-out O1" in out
+
+
+def test_evaluate_in_bfloat16_checked_chooses_its_margins_on_first_use(
+        tiny_workdir, tiny_cfg, image_folder, decode_cache, tmp_path, capsys):
+    """`--compute-dtype bfloat16_checked` on a workdir without margins chooses them on the
+    held-out split, stores them, and evaluates; the next run reads them."""
+    sys.path.insert(0, str(ROOT))
+    import evaluate
+    from conftest import copy_workdir
+    w = copy_workdir(tiny_workdir, tmp_path / "w")
+    args = ["--workdir", str(w), "--data-dir", str(image_folder), "--cache-dir",
+            str(decode_cache), "--batch-size", "8", "--compute-dtype", "bfloat16_checked"]
+    assert evaluate.main(args) == 0
+    out = capsys.readouterr().out
+    n = tiny_cfg.val_size - tiny_cfg.calib_size
+    assert f"margins on {n} held-out images" in out and "O2 test accuracy" in out
+    assert (w / "precision_check.json").exists()
+    assert evaluate.main(args) == 0
+    assert "choosing" not in capsys.readouterr().out

@@ -79,11 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "exit (a fraction: 0.01 = one point; certified at --alpha); the point "
                         "is used, not stored")
     p.add_argument("--compute-dtype", default=None,
-                   choices=["float32", "bfloat16", "bfloat16_deep"],
+                   choices=["float32", "bfloat16", "bfloat16_deep", "bfloat16_checked"],
                    help="run the model in this precision instead of the workdir's own "
-                        "(configs.py): bfloat16_deep keeps segment 0 in float32 and runs the "
-                        "rest in bfloat16, faster on CPUs with bfloat16 while keeping the "
-                        "shipped model's labels (docs/RESULTS.md §8)")
+                        "(configs.py): bfloat16_checked runs bfloat16 and reruns its close "
+                        "calls in float32 (margins chosen on the held-out split and stored "
+                        "on first use, cnneb_jax/recheck.py), faster on CPUs with bfloat16 "
+                        "while keeping the shipped model's labels (docs/RESULTS.md §8); "
+                        "bfloat16_deep keeps segment 0 in float32 and runs the rest in "
+                        "bfloat16")
     p.add_argument("--max-test", type=int, default=0,
                    help="use only the first N test images (0 = all; for quick checks)")
     return p.parse_args(argv)
@@ -106,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.predict is not None:
             return predict_folder(args)
         data = common.workdir_data(args, "calibrating and evaluating", args.max_test)
+        if (args.compute_dtype == "bfloat16_checked"
+                and not api.recheck_path(args.workdir).exists()):
+            choose_recheck(args, data)
         # The sweep times the cascade, so it compiles every bucket size first; plain
         # accuracies only compile what they run.
         print(f"[evaluate] loading {args.workdir}"
@@ -154,6 +160,20 @@ def check_args(args: argparse.Namespace) -> None:
     if args.predict is None and (args.rule is not None or args.threshold is not None
                                  or args.max_drop is not None):
         raise ValueError("--rule, --threshold and --max-drop go with --predict")
+
+
+def choose_recheck(args: argparse.Namespace, data: dict) -> None:
+    """Chooses and stores bfloat16_checked's margins on the held-out split (recheck.py)."""
+    from cnneb_jax import api
+    from cnneb_jax.backbone_stage import heldout_split
+    from cnneb_jax.pipeline import materialize
+    images = materialize(heldout_split(data)[0])
+    print(f"[evaluate] choosing bfloat16_checked's margins on {len(images)} held-out images")
+    point = api.choose_recheck(args.workdir, images, max_batch=args.batch_size)
+    for i, (m, r) in enumerate(zip(point["margins"], point["heldout_rerun"])):
+        print(f"[evaluate] O{i + 1}: rerun in float32 below top-2 margin {m:.4f} "
+              f"({r:.2%} of the held-out images)")
+    print(f"[evaluate] stored in {api.recheck_path(args.workdir)}")
 
 
 def self_report(cascade, data: dict) -> None:
