@@ -232,6 +232,7 @@ def keras_call(task: str, precision: str, batch: int):
 
 
 def worker_main(spec: dict) -> None:
+    per_call = []
     if spec["side"] == "keras":
         call, images = keras_call(spec["task"], spec["precision"], spec["batch"])
     else:
