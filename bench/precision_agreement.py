@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     data = data_lib.load_dataset(model.cfg, args.data_dir)
     images, labels = data["test_images"], data["test_labels"]
     print(f"{args.workdir}: {len(labels)} test images, config {model.cfg.name}")
-    ref = None
+    ref, outputs = None, {}
     print("| compute dtype | oneDNN | " + " | ".join(
         f"O{i + 1} same label | O{i + 1} accuracy" for i in range(model.num_exits))
         + " | seconds |")
@@ -53,19 +53,24 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         out = predict_all(m, inference_variables(cfg, variables), images, args.batch_size)
         seconds = time.perf_counter() - start
-        preds = [np.asarray(o).argmax(-1) for o in out["exits"]]
+        outputs[dtype, onednn] = [np.asarray(o) for o in out["exits"]]
+        preds = [o.argmax(-1) for o in outputs[dtype, onednn]]
         ref = ref or preds
         cells = []
         for i, pr in enumerate(preds):
             cells += [f"{(pr == ref[i]).mean():.2%}", f"{(pr == labels).mean():.2%}"]
         print(f"| {dtype} | {onednn} | " + " | ".join(cells) + f" | {seconds:.1f} |",
               flush=True)
-    checked_row(args, images, labels, ref)
+    # the checked cascade runs oneDNN's kernels where they are built (onednn "auto")
+    checked_row(args, images, labels, ref,
+                outputs.get(("bfloat16", "on"), outputs[("bfloat16", "off")]))
 
 
-def checked_row(args, images: np.ndarray, labels: np.ndarray, ref: list[np.ndarray]) -> None:
+def checked_row(args, images: np.ndarray, labels: np.ndarray, ref: list[np.ndarray],
+                bf16: list[np.ndarray]) -> None:
     """bfloat16_checked through the library (api.load; its margins stored with the
-    workdir, chosen on held-out images): bfloat16, each exit's close calls rerun in float32."""
+    workdir, chosen on held-out images): bfloat16, each exit's close calls rerun in float32.
+    `bf16`: each exit's bfloat16 logits (the row above), whose close calls were rerun."""
     from cnneb_jax import api
     from cnneb_jax.controller import all_outputs
     from cnneb_jax.recheck import close_calls
@@ -83,10 +88,7 @@ def checked_row(args, images: np.ndarray, labels: np.ndarray, ref: list[np.ndarr
     for i, o in enumerate(out):
         cells += [f"{(o.argmax(-1) == ref[i]).mean():.2%}", f"{(o.argmax(-1) == labels).mean():.2%}"]
     print("| bfloat16_checked | on | " + " | ".join(cells) + f" | {seconds:.1f} |")
-    # the share rerun: bfloat16's own close calls (the bfloat16 program's logits)
-    low = api.load(args.workdir, max_batch=args.batch_size, warm=False, compute_dtype="bfloat16")
-    shares = [close_calls(o, m).mean() for o, m in zip(all_outputs(low, images)["exits"],
-                                                        c.recheck.margins)]
+    shares = [close_calls(o, m).mean() for o, m in zip(bf16, c.recheck.margins)]
     print(f"\nbfloat16_checked: margins {', '.join(f'{m:.4f}' for m in c.recheck.margins)} "
           f"(chosen on {point.get('images', '?')} held-out images, target "
           f"{point.get('target', '?')}); rerun in float32: "

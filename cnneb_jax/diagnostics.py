@@ -14,15 +14,22 @@ from cnneb_jax.metrics import ft_labels, roc_auc
 from cnneb_jax.model import EXPERT_GROUPS
 
 
+def paired_difference(right_a: np.ndarray, right_b: np.ndarray) -> tuple[float, float]:
+    """Accuracy of a minus that of b on the same images (per image: right or not), and its
+    standard error (inf for fewer than two images)."""
+    d = right_a.astype(np.float64) - right_b
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    return float(d.mean()), se
+
+
 def exit_gap(exits: list[np.ndarray], labels: np.ndarray) -> dict:
     """The last exit against the first on the same images: accuracies, their paired
     difference and its standard error."""
     first = exits[0].argmax(-1) == labels
     last = exits[-1].argmax(-1) == labels
-    d = last.astype(np.float64) - first
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    difference, se = paired_difference(last, first)
     return {"O1": float(first.mean()), f"O{len(exits)}": float(last.mean()),
-            "difference": float(d.mean()), "standard_error": se, "images": int(len(d))}
+            "difference": difference, "standard_error": se, "images": int(len(first))}
 
 
 def exit_gap_warning(gap: dict) -> str | None:

@@ -15,22 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnneb_jax import data as data_lib  # noqa: E402
 from cnneb_jax.backbone_stage import heldout_split  # noqa: E402
 from cnneb_jax.evaluation import predict_all  # noqa: E402
 from cnneb_jax.checkpoints import load_config  # noqa: E402
+from cnneb_jax.diagnostics import paired_difference  # noqa: E402
 from cnneb_jax.release import is_release  # noqa: E402
 from cnneb_jax.workdir import check_data_lineage, load_backbone, load_trained  # noqa: E402
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean of a - b over images (1 right, 0 wrong) and its standard error."""
-    d = a.astype(np.float64) - b
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| exit | candidate | reference | difference | standard error |")
     print("|---|---:|---:|---:|---:|")
     for i, (a, b) in enumerate(zip(right[args.candidate], right[args.reference])):
-        diff, se = paired(a, b)
+        diff, se = paired_difference(a, b)
         print(f"| O{i + 1} | {a.mean():.2%} | {b.mean():.2%} | {100 * diff:+.2f} pt | "
               f"{100 * se:.2f} pt |")
 
