@@ -1,6 +1,7 @@
 import pytest
 
 from cnneb_jax.configs import CONFIGS, Config, get_config, validate
+from cnneb_jax.workdir import EXPERT_STAGE_FIELDS
 
 
 def test_default_is_cifar_with_one_branch_point():
@@ -66,18 +67,27 @@ def test_default_expert_is_the_papers_and_the_ablation_is_a_variant():
     ablation = CONFIGS["cifar_confidence"]
     assert ablation.expert_inputs == "paper+confidence"
     assert ablation.expert_lr != Config().expert_lr
-    # a variant of the short default budget: nothing else differs
-    assert ablation.replace(name="cifar", expert_inputs="paper",
-                            expert_lr=Config().expert_lr) == Config()
+    # the short default budget for its experts, on cifar's backbone (so that
+    # --backbone-from pretrained/cifar accepts it): nothing else differs
+    cifar = CONFIGS["cifar"]
+    assert ablation.replace(**{f: getattr(cifar, f) for f in EXPERT_STAGE_FIELDS}) == cifar
+    assert (ablation.expert_epochs, ablation.expert_views) == (
+        Config().expert_epochs, Config().expert_views)
+    assert CONFIGS["cifar_2exit"].replace(branch_points=cifar.branch_points, **{
+        f: getattr(cifar, f) for f in EXPERT_STAGE_FIELDS}) == cifar
 
 
 def test_cifar_experts_take_the_cross_validated_budget():
-    """`cifar`'s experts differ from the default only in their budget (RESULTS §2)."""
+    """`cifar` differs from the default only in its experts' budget (RESULTS §2) and its
+    backbone's epochs."""
     import dataclasses
     cifar, default = CONFIGS["cifar"], Config()
     differ = {f.name for f in dataclasses.fields(Config)
               if getattr(cifar, f.name) != getattr(default, f.name)}
-    assert differ == {"expert_views", "expert_epochs", "expert_lr", "aux5b_lr", "aux5b_epochs"}
+    assert differ == {"expert_views", "expert_epochs", "expert_lr", "aux5b_lr", "aux5b_epochs",
+                      # the 20-epoch backbone (experiments.md §32)
+                      "epochs", "lowres_epochs", "warmup_epochs"}
+    assert (cifar.epochs, cifar.lowres_epochs, cifar.warmup_epochs) == (20, 15.0, 4.6)
     assert (cifar.expert_lr, cifar.expert_epochs, cifar.aux5b_lr, cifar.aux5b_epochs) == (
         0.27, 2048, 3e-3, 8)
     validate(cifar)

@@ -184,8 +184,10 @@ def self_report(cascade, data: dict) -> None:
     out = all_outputs(cascade, data["test_images"])
     for i, o in enumerate(out["exits"]):
         print(f"O{i + 1} test accuracy: {(o.argmax(-1) == data['test_labels']).mean():.4f}")
-    heldout_report(cascade.model, cascade.variables, *heldout_split(data),
-                   data["class_names"], cascade.model.cfg.eval_batch_size)
+    # through the cascade, so that a checked precision's reruns count here too
+    images, labels = heldout_split(data)
+    heldout_report(cascade.model, cascade.variables, images, labels, data["class_names"],
+                   cascade.model.cfg.eval_batch_size, outputs=all_outputs(cascade, images))
 
 
 def predict_folder(args: argparse.Namespace) -> int:
