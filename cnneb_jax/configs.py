@@ -190,7 +190,7 @@ _FULL = _DEFAULT.replace(
     bn_momentum=0.99, identity_init=False)
 
 # The CIFAR backbone trains 20 epochs (15 at 24x24, warmup at the same 23%): the faster step
-# fits them in 54 min here, and held-out O2 rose 0.45 +- 0.43 pt over 18 (experiments.md
+# fits them in 54-58 min here, and held-out O2 rose 0.45 +- 0.43 pt over 18 (experiments.md
 # §32). Its variants share it, so that --backbone-from pretrained/cifar accepts them.
 _CIFAR_BACKBONE = _DEFAULT.replace(epochs=20, lowres_epochs=15.0, warmup_epochs=4.6)
 

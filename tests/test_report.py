@@ -136,4 +136,10 @@ def test_evaluate_in_bfloat16_checked_chooses_its_margins_on_first_use(
     assert f"margins on {n} held-out images" in out and "O2 test accuracy" in out
     assert (w / "precision_check.json").exists()
     assert evaluate.main(args) == 0
-    assert "choosing" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "choosing" not in out
+    # the held-out self-report runs through the checked cascade: float32's labels there
+    gap = [line for line in out.splitlines() if "held-out O1" in line and "difference" in line]
+    assert evaluate.main(args[:-2]) == 0   # float32
+    assert gap == [line for line in capsys.readouterr().out.splitlines()
+                   if "held-out O1" in line and "difference" in line]
